@@ -64,6 +64,43 @@ class ArchSpec:
     def norms(self, layer: nn.Module) -> list[nn.Module]:
         return [layer.get_submodule(n) for n in self.layer_norms]
 
+    def layer_axes(self) -> dict[str, tuple[str | None, str | None]]:
+        """For each module in a decoder layer: which pruning axis its weight's rows and columns follow.
+
+        Axes: hidden (embedding channels), q (query-head rows), kv (key/value-head rows), qkv (fused [q; k; v]),
+        ffn (MLP neurons), ffn2 (fused [gate; up]); None = kept whole. Biases and norm weights follow the rows.
+        """
+        a, m = self.attn, self.mlp
+        axes: dict[str, tuple[str | None, str | None]] = {}
+        if self.qkv_proj:
+            axes[f"{a}.{self.qkv_proj}"] = ("qkv", "hidden")
+        else:
+            axes[f"{a}.{self.q_proj}"] = ("q", "hidden")
+            axes[f"{a}.{self.k_proj}"] = ("kv", "hidden")
+            axes[f"{a}.{self.v_proj}"] = ("kv", "hidden")
+        axes[f"{a}.{self.o_proj}"] = ("hidden", "q")
+        for name in self.head_norms:
+            axes[f"{a}.{name}"] = (None, None)
+        if self.gate_up_proj:
+            axes[f"{m}.{self.gate_up_proj}"] = ("ffn2", "hidden")
+        else:
+            for name in (self.gate_proj, self.up_proj):
+                if name:
+                    axes[f"{m}.{name}"] = ("ffn", "hidden")
+        axes[f"{m}.{self.down_proj}"] = ("hidden", "ffn")
+        for name in self.layer_norms:
+            axes[name] = ("hidden", None)
+        return axes
+
+    def query_weight_names(self) -> list[str]:
+        """Modules whose leading rows are the query heads (merged in head pruning)."""
+        return [f"{self.attn}.{self.qkv_proj or self.q_proj}"]
+
+    def kv_weight_names(self) -> list[str]:
+        if self.qkv_proj:
+            return []
+        return [f"{self.attn}.{self.k_proj}", f"{self.attn}.{self.v_proj}"]
+
 
 class UnsupportedArchitectureError(ValueError):
     pass

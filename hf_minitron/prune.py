@@ -1,0 +1,326 @@
+"""Prune a teacher into a standard `PreTrainedModel` from cached importance scores.
+
+Width (hidden channels, MLP neurons, query heads, optionally whole KV groups) and depth (layers) in one pass.
+The student is built from a resized config (explicit `head_dim`, sliced `layer_types`) and filled by slicing
+the teacher's tensors one at a time, so peak memory stays near teacher + student. Pruned query heads are merged
+into kept ones (Minitron section 2.3). The output folder loads with `AutoModelForCausalLM.from_pretrained`.
+
+Run alone: `hf-minitron prune --teacher T --importance SCORES --ffn-size F ... --out DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .archs import copy_into, count_parameters, get_arch, head_dim, intermediate_size, num_kv_heads
+from .importance import DEPTH_METRICS, ImportanceScores
+
+
+@dataclass
+class PruneTarget:
+    """The student's shape; None keeps the teacher's value on that axis."""
+
+    hidden_size: int | None = None
+    ffn_size: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    num_layers: int | None = None
+    drop_layers: list[int] | None = None
+
+
+@dataclass
+class PruneOptions:
+    batch_agg: str | None = None  # None: the aggregation recorded with the scores (default batch=l2, seq=mean)
+    seq_agg: str | None = None
+    depth_metric: str = "ppl"  # ppl | bi (least important single layers) | bi-run (best contiguous run)
+    merge_heads: bool = True
+
+
+@dataclass
+class PrunePlan:
+    """What survives: teacher indices per axis, per kept layer."""
+
+    config: object
+    layers: list[int]
+    hidden: torch.Tensor
+    heads: list[torch.Tensor] = field(default_factory=list)  # kept query heads per kept layer (teacher numbering)
+    groups: list[torch.Tensor] = field(default_factory=list)  # kept KV groups per kept layer
+    ffn: list[torch.Tensor] = field(default_factory=list)
+    head_merges: list[list[tuple[int, int]]] = field(default_factory=list)  # (kept, pruned) query heads
+    group_merges: list[list[tuple[int, int]]] = field(default_factory=list)  # (kept, pruned) KV groups (MHA only)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def resolve_target(config, target: PruneTarget) -> dict:
+    """Validate a target against the teacher's config; the full student shape, or a one-line error."""
+    spec = get_arch(config)
+    heads, kv, layers = config.num_attention_heads, num_kv_heads(config), config.num_hidden_layers
+    hidden, ffn = config.hidden_size, intermediate_size(config, spec)
+    def pick(value, default):
+        return default if value is None else value
+
+    new_hidden = pick(target.hidden_size, hidden)
+    new_ffn = pick(target.ffn_size, ffn)
+    new_heads = pick(target.num_heads, heads)
+    _check(0 < new_hidden <= hidden, f"hidden size {new_hidden} must be in 1..{hidden} (the teacher's)")
+    _check(0 < new_ffn <= ffn, f"ffn size {new_ffn} must be in 1..{ffn} (the teacher's)")
+    _check(0 < new_heads <= heads, f"number of heads {new_heads} must be in 1..{heads} (the teacher's)")
+    group = heads // kv
+    if target.num_kv_heads is not None:
+        new_kv = target.num_kv_heads
+    elif group == 1:
+        new_kv = new_heads  # MHA: every head is its own KV group
+    else:
+        new_kv = kv
+    _check(0 < new_kv <= kv, f"number of KV heads {new_kv} must be in 1..{kv} (the teacher's)")
+    _check(new_heads % new_kv == 0, f"number of heads {new_heads} is not divisible by the {new_kv} KV heads"
+           + ("" if target.num_kv_heads else "; set --num-kv-heads to prune whole KV groups"))
+    _check(new_heads // new_kv <= group, f"{new_heads} heads over {new_kv} KV groups is {new_heads // new_kv} "
+           f"query heads per group, more than the teacher's {group}")
+    if target.drop_layers is not None:
+        _check(target.num_layers is None, "give either --num-layers or --drop-layers, not both")
+        bad = [i for i in target.drop_layers if not 0 <= i < layers]
+        _check(not bad, f"layers to drop {bad} out of range 0..{layers - 1}")
+        _check(len(set(target.drop_layers)) == len(target.drop_layers), f"duplicate layers in {target.drop_layers}")
+        new_layers = layers - len(target.drop_layers)
+    else:
+        new_layers = pick(target.num_layers, layers)
+    _check(0 < new_layers <= layers, f"number of layers {new_layers} must be in 1..{layers} (the teacher's)")
+    return {"hidden_size": new_hidden, "ffn_size": new_ffn, "num_heads": new_heads, "num_kv_heads": new_kv,
+            "num_layers": new_layers}
+
+
+def student_config(config, target: PruneTarget, kept_layers: list[int] | None = None):
+    """The resized config: explicit head_dim, per-layer lists sliced to the kept layers, no quantization state."""
+    spec = get_arch(config)
+    shape = resolve_target(config, target)
+    kept_layers = kept_layers if kept_layers is not None else list(range(shape["num_layers"]))
+    d = config.to_dict()
+    d.pop("quantization_config", None)
+    d.update(hidden_size=shape["hidden_size"], num_attention_heads=shape["num_heads"],
+             num_key_value_heads=shape["num_kv_heads"], num_hidden_layers=len(kept_layers), head_dim=head_dim(config))
+    d[spec.intermediate_key] = shape["ffn_size"]
+    if isinstance(d.get("layer_types"), list):
+        d["layer_types"] = [d["layer_types"][i] for i in kept_layers]
+    return type(config).from_dict(d)
+
+
+def parameter_count(config, target: PruneTarget) -> int:
+    """Exact parameter count of the student a target gives, from the config alone."""
+    return count_parameters(student_config(config, target))
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, in their original order (keeps weight layout stable)."""
+    return torch.topk(scores.float(), k).indices.sort().values
+
+
+def _pairs(kept: torch.Tensor, pruned: torch.Tensor, scores: torch.Tensor) -> list[tuple[int, int]]:
+    """Section 2.3 pairing: least important kept unit with most important pruned one, and so on."""
+    kept_order = kept[scores[kept].argsort()]
+    pruned_order = pruned[scores[pruned].argsort(descending=True)]
+    return [(int(a), int(b)) for a, b in zip(kept_order, pruned_order)]
+
+
+def _select_layers(scores: ImportanceScores, n_layers: int, target: PruneTarget, metric: str) -> list[int]:
+    if target.drop_layers is not None:
+        return [i for i in range(n_layers) if i not in set(target.drop_layers)]
+    n_keep = n_layers if target.num_layers is None else target.num_layers
+    n_drop = n_layers - n_keep
+    if n_drop == 0:
+        return list(range(n_layers))
+    if metric == "bi-run":
+        start = int(scores.block_importance(n_drop).argmin())
+        return [i for i in range(n_layers) if not start <= i < start + n_drop]
+    if metric not in DEPTH_METRICS:
+        raise ValueError(f"unknown depth metric {metric!r}; choose from {', '.join(DEPTH_METRICS)}")
+    dropped = set(torch.topk(scores.layer_scores(metric), n_drop, largest=False).indices.tolist())
+    return [i for i in range(n_layers) if i not in dropped]
+
+
+def _select_heads(s: torch.Tensor, heads: int, kv: int, new_heads: int, new_kv: int, merge: bool):
+    """Kept query heads and KV groups of one layer, the same count per group; merge pairs when asked."""
+    group = heads // kv
+    by_group = s.view(kv, group)
+    groups = _top(by_group.sum(1), new_kv)
+    per_group = new_heads // new_kv
+    kept, head_pairs = [], []
+    for g in groups.tolist():
+        in_group = torch.arange(g * group, (g + 1) * group)
+        keep = in_group[_top(by_group[g], per_group)]
+        kept.append(keep)
+        if merge and group > 1:
+            head_pairs += _pairs(keep, in_group[~torch.isin(in_group, keep)], s)
+    group_pairs = []
+    if merge and group == 1:  # MHA: a head is a group; merge whole heads (q, k, v)
+        all_groups = torch.arange(kv)
+        group_pairs = _pairs(groups, all_groups[~torch.isin(all_groups, groups)], s)
+        head_pairs = group_pairs
+    return torch.cat(kept), groups, head_pairs, group_pairs
+
+
+def plan_pruning(config, scores: ImportanceScores, target: PruneTarget, options: PruneOptions | None = None) -> PrunePlan:
+    """Decide every kept index from the scores; no weights are touched."""
+    options = options or PruneOptions()
+    shape = resolve_target(config, target)
+    expected = scores.meta.get("shape", {})
+    actual = {"hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
+              "ffn_size": intermediate_size(config), "num_hidden_layers": config.num_hidden_layers}
+    mismatch = {k: (expected.get(k), v) for k, v in actual.items() if expected.get(k) not in (None, v)}
+    _check(not mismatch, f"importance scores were computed for another shape (scores vs teacher: {mismatch})")
+    n_layers = config.num_hidden_layers
+    layers = _select_layers(scores, n_layers, target, options.depth_metric)
+    aggs = (options.batch_agg, options.seq_agg)
+    heads_s, ffn_s = scores.heads(*aggs), scores.neurons(*aggs)
+    plan = PrunePlan(student_config(config, target, layers), layers, _top(scores.channels(*aggs), shape["hidden_size"]))
+    heads, kv = config.num_attention_heads, num_kv_heads(config)
+    for t in layers:
+        kept, groups, head_pairs, group_pairs = _select_heads(
+            heads_s[t], heads, kv, shape["num_heads"], shape["num_kv_heads"], options.merge_heads)
+        plan.heads.append(kept)
+        plan.groups.append(groups)
+        plan.head_merges.append(head_pairs)
+        plan.group_merges.append(group_pairs)
+        plan.ffn.append(_top(ffn_s[t], shape["ffn_size"]))
+    return plan
+
+
+def _rows(units: torch.Tensor, size: int) -> torch.Tensor:
+    """Row indices of whole units (heads of `size` rows)."""
+    return (units[:, None] * size + torch.arange(size)).reshape(-1)
+
+
+def _merge(value: torch.Tensor, teacher: torch.Tensor, pairs, kept: torch.Tensor, d: int,
+           offset: int, teacher_offset: int) -> None:
+    """Head_k <- Head_k + (Head_k - Head_p) on the rows of a sliced weight (paper section 2.3)."""
+    position = {int(u): i for i, u in enumerate(kept)}
+    for k, p in pairs:
+        rows = slice(offset + position[k] * d, offset + (position[k] + 1) * d)
+        source = slice(teacher_offset + p * d, teacher_offset + (p + 1) * d)
+        value[rows] = 2 * value[rows] - teacher[source]
+
+
+def _copy_layer(spec, t_layer, s_layer, plan: PrunePlan, i: int, d: int, heads: int, kv: int) -> None:
+    ffn_t = t_layer.get_submodule(f"{spec.mlp}.{spec.down_proj}").in_features
+    q_rows, kv_rows = _rows(plan.heads[i], d), _rows(plan.groups[i], d)
+    idx = {"hidden": plan.hidden, "q": q_rows, "kv": kv_rows, "ffn": plan.ffn[i],
+           "qkv": torch.cat([q_rows, heads * d + kv_rows, (heads + kv) * d + kv_rows]),
+           "ffn2": torch.cat([plan.ffn[i], ffn_t + plan.ffn[i]])}
+    new_q, new_kv = len(plan.heads[i]) * d, len(plan.groups[i]) * d
+    covered = set()
+    for name, (row_axis, col_axis) in spec.layer_axes().items():
+        t_mod, s_mod = t_layer.get_submodule(name), s_layer.get_submodule(name)
+        for pname, s_param in s_mod.named_parameters(recurse=False):
+            teacher = getattr(t_mod, pname).detach()
+            if col_axis and teacher.dim() == 2:
+                teacher = teacher.index_select(1, idx[col_axis].to(teacher.device))
+            value = teacher.index_select(0, idx[row_axis].to(teacher.device)) if row_axis else teacher
+            if name in spec.query_weight_names():
+                _merge(value, teacher, plan.head_merges[i], plan.heads[i], d, 0, 0)
+                if row_axis == "qkv":  # MHA group merges also apply to the fused k and v rows
+                    for off_s, off_t in ((new_q, heads * d), (new_q + new_kv, (heads + kv) * d)):
+                        _merge(value, teacher, plan.group_merges[i], plan.groups[i], d, off_s, off_t)
+            elif name in spec.kv_weight_names():
+                _merge(value, teacher, plan.group_merges[i], plan.groups[i], d, 0, 0)
+            copy_into(s_param, value)
+            covered.add(f"{name}.{pname}")
+    missing = {n for n, _ in s_layer.named_parameters()} - covered
+    _check(not missing, f"{spec.model_types[0]} layer has parameters the pruner does not know: {sorted(missing)}")
+
+
+@torch.no_grad()
+def build_student(teacher, plan: PrunePlan):
+    """A new model of the plan's config, filled with the teacher's sliced (and merged) tensors."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    spec = get_arch(teacher.config)
+    with no_init_weights():
+        student = AutoModelForCausalLM.from_config(plan.config, dtype=teacher.dtype)
+    student.tie_weights()  # skipped with the weight init; tied heads must share the embedding tensor
+    device = next(teacher.parameters()).device
+    student.to(device)
+    hidden = plan.hidden.to(device)
+    embed = teacher.get_submodule(spec.embed).weight.index_select(1, hidden)
+    tied = getattr(plan.config, "tie_word_embeddings", False)
+    if spec.scaled_embedding and not tied:
+        # keep sqrt(hidden) * E equal to the teacher's on the kept channels (a tied matrix would also scale logits)
+        embed = embed * (teacher.config.hidden_size / plan.config.hidden_size) ** 0.5
+    copy_into(student.get_submodule(spec.embed).weight, embed)
+    if not tied:
+        copy_into(student.get_submodule(spec.lm_head).weight, teacher.get_submodule(spec.lm_head).weight[:, hidden])
+    for pname, param in student.get_submodule(spec.final_norm).named_parameters():
+        copy_into(param, getattr(teacher.get_submodule(spec.final_norm), pname)[hidden])
+    t_layers, s_layers = spec.decoder_layers(teacher), spec.decoder_layers(student)
+    d, heads, kv = head_dim(teacher.config), teacher.config.num_attention_heads, num_kv_heads(teacher.config)
+    for i, t in enumerate(plan.layers):
+        _copy_layer(spec, t_layers[t], s_layers[i], plan, i, d, heads, kv)
+    if teacher.generation_config is not None:
+        student.generation_config = teacher.generation_config
+    student.eval()
+    return student
+
+
+def prune_model(teacher, scores: ImportanceScores, target: PruneTarget, options: PruneOptions | None = None):
+    """Teacher + scores + target shape -> pruned `PreTrainedModel` (in memory) and its plan."""
+    plan = plan_pruning(teacher.config, scores, target, options)
+    return build_student(teacher, plan), plan
+
+
+def plan_summary(plan: PrunePlan, target: PruneTarget, options: PruneOptions, teacher_config) -> dict:
+    """What to record next to the weights: target, kept layers, parameter counts."""
+    return {
+        "target": asdict(target),
+        "options": asdict(options),
+        "kept_layers": plan.layers,
+        "teacher_parameters": count_parameters(teacher_config),
+        "student_parameters": count_parameters(plan.config),
+    }
+
+
+def save_student(student, out: str | Path, tokenizer=None, info: dict | None = None) -> None:
+    """safetensors weights, config, generation config, tokenizer (with its chat template), pruning.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if info is not None:
+        (out / "pruning.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_config(source, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    return AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def run_prune(teacher: str, importance: str, out: str, target: PruneTarget, options: PruneOptions | None = None, *,
+              revision: str | None = None, gguf_file: str | None = None, dtype: str | None = None,
+              device: str = "cpu", trust_remote_code: bool = False, overwrite: bool = False) -> dict:
+    """The CLI's `prune`: validate everything first, then load, prune, save. Returns the summary."""
+    from .models import load_model, load_tokenizer, resolve_source
+
+    options = options or PruneOptions()
+    out_path = Path(out)
+    if out_path.exists() and any(out_path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {out!r} is not empty; choose another, or pass --overwrite")
+    scores = ImportanceScores.load(importance)
+    source = resolve_source(teacher, revision=revision, gguf_file=gguf_file)
+    config = load_config(source, trust_remote_code)
+    get_arch(config)
+    resolve_target(config, target)  # impossible targets fail here, before the teacher is loaded
+    model = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    student, plan = prune_model(model, scores, target, options)
+    info = {"teacher": source.as_dict(), "importance": str(importance), **plan_summary(plan, target, options, model.config)}
+    save_student(student, out_path, load_tokenizer(source, trust_remote_code), info)
+    return info
