@@ -1,0 +1,115 @@
+"""Minitron distillation losses, computed in token chunks so the full logits of both models never coexist.
+
+The student's LM head runs per chunk under `torch.utils.checkpoint` (recomputed in backward), and the teacher's
+logits are recomputed per chunk from its final hidden states, so the loss's peak memory grows with the chunk, not
+with batch x seq x vocab. Every function returns *sums* over tokens; the trainer divides by the token count of the
+whole gradient-accumulation window.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse", "cosine")
+STATE_LOSSES = ("mse", "cosine")
+
+
+def check_loss_name(name: str, allowed: tuple[str, ...], what: str) -> None:
+    if name not in allowed:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(allowed)}")
+
+
+def logit_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
+                     temperature: float = 1.0, top_k: int | None = None, beta: float = 0.5) -> torch.Tensor:
+    """Per-token divergence [N] between [N, V] logits (already cut to the shared vocabulary).
+
+    KL/JSD are scaled by tau^2 (Hinton) so gradients keep their size across temperatures. With `top_k`, both
+    models are compared on the teacher's K most likely tokens only (both renormalised over them), so the loss is
+    still zero when the student matches the teacher.
+    """
+    zs = student_logits.float() / temperature
+    zt = teacher_logits.float() / temperature
+    if kind in ("mse", "cosine"):
+        if top_k:
+            zt, idx = zt.topk(top_k, dim=-1)
+            zs = zs.gather(-1, idx)
+        if kind == "mse":
+            return (zs - zt).pow(2).mean(-1)
+        return 1.0 - F.cosine_similarity(zs, zt, dim=-1)
+    if top_k:
+        zt, idx = zt.topk(top_k, dim=-1)
+        zs = zs.gather(-1, idx)
+    log_ps, log_pt = zs.log_softmax(-1), zt.log_softmax(-1)
+    scale = temperature ** 2
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+        return scale * (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return scale * (log_ps.exp() * (log_ps - log_pt)).sum(-1)
+    # generalized JSD as in GKD (Agarwal et al.): m = beta*p_t + (1-beta)*p_s
+    log_m = torch.logsumexp(torch.stack([log_pt + math.log(beta), log_ps + math.log(1 - beta)]), dim=0)
+    kl_t = (log_pt.exp() * (log_pt - log_m)).sum(-1)
+    kl_s = (log_ps.exp() * (log_ps - log_m)).sum(-1)
+    return scale * (beta * kl_t + (1 - beta) * kl_s)
+
+
+def _chunk_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor, student_head: nn.Module,
+                  teacher_head: nn.Module, vocab: int, kind: str, temperature: float, top_k: int | None, beta: float,
+                  with_ce: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(divergence sum, cross-entropy sum) of one chunk of tokens."""
+    z_s = student_head(h_s)
+    with torch.no_grad():
+        z_t = teacher_head(h_t).to(device=z_s.device, dtype=torch.float32)[:, :vocab]
+    kd = logit_divergence(z_s[:, :vocab], z_t, kind, temperature, top_k, beta).sum()
+    ce = F.cross_entropy(z_s.float(), labels, reduction="sum") if with_ce else kd.new_zeros(())
+    return kd, ce
+
+
+def chunked_logit_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor, student_head: nn.Module,
+                         teacher_head: nn.Module, kind: str = "forward_kl", temperature: float = 1.0,
+                         top_k: int | None = None, beta: float = 0.5, chunk_tokens: int | None = 1024,
+                         with_ce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums of the logit divergence and of the cross-entropy over N tokens.
+
+    `h_s` [N, H_s] and `h_t` [N, H_t] are the final (normed) hidden states at the positions to score, `labels` [N]
+    the next tokens. Only the first min(V_s, V_t) logits are compared (padded vocabularies). `chunk_tokens` of
+    None/0 computes everything at once without checkpointing (reference path for tests).
+    """
+    check_loss_name(kind, LOGIT_LOSSES, "logit loss")
+    vocab = min(student_head.out_features, teacher_head.out_features)
+    fn = partial(_chunk_losses, student_head=student_head, teacher_head=teacher_head, vocab=vocab, kind=kind,
+                 temperature=temperature, top_k=top_k, beta=beta, with_ce=with_ce)
+    if not chunk_tokens or (h_s.shape[0] <= chunk_tokens and not torch.is_grad_enabled()):
+        return fn(h_s, h_t, labels)
+    kd_total = h_s.new_zeros((), dtype=torch.float32)
+    ce_total = h_s.new_zeros((), dtype=torch.float32)
+    for start in range(0, h_s.shape[0], chunk_tokens):
+        sl = slice(start, start + chunk_tokens)
+        kd, ce = checkpoint(fn, h_s[sl], h_t[sl], labels[sl], use_reentrant=False)
+        kd_total = kd_total + kd
+        ce_total = ce_total + ce
+    return kd_total, ce_total
+
+
+def state_loss(h_s: torch.Tensor, h_t: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Per-token loss [N] between a projected student state and a teacher state, both [N, H_t]."""
+    check_loss_name(kind, STATE_LOSSES, "intermediate-state loss")
+    h_s, h_t = h_s.float(), h_t.float()
+    if kind == "mse":
+        return (h_s - h_t).pow(2).mean(-1)
+    return 1.0 - F.cosine_similarity(h_s, h_t, dim=-1)
+
+
+def intermediate_losses(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
+                        projections: nn.ModuleList, kind: str = "mse") -> torch.Tensor:
+    """Sum over tokens of the per-token state loss, averaged over the mapped layer pairs."""
+    total = student_states[0].new_zeros((), dtype=torch.float32)
+    for h_s, h_t, proj in zip(student_states, teacher_states, projections):
+        h_s = proj(h_s.to(proj.weight.dtype))
+        total = total + state_loss(h_s, h_t.to(h_s.device), kind).sum()
+    return total / max(len(projections), 1)

@@ -1,0 +1,293 @@
+"""Distillation: losses, gradients, chunking, saving without projections, resume after a kill, DDP."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+          "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+          "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([(DATA / "tinyshakespeare.txt").read_text()[:100_000]], trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A 512-token byte-level BPE trained on Shakespeare in a second: no download, small embeddings."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    return tok
+
+
+def tiny_llama(vocab: int, hidden: int = 64, layers: int = 2, inter: int = 128, seed: int = 0, tied: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                      max_position_embeddings=256, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg)
+
+
+def text_dataset(n_docs: int = 40):
+    from datasets import Dataset
+
+    text = (DATA / "tinyshakespeare.txt").read_text()[:n_docs * 400]
+    return Dataset.from_dict({"text": [text[i:i + 400] for i in range(0, len(text), 400)]})
+
+
+def make_trainer(teacher, student, tmp_path, **cfg):
+    from hf_minitron.distill import DistillConfig, MinitronDistillTrainer
+
+    cfg = {"max_length": 32, "per_device_train_batch_size": 2, "gradient_checkpointing": False, "report_to": [],
+           "kd_chunk_tokens": 16, "max_steps": 1, "save_strategy": "no", "logging_steps": 1, **cfg}
+    config = DistillConfig(output_dir=str(tmp_path / "out"), **cfg)
+    return MinitronDistillTrainer(student, teacher, config, train_dataset=text_dataset(), processing_class=tiny_tokenizer())
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+# ---- losses -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "mse", "cosine"])
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_divergence_zero_on_equal_and_positive_otherwise(kind, top_k):
+    from hf_minitron.losses import logit_divergence
+
+    torch.manual_seed(0)
+    zt = torch.randn(6, 50)
+    zs = (zt + torch.randn(6, 50)).requires_grad_()
+    assert logit_divergence(zt, zt, kind, 2.0, top_k).abs().max() < 1e-5
+    loss = logit_divergence(zs, zt, kind, 2.0, top_k)
+    assert (loss > 0).all()
+    loss.sum().backward()
+    assert zs.grad.abs().sum() > 0
+
+
+def test_jsd_endpoints_are_the_kls():
+    from hf_minitron.losses import logit_divergence
+
+    zs, zt = torch.randn(4, 20), torch.randn(4, 20)
+    assert torch.allclose(logit_divergence(zs, zt, "jsd", beta=0.0), logit_divergence(zs, zt, "forward_kl"))
+    assert torch.allclose(logit_divergence(zs, zt, "jsd", beta=1.0), logit_divergence(zs, zt, "reverse_kl"))
+
+
+@pytest.mark.parametrize("kind,top_k", [("forward_kl", None), ("jsd", 7), ("cosine", None)])
+def test_chunked_matches_unchunked(kind, top_k):
+    from hf_minitron.losses import chunked_logit_losses
+
+    torch.manual_seed(0)
+    s_head, t_head = torch.nn.Linear(16, 40, bias=False), torch.nn.Linear(24, 44, bias=False)  # padded teacher vocab
+    h_t, labels = torch.randn(37, 24), torch.randint(0, 40, (37,))
+    results = []
+    for chunk in (None, 8):
+        s_head.zero_grad()
+        h_s = torch.randn(37, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        kd, ce = chunked_logit_losses(h_s, h_t, labels, s_head, t_head, kind, 1.5, top_k, chunk_tokens=chunk)
+        (kd + 0.3 * ce).backward()
+        results.append((kd.detach(), ce.detach(), h_s.grad.clone(), s_head.weight.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_loss_names_are_refused(tmp_path):
+    from hf_minitron.distill import DistillConfig
+
+    with pytest.raises(ValueError, match="'kl2'"):
+        DistillConfig(output_dir=str(tmp_path), logit_loss="kl2")
+    with pytest.raises(ValueError, match="'l1'"):
+        DistillConfig(output_dir=str(tmp_path), is_loss="l1")
+    with pytest.raises(ValueError, match="'3-1'"):
+        DistillConfig(output_dir=str(tmp_path), is_layers="3-1")
+
+
+# ---- trainer ------------------------------------------------------------------------------------------------
+def test_kl_zero_when_student_equals_teacher(tmp_path):
+    tok = tiny_tokenizer()
+    teacher = tiny_llama(len(tok) + 16)  # padded vocabulary: only the shared logits are compared
+    student = copy.deepcopy(teacher)
+    trainer = make_trainer(teacher, student, tmp_path, is_layers="0:0,2:2")
+    batch = first_batch(trainer)
+    trainer.compute_loss(trainer.model, batch)
+    assert trainer._metrics["train"]["kd_logit"][-1] < 1e-6
+    assert trainer._metrics["train"]["kd_is"][-1] < 1e-8  # same width: projections start as identity
+
+
+def test_gradients_reach_every_student_parameter_and_projections(tmp_path):
+    tok = tiny_tokenizer()
+    teacher = tiny_llama(len(tok), hidden=64, layers=3, seed=0)
+    student = tiny_llama(len(tok), hidden=32, layers=2, inter=64, seed=1)
+    trainer = make_trainer(teacher, student, tmp_path, is_layers="0:0,3:2", w_clm=0.5, alpha=0.7)
+    batch = first_batch(trainer)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    params = dict(trainer.model.named_parameters())
+    assert any("minitron_is_projections" in n for n in params)
+    for name, p in params.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in teacher.parameters())
+    opt_params = {id(p) for g in trainer.create_optimizer().param_groups for p in g["params"]}
+    assert all(id(p) in opt_params for p in params.values())
+
+
+def test_loss_normalised_over_accumulation_window(tmp_path):
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
+    trainer = make_trainer(teacher, student, tmp_path)
+    batch = first_batch(trainer)
+    n = (batch["labels"][:, 1:] != -100).sum()
+    per_token = trainer.compute_loss(trainer.model, batch)
+    window = trainer.compute_loss(trainer.model, batch, num_items_in_batch=4 * n)
+    assert torch.allclose(window * 4, per_token, rtol=1e-5)
+
+
+def test_different_tokenizers_refused():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    from hf_minitron.distill import check_same_tokenizer
+
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        check_same_tokenizer(tiny_tokenizer(), other)
+    check_same_tokenizer(tiny_tokenizer(), tiny_tokenizer())
+
+
+def save_pair(tmp_path: Path) -> tuple[str, str]:
+    tok = tiny_tokenizer()
+    paths = []
+    for name, model in [("teacher", tiny_llama(len(tok) + 8, layers=3, seed=0)),
+                        ("student", tiny_llama(len(tok), hidden=32, inter=64, seed=1))]:
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    return paths[0], paths[1]
+
+
+def write_corpus(tmp_path: Path) -> str:
+    path = tmp_path / "corpus.txt"
+    path.write_text((DATA / "tinyshakespeare.txt").read_text()[:20_000])
+    return str(path)
+
+
+def test_distill_end_to_end_saves_student_without_projections(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from hf_minitron.distill import distill
+
+    teacher, student = save_pair(tmp_path)
+    out = str(tmp_path / "run")
+    kw = dict(max_length=32, per_device_train_batch_size=2, gradient_checkpointing=False, report_to=[],
+              kd_chunk_tokens=16, is_layers="0:0,3:2", w_clm=0.1, logit_loss="reverse_kl", top_k=20,
+              save_steps=2, logging_steps=1)
+    result = distill(teacher, student, write_corpus(tmp_path), out, max_tokens=4 * 2 * 32, **kw)
+    assert result["steps"] == 4 and result["tokens"] == 256
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "projection" in k]
+    assert os.path.isfile(os.path.join(out, "checkpoint-2", "is_projections.safetensors"))
+    assert not os.path.exists(os.path.join(out, "is_projections.safetensors"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.hidden_size == 32 and not hasattr(reloaded, "minitron_is_projections")
+    with pytest.raises(FileExistsError):
+        distill(teacher, student, write_corpus(tmp_path), out, max_tokens=256, **kw)
+    assert distill(teacher, student, write_corpus(tmp_path), out, max_tokens=256, resume=True, **kw)["steps"] == 4
+
+
+SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    from transformers import TrainerCallback
+    from hf_minitron import distill as d
+
+    args = json.loads(sys.argv[1])
+    die_at = args.pop("die_at", None)
+
+    class Kill(TrainerCallback):
+        def on_save(self, a, state, control, **kw):
+            if state.global_step == die_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    orig = d.MinitronDistillTrainer.__init__
+    def init(self, *a, **kw):
+        orig(self, *a, **kw)
+        self.add_callback(Kill())
+    d.MinitronDistillTrainer.__init__ = init
+    r = d.distill(**args)
+    print("LOSSES", json.dumps([h["loss"] for h in r["log_history"] if "loss" in h]))
+""")
+
+
+def run_script(tmp_path: Path, args: dict, launcher: list[str] | None = None,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    script = tmp_path / "run_distill.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    cmd = (launcher or [sys.executable]) + [str(script), json.dumps(args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _losses(proc) -> list[float]:
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("LOSSES")][-1]
+    return json.loads(line.split(" ", 1)[1])
+
+
+def test_resume_after_kill_reproduces_loss_curve(tmp_path):
+    teacher, student = save_pair(tmp_path)
+    base = dict(teacher=teacher, student=student, data=write_corpus(tmp_path), max_tokens=6 * 2 * 32,
+                max_length=32, per_device_train_batch_size=2, gradient_checkpointing=False, report_to=[],
+                kd_chunk_tokens=16, is_layers="0:0,3:2", save_steps=3, logging_steps=1, learning_rate=1e-3)
+    full = run_script(tmp_path, {**base, "out": str(tmp_path / "full")})
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_script(tmp_path, {**base, "out": str(tmp_path / "cut"), "die_at": 3})
+    assert killed.returncode == -9 and (tmp_path / "cut" / "checkpoint-3").is_dir()
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    resumed = run_script(tmp_path, {**base, "out": str(tmp_path / "cut"), "resume": True})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _losses(full), _losses(resumed)
+    assert len(a) == len(b) == 6
+    assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    teacher, student = save_pair(tmp_path)
+    args = dict(teacher=teacher, student=student, data=write_corpus(tmp_path), out=str(tmp_path / "ddp"),
+                max_tokens=4 * 2 * 2 * 32, max_length=32, per_device_train_batch_size=2,
+                gradient_checkpointing=False, report_to=[], kd_chunk_tokens=16, is_layers="0:0,3:2", save_steps=2,
+                logging_steps=1)
+    # `--cpu` would start a single process; the DDP recipe with ACCELERATE_USE_CPU=1 gives 2 gloo processes
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "ddp.yaml"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(recipe), "--num_processes",
+                "2", "--mixed_precision", "no", "--main_process_port", "29517"]
+    proc = run_script(tmp_path, args, launcher, {"ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "ddp" / "distill_result.json").read_text())
+    assert result["steps"] == 4 and result["tokens"] == 512
+    assert all(torch.isfinite(torch.tensor(_losses(proc))))
