@@ -51,7 +51,7 @@ def tiny_llama(vocab: int, hidden: int = 64, layers: int = 2, inter: int = 128, 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                      max_position_embeddings=256, tie_word_embeddings=tied)
+                      max_position_embeddings=512, tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg)
 
 
