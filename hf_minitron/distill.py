@@ -220,8 +220,8 @@ def distill(teacher, student, data, out: str, max_tokens: int, *, config: Distil
             resume: bool = False, overwrite: bool = False, **overrides) -> dict:
     """Distil `teacher` into `student` on `data` for `max_tokens` training tokens; save the student to `out`.
 
-    `teacher`/`student` are model specs or loaded models; `data` a text source for `load_text_dataset` or a
-    `datasets` dataset with a `text_column`. Keyword `overrides` set `DistillConfig` fields. `resume` continues from
+    `teacher`/`student` are model specs or loaded models; `data` a text source (path/Hub id or `TextSource`) for
+    `load_text_dataset`, or a `datasets` dataset with a `text_column`. Keyword `overrides` set `DistillConfig` fields. `resume` continues from
     the last checkpoint in `out`; a finished `out` is never overwritten unless `overwrite`.
     """
     if max_tokens is None or max_tokens < 1:
@@ -253,10 +253,12 @@ def distill(teacher, student, data, out: str, max_tokens: int, *, config: Distil
     if teacher_device and not isinstance(teacher, str):
         teacher_model.to(teacher_device)
 
-    if isinstance(data, str):
-        from .data import TextSource, load_text_dataset
+    from .data import TextSource, load_text_dataset
 
-        dataset = load_text_dataset(TextSource(data, text_column=text_column, streaming=streaming))
+    if isinstance(data, (str, TextSource)):
+        src = TextSource(data, text_column=text_column, streaming=streaming) if isinstance(data, str) else data
+        config.dataset_text_field = src.text_column
+        dataset = load_text_dataset(src)
     else:
         dataset = data
         if dataset.column_names is not None and text_column not in dataset.column_names:
