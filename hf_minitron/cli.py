@@ -27,6 +27,124 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it whole")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_importance(sub) -> None:
+    p = sub.add_parser("importance", help="score heads, neurons, channels and layers on calibration data",
+                       description="Forward passes only. Scores are written once and reused for every prune target.")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--samples", type=int, default=1024, help="calibration sequences (paper: 1024) (default: 1024)")
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per calibration sequence (default: 4096)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward pass (default: 1)")
+    p.add_argument("--batch-agg", choices=["mean", "l2", "var"], default="l2",
+                   help="default aggregation over the batch recorded with the scores (all nine pairs are stored; "
+                        "prune can pick another) (default: l2)")
+    p.add_argument("--seq-agg", choices=["mean", "l2", "var"], default="mean",
+                   help="default aggregation over the sequence (default: mean)")
+    p.add_argument("--depth-ppl-samples", type=int, default=64,
+                   help="sequences used for the perplexity-drop layer metric, one extra pass per layer; 0 disables "
+                        "it (default: 64)")
+    p.add_argument("--depth-ppl-runs", type=_int_list, default=[1],
+                   help="run lengths (comma-separated) for the perplexity-drop metric (default: 1)")
+    p.add_argument("--bi-max-run", type=int, default=None,
+                   help="longest contiguous run scored by Block Importance (default: half the layers)")
+    p.add_argument("--seed", type=int, default=0, help="seed for picking calibration windows (default: 0)")
+    p.add_argument("--out", required=True, help="folder to write the scores to (importance.safetensors + .json)")
+    p.add_argument("--overwrite", action="store_true", help="replace scores already in --out")
+    p.set_defaults(func=_run_importance)
+
+
+def _run_importance(args) -> None:
+    from .importance import ImportanceConfig, run_importance
+
+    config = ImportanceConfig(batch_size=args.batch_size, depth_ppl_samples=args.depth_ppl_samples,
+                              depth_ppl_runs=args.depth_ppl_runs, bi_max_run=args.bi_max_run,
+                              default_batch_agg=args.batch_agg, default_seq_agg=args.seq_agg)
+    run_importance(args.teacher, args.data, args.out, args.samples, args.seq_len, revision=args.revision,
+                   gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
+                   trust_remote_code=args.trust_remote_code, data_config=args.data_config, data_split=args.data_split,
+                   text_column=args.text_column, streaming=args.streaming, seed=args.seed, config=config,
+                   overwrite=args.overwrite)
+    print(f"importance scores written to {args.out}")
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hidden-size", type=int, default=None, help="target embedding channels (default: keep)")
+    p.add_argument("--ffn-size", type=int, default=None, help="target MLP neurons per layer (default: keep)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="target query heads per layer, the same count in every KV group (default: keep)")
+    p.add_argument("--num-kv-heads", type=int, default=None,
+                   help="target KV heads: keeps whole GQA groups (default: keep, except MHA where it follows heads)")
+    depth = p.add_mutually_exclusive_group()
+    depth.add_argument("--num-layers", type=int, default=None,
+                       help="target layers: drops the least important by --depth-metric (default: keep)")
+    depth.add_argument("--drop-layers", type=_int_list, default=None, help="layers to drop, e.g. 16,17,18")
+
+
+def _target(args):
+    from .prune import PruneTarget
+
+    return PruneTarget(hidden_size=args.hidden_size, ffn_size=args.ffn_size, num_heads=args.num_heads,
+                       num_kv_heads=args.num_kv_heads, num_layers=args.num_layers, drop_layers=args.drop_layers)
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="prune the teacher to a target shape using cached importance scores",
+                       description="Writes a folder that loads with AutoModelForCausalLM.from_pretrained.")
+    _add_model_args(p)
+    p.add_argument("--importance", required=True, help="scores folder written by `hf-minitron importance`")
+    _add_target_args(p)
+    p.add_argument("--batch-agg", choices=["mean", "l2", "var"], default=None,
+                   help="aggregation over the batch (default: the one recorded with the scores)")
+    p.add_argument("--seq-agg", choices=["mean", "l2", "var"], default=None,
+                   help="aggregation over the sequence (default: the one recorded with the scores)")
+    p.add_argument("--depth-metric", choices=["ppl", "bi", "bi-run"], default="ppl",
+                   help="how --num-layers picks layers: ppl = smallest perplexity increase, bi = lowest Block "
+                        "Importance, bi-run = the contiguous run with the lowest BI (default: ppl)")
+    p.add_argument("--no-merge-heads", action="store_true",
+                   help="drop pruned heads outright instead of merging them into kept heads (paper section 2.3)")
+    p.add_argument("--out", required=True, help="output folder for the pruned model")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=_run_prune)
+
+
+def _run_prune(args) -> None:
+    from .prune import PruneOptions, run_prune
+
+    options = PruneOptions(batch_agg=args.batch_agg, seq_agg=args.seq_agg, depth_metric=args.depth_metric,
+                           merge_heads=not args.no_merge_heads)
+    info = run_prune(args.teacher, args.importance, args.out, _target(args), options, revision=args.revision,
+                     gguf_file=args.gguf_file, dtype=args.dtype, device=args.device,
+                     trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+    print(f"pruned model ({info['student_parameters']:,} parameters, teacher {info['teacher_parameters']:,}) "
+          f"written to {args.out}")
+
+
+def _add_params(sub) -> None:
+    p = sub.add_parser("params", help="exact parameter count of a target shape, from the config alone")
+    p.add_argument("--teacher", required=True, help="Hub repo id, local folder or .gguf file (only its config is read)")
+    p.add_argument("--revision", default=None, help="Hub revision (default: main)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside the repo or folder")
+    _add_target_args(p)
+    p.set_defaults(func=_run_params)
+
+
+def _run_params(args) -> None:
+    from .archs import count_parameters
+    from .models import resolve_source
+    from .prune import load_config, parameter_count
+
+    config = load_config(resolve_source(args.teacher, revision=args.revision, gguf_file=args.gguf_file))
+    print(f"teacher: {count_parameters(config):,}")
+    print(f"target:  {parameter_count(config, _target(args)):,}")
+
+
 # ---- subcommands owned by the retraining stages (distill, sft) are added below this line ----
 
 
@@ -146,8 +264,14 @@ def _run_sft(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-minitron", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="hf-minitron",
+        description="Turn one Hugging Face causal LM into a family of smaller ones: Minitron importance scoring and "
+                    "pruning (arXiv 2407.14679). Each subcommand has its own --help.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_importance(sub)
+    _add_prune(sub)
+    _add_params(sub)
     return parser
 
 

@@ -229,8 +229,8 @@ def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig 
     config = config or ImportanceConfig()
     spec = get_arch(model.config)
     cfg = model.config
-    state = PartialState()
     device = next(model.parameters()).device
+    state = PartialState(cpu=device.type == "cpu")  # cpu=True lets `accelerate launch` ranks use gloo on CPU
     n_layers = cfg.num_hidden_layers
     n_norms = n_layers * len(spec.layer_norms) + 1
     acc = {
@@ -318,6 +318,6 @@ def run_importance(teacher: str, data: str, out: str, samples: int = 1024, seq_l
     packed = pack_tokens(text, tokenizer, samples, seq_len, seed=seed)
     model = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     scores = compute_importance(model, packed.input_ids, config, {"teacher": source.as_dict(), "data": packed.source})
-    if PartialState().is_main_process:
+    if PartialState().is_main_process:  # initialised by compute_importance
         scores.save(out)
     return scores
