@@ -263,6 +263,10 @@ def _run_sft(args) -> int:
 # ---- end of retraining subcommands ----
 
 
+# ---- subcommands owned by the family builder (build, search) are added below this line ----
+# ---- end of family builder subcommands ----
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-minitron",
@@ -272,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_importance(sub)
     _add_prune(sub)
     _add_params(sub)
+    _add_distill(sub)
+    _add_sft(sub)
     return parser
 
 

