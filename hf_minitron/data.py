@@ -84,8 +84,7 @@ def load_text_dataset(source: TextSource | str):
             extra = {"sample_by": "document"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=source.streaming, **extra)
         else:
-            ds = datasets.load_dataset(source.path, source.config, split=source.split, streaming=source.streaming,
-                                       revision=source.revision)
+            ds = _load_hub_dataset(source)
     except DataSourceError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs the source and the first line
@@ -95,6 +94,21 @@ def load_text_dataset(source: TextSource | str):
         raise DataSourceError(f"data source {source.path!r} has no column {source.text_column!r}; "
                               f"columns: {', '.join(columns)}")
     return ds
+
+
+def _load_hub_dataset(source: TextSource):
+    """A Hub dataset id through `datasets`; offline, from a snapshot already in the huggingface_hub cache."""
+    import datasets
+    from huggingface_hub import constants, snapshot_download
+
+    kwargs = {"split": source.split, "streaming": source.streaming}
+    if not constants.HF_HUB_OFFLINE:
+        return datasets.load_dataset(source.path, source.config, revision=source.revision, **kwargs)
+    try:
+        folder = snapshot_download(source.path, repo_type="dataset", revision=source.revision, local_files_only=True)
+    except Exception as e:
+        raise DataSourceError(f"dataset {source.path!r} is not in the local HF cache and HF_HUB_OFFLINE is set") from e
+    return datasets.load_dataset(folder, source.config, **kwargs)
 
 
 @dataclass

@@ -51,3 +51,45 @@ def test_builtin_python_reference(smollm2_tokenizer):
     assert packed.source["corpus_tokens"] > 50_000
     windows = text_windows(BUILTIN_PYDOC, smollm2_tokenizer, 64, max_windows=3)
     assert windows.shape == (3, 64)
+
+
+HUB_SCRIPT = """
+from hf_minitron.data import TextSource, load_text_dataset, pack_tokens
+from transformers import AutoTokenizer
+import sys
+val = load_text_dataset(TextSource("acme/tiny-text", split="validation", text_column="content"))
+stream = load_text_dataset(TextSource("acme/tiny-text", text_column="content", streaming=True))
+print(len(val), next(iter(stream))["content"][:5])
+"""
+
+
+def test_hub_dataset_id_from_offline_cache(tmp_path):
+    """A Hub dataset id resolves through huggingface_hub's cache when HF_HUB_OFFLINE=1, streaming too."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "datasets--acme--tiny-text"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    data = repo / "snapshots" / commit / "data"
+    data.mkdir(parents=True)
+    pd.DataFrame({"content": ["hello world " * 50] * 10}).to_parquet(data / "train-00000-of-00001.parquet")
+    pd.DataFrame({"content": ["bye " * 50] * 3}).to_parquet(data / "validation-00000-of-00001.parquet")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    for var in ("HF_HUB_CACHE", "HF_DATASETS_CACHE"):
+        env.pop(var, None)
+    out = subprocess.run([sys.executable, "-c", HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "3 hello"
+
+
+def test_streaming_takes_first_windows(corpus, smollm2_tokenizer):
+    src = TextSource(str(corpus / "c.jsonl"), text_column="body", streaming=True)
+    packed = pack_tokens(src, smollm2_tokenizer, samples=2, seq_len=32)
+    assert packed.input_ids.shape == (2, 32)
+    first = smollm2_tokenizer("Document 0.", add_special_tokens=False)["input_ids"]
+    assert packed.input_ids[0, : len(first)].tolist() == first
