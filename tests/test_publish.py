@@ -1,0 +1,144 @@
+"""Publishing against a local Hub-protocol server: push a tiny member, load it back by repo id through the same
+endpoint with plain `from_pretrained`, publish again without a new commit, recover from a failure part-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from hub_server import HubServer
+from hf_minitron.publish import (PublishError, files_to_publish, find_members, publish_family, publish_member)
+
+LOAD_BACK = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], revision=sys.argv[2])
+tok = AutoTokenizer.from_pretrained(sys.argv[1], revision=sys.argv[2])
+with torch.no_grad():
+    logits = model(input_ids=torch.arange(10)[None] % model.config.vocab_size).logits
+torch.save({"logits": logits, "eos": tok.eos_token}, sys.argv[3])
+"""
+
+
+@pytest.fixture()
+def hub(monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
+    with HubServer() as server:
+        yield server
+
+
+def make_member(folder, tokenizer, seed: int = 0):
+    model = tiny_model("llama", seed=seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "pruning.json").write_text(json.dumps({"teacher": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                                                    "target": {"ffn_size": 96}, "kept_layers": [0, 1, 2, 3],
+                                                    "teacher_parameters": 200_000, "student_parameters": 141_632}))
+    (folder / "eval_results.json").write_text(json.dumps({"model": folder.name, "parameters": 141_632,
+                                                          "perplexity": [], "tasks": {}}))
+    (folder / "checkpoint-10").mkdir()
+    (folder / "checkpoint-10" / "optimizer.pt").write_bytes(b"x")
+    (folder / "training_args.bin").write_bytes(b"x")
+    return model
+
+
+def test_publish_load_back_and_republish(hub, tmp_path, smollm2_tokenizer):
+    folder = tmp_path / "tiny-member"
+    model = make_member(folder, smollm2_tokenizer)
+    plot = tmp_path / "family.png"
+    plot.write_bytes(b"\x89PNG fake")
+
+    report = publish_member(folder, "org/tiny-member", endpoint=hub.url, extra_files=[plot],
+                            card_fields={"license": "apache-2.0"})
+    assert report.ok and report.commit and not report.unchanged
+    pushed = set(report.uploaded)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "eval_results.json", "family.png",
+            "pruning.json", "generation_config.json"} <= pushed
+    assert "training_args.bin" not in pushed and not any(p.startswith("checkpoint") for p in pushed)
+    snapshot = hub.state.repos["org/tiny-member"].snapshots[report.commit]
+    assert b"org/tiny-member" in snapshot["README.md"]  # card rendered for this repo id
+    assert b"hf_test_token_not_real" not in b"".join(snapshot.values())
+
+    # load back by repo id through the same endpoint, in a fresh process with an empty cache
+    out = tmp_path / "logits.pt"
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0"}
+    env.pop("HF_TOKEN", None)
+    proc = subprocess.run([sys.executable, "-c", LOAD_BACK, "org/tiny-member", "main", str(out)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = torch.load(out)
+    with torch.no_grad():
+        expected = model(input_ids=torch.arange(10)[None] % model.config.vocab_size).logits
+    torch.testing.assert_close(loaded["logits"], expected)
+    assert loaded["eos"] == smollm2_tokenizer.eos_token
+
+    # publishing again: nothing uploaded, no new commit
+    commits = len(hub.state.commits)
+    again = publish_member(folder, "org/tiny-member", endpoint=hub.url, extra_files=[plot],
+                           card_fields={"license": "apache-2.0"})
+    assert again.uploaded == [] and again.commit == report.commit and len(hub.state.commits) == commits
+    assert "up to date" in again.line()
+
+    # one changed file: only it is uploaded
+    (folder / "eval_results.json").write_text(json.dumps({"model": "x", "parameters": 1, "perplexity": [],
+                                                          "tasks": {}}))
+    third = publish_member(folder, "org/tiny-member", endpoint=hub.url, extra_files=[plot], card=False)
+    assert third.uploaded == ["eval_results.json"] and hub.state.commits[-1]["paths"] == ["eval_results.json"]
+
+
+def test_branch_and_pull_request(hub, tmp_path, smollm2_tokenizer):
+    folder = tmp_path / "m"
+    make_member(folder, smollm2_tokenizer)
+    on_branch = publish_member(folder, "org/m", endpoint=hub.url, revision="v1")
+    repo = hub.state.repos["org/m"]
+    assert repo.refs["v1"] == on_branch.commit and "model.safetensors" not in repo.snapshots[repo.refs["main"]]
+    pr = publish_member(folder, "org/m", endpoint=hub.url, create_pr=True)
+    assert pr.pr_url and pr.pr_url.endswith("/discussions/1") and "refs/pr/1" in repo.refs
+    assert "model.safetensors" not in repo.snapshots[repo.refs["main"]]  # main untouched until the PR is merged
+
+
+def test_family_failure_part_way_then_rerun(hub, tmp_path, smollm2_tokenizer):
+    run = tmp_path / "run"
+    folders = []
+    for i, name in enumerate(["big", "small"]):
+        folder = run / name
+        make_member(folder, smollm2_tokenizer, seed=i)
+        folders.append(folder)
+    assert find_members(run) == folders and find_members(folders[0]) == [folders[0]]
+
+    hub.state.fail_commits.add("org/small")
+    with pytest.raises(PublishError) as failure:
+        publish_family(folders, "org", endpoint=hub.url, collection="tiny family")
+    report = failure.value.report
+    assert [m.ok for m in report.members] == [True, False]
+    text = str(failure.value)
+    assert "pushed      org/big" in text and "NOT pushed  org/small" in text and "run it again" in text
+    assert "hf_test_token_not_real" not in text
+
+    hub.state.fail_commits.clear()
+    commits = len(hub.state.commits)
+    done = publish_family(folders, "org", endpoint=hub.url, collection="tiny family")
+    assert done.ok and done.members[0].uploaded == [] and done.members[1].uploaded
+    assert [c["repo"] for c in hub.state.commits[commits:]] == ["org/small"]  # only the missing member
+    items = [i["id"] for i in hub.state.collections[done.collection]["items"]]
+    assert items == ["org/big", "org/small"]
+
+
+def test_publish_errors(tmp_path, smollm2_tokenizer):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        files_to_publish(tmp_path)
+    tiny_model("llama").config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+        files_to_publish(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_members(tmp_path / "nope")
