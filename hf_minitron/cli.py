@@ -267,6 +267,125 @@ def _run_sft(args) -> int:
 # ---- end of family builder subcommands ----
 
 
+# ---- subcommands owned by evaluation and publishing ----
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: perplexity on any text source, lm-eval benchmark tasks",
+                       description="Writes one results JSON (perplexity records and task metrics). Benchmarks run "
+                                   "through lm-eval on the loaded model; local multiple-choice JSONL files run as "
+                                   "lm-eval custom tasks, offline.")
+    p.add_argument("--model", required=True, help="the model: a Hub repo id, a local folder, or a .gguf file")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit of the model (default: main)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside the Hub repo or folder (dequantized on load)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype to load weights in (default: the model's own)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--name", default=None, help="name recorded in the results (default: the model folder's name)")
+    p.add_argument("--tasks", default=None,
+                   help="lm-eval tasks, comma-separated, each optionally name:shots; 'paper' = MMLU 5-shot, HellaSwag "
+                        "10, Winogrande 5, ARC-Challenge 25, TruthfulQA MC2 0, GSM8K 5; 'code' = HumanEval, MBPP "
+                        "(needs the task data sets: online or in the HF cache) (default: none)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="let code tasks (humaneval, mbpp) execute the generated programs")
+    p.add_argument("--hellaswag-file", action="append", default=[],
+                   help="local multiple-choice JSONL in HellaSwag layout (ctx, endings, label), scored 0-shot by "
+                        "log-likelihood (acc, acc_norm); repeatable")
+    p.add_argument("--context-column", default="ctx", help="context column of --hellaswag-file (default: ctx)")
+    p.add_argument("--choices-column", default="endings", help="choices column of --hellaswag-file (default: endings)")
+    p.add_argument("--label-column", default="label", help="label column of --hellaswag-file (default: label)")
+    p.add_argument("--ppl-data", action="append", default=[],
+                   help="text source for perplexity: local .txt/.jsonl/.json/.parquet/.csv, 'pydoc-topics', or a Hub "
+                        "dataset id; repeatable")
+    p.add_argument("--ppl-config", default=None, help="Hub dataset configuration of --ppl-data")
+    p.add_argument("--ppl-split", default="train", help="dataset split of --ppl-data (default: train)")
+    p.add_argument("--ppl-text-column", default="text", help="text column of --ppl-data (default: text)")
+    p.add_argument("--ppl-seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
+    p.add_argument("--ppl-windows", type=int, default=16,
+                   help="windows to score; 0 = the whole source (default: 16)")
+    p.add_argument("--ppl-stride", type=int, default=None,
+                   help="move windows by this many tokens, scoring only new ones, so each token has more context "
+                        "(default: --ppl-seq-len, non-overlapping windows)")
+    p.add_argument("--out", default=None,
+                   help="results JSON to write (default: eval_results.json in the model folder, when it is a folder)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    import json
+    import os
+
+    from .data import TextSource
+    from .evaluate import LocalChoiceTask, evaluate_member
+
+    if not (args.tasks or args.hellaswag_file or args.ppl_data):
+        raise ValueError("nothing to evaluate: give --tasks, --hellaswag-file or --ppl-data")
+    if args.out is None and not os.path.isdir(args.model):
+        raise ValueError(f"--out is needed when --model ({args.model!r}) is not a local folder")
+    local = [LocalChoiceTask(f, context_column=args.context_column, choices_column=args.choices_column,
+                             label_column=args.label_column) for f in args.hellaswag_file]
+    sources = [TextSource(d, config=args.ppl_config, split=args.ppl_split, text_column=args.ppl_text_column)
+               for d in args.ppl_data]
+    result = evaluate_member(args.model, args.out, name=args.name, dtype=args.dtype, device=args.device,
+                             revision=args.revision, gguf_file=args.gguf_file, tasks=args.tasks, local_tasks=local,
+                             ppl_data=sources, ppl_seq_len=args.ppl_seq_len, ppl_windows=args.ppl_windows or None,
+                             ppl_stride=args.ppl_stride, limit=args.limit, batch_size=args.batch_size,
+                             allow_code_execution=args.allow_code_execution)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _add_publish(sub) -> None:
+    p = sub.add_parser("publish", help="push family members to the Hugging Face Hub with generated model cards",
+                       description="One model repo per member (ORG/<member folder name>); only changed files are "
+                                   "uploaded, so running it again completes a publish that failed part-way. The "
+                                   "token comes from HF_TOKEN or `hf auth login`.")
+    p.add_argument("path", metavar="RUN_OR_FOLDER",
+                   help="a member folder (config.json + .safetensors) or a run folder holding member folders")
+    p.add_argument("--org", required=True, help="Hub user or organization to publish under")
+    p.add_argument("--name", default=None, help="repo name when publishing one member folder (default: its name)")
+    p.add_argument("--private", action="store_true", help="create the repos (and collection) private")
+    p.add_argument("--revision", default=None, help="branch to push to, created from main if missing (default: main)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--collection", default=None, help="also add the members to a collection with this title")
+    p.add_argument("--extra-file", action="append", default=[],
+                   help="file uploaded into every member repo, e.g. the family plot; repeatable")
+    p.add_argument("--base-model", default=None,
+                   help="Hub id of the teacher for the cards' base_model, when it was loaded from a local file")
+    p.add_argument("--license", default=None, help="license for the cards (default: the teacher card's)")
+    p.add_argument("--no-card", action="store_true", help="upload README.md as it is instead of rendering the card")
+    p.add_argument("--endpoint", default=None, help="Hub address (default: HF_ENDPOINT or https://huggingface.co)")
+    p.set_defaults(func=_run_publish)
+
+
+def _run_publish(args) -> int:
+    from .publish import PublishError, find_members, publish_family, publish_member
+
+    members = find_members(args.path)
+    fields = {"base_model": args.base_model, "license": args.license}
+    try:
+        if len(members) == 1 and not args.collection:
+            report = publish_member(members[0], f"{args.org}/{args.name or members[0].name}", private=args.private,
+                                    revision=args.revision, create_pr=args.create_pr, endpoint=args.endpoint,
+                                    extra_files=args.extra_file, card=not args.no_card, card_fields=fields)
+            print(report.line())
+        else:
+            if args.name:
+                raise ValueError("--name applies to a single member folder; a run publishes each under its own name")
+            print(publish_family(members, args.org, private=args.private, revision=args.revision,
+                                 create_pr=args.create_pr, endpoint=args.endpoint, collection=args.collection,
+                                 extra_files=args.extra_file, card_fields=fields).summary())
+    except PublishError as e:
+        print(str(e))
+        return 1
+    return 0
+
+
+# ---- end of evaluation and publishing subcommands ----
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-minitron",

@@ -298,11 +298,14 @@ def evaluate_model(model, tokenizer, *, name: str, tasks=None, local_tasks: list
 
 
 def evaluate_member(folder: str, out: str | None = None, name: str | None = None, dtype: str | None = None,
-                    device: str = "cpu", **kwargs) -> dict:
-    """Load a model (folder, Hub id or .gguf), evaluate it and write the record to `out` (default: folder/RESULTS_FILE)."""
+                    device: str = "cpu", revision: str | None = None, gguf_file: str | None = None, **kwargs) -> dict:
+    """Load a model (folder, Hub id or .gguf), evaluate it and write the record to `out` (default: folder/RESULTS_FILE).
+
+    Keyword arguments go to `evaluate_model` (tasks, local_tasks, ppl_data, ppl_seq_len, ppl_windows, limit, ...).
+    """
     from .models import load_model, load_tokenizer, resolve_source
 
-    source = resolve_source(folder)
+    source = resolve_source(folder, revision=revision, gguf_file=gguf_file)
     model = load_model(source, dtype=dtype, device=device)
     result = evaluate_model(model, load_tokenizer(source), name=name or Path(folder).name, **kwargs)
     if out is None and os.path.isdir(folder):

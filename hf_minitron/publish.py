@@ -201,8 +201,10 @@ def publish_member(folder: str | Path, repo_id: str, token: str | None = None, p
 def publish_family(folders, org: str, token: str | None = None, private: bool = False, revision: str | None = None,
                    create_pr: bool = False, *, endpoint: str | None = None, names: dict | None = None,
                    collection: str | None = None, collection_description: str | None = None, extra_files=(),
-                   card_fields: dict | None = None) -> PublishReport:
+                   card_fields: dict | None = None, member_card_fields: dict | None = None) -> PublishReport:
     """Publish every member folder to `org/<name>` (name: `names[folder]` or the folder's name), then the collection.
+
+    `card_fields` go to every member's card, `member_card_fields[folder name]` to one member's (see `collect_member`).
 
     A member that fails does not stop the others; the report lists what was and was not pushed and `PublishError`
     is raised at the end. Rerunning uploads only what is missing.
@@ -215,7 +217,7 @@ def publish_family(folders, org: str, token: str | None = None, private: bool = 
         raise ValueError("no member folders to publish")
     for folder in tqdm(folders, desc="publish", unit="member"):
         name = (names or {}).get(str(folder)) or (names or {}).get(folder.name) or folder.name
-        fields = (card_fields or {}).get(folder.name) if card_fields and folder.name in card_fields else card_fields
+        fields = {**(card_fields or {}), **(member_card_fields or {}).get(folder.name, {})}
         report.members.append(publish_member(folder, f"{org}/{name}", token, private, revision, create_pr,
                                              endpoint=endpoint, extra_files=extra_files, card_fields=fields,
                                              raise_on_error=False))

@@ -124,8 +124,6 @@ def test_unknown_task_is_one_line(small_model, smollm2_tokenizer):
 
 
 def test_evaluate_model_and_cli(tmp_path, smollm2_tokenizer, shared_data):
-    from hf_minitron.cli import build_parser
-
     model = tiny_vocab_model()
     folder = tmp_path / "member"
     model.save_pretrained(folder)
@@ -136,16 +134,17 @@ def test_evaluate_model_and_cli(tmp_path, smollm2_tokenizer, shared_data):
     assert ppl["tokens"] == 64 and ppl["perplexity"] > 1000  # random weights: near-uniform over 49K tokens
     assert result["parameters"] == sum(p.numel() for p in model.parameters())
 
-    parser = build_parser()
-    if "eval" not in parser._subparsers._group_actions[0].choices:
-        pytest.skip("eval subcommand not wired into build_parser yet")
-    from hf_minitron.cli import main
+    import argparse
 
+    from hf_minitron.cli import _add_eval
+
+    parser = argparse.ArgumentParser()
+    _add_eval(parser.add_subparsers())
     out = tmp_path / "r.json"
-    rc = main(["eval", "--model", str(folder), "--ppl-data", str(shared_data / "wikitext2_test.txt"),
+    args = parser.parse_args(["eval", "--model", str(folder), "--ppl-data", str(shared_data / "wikitext2_test.txt"),
                "--ppl-seq-len", "32", "--ppl-windows", "2", "--hellaswag-file",
                str(shared_data / "hellaswag_val_dev.jsonl"), "--limit", "4", "--out", str(out)])
-    assert rc == 0
+    assert args.func(args) == 0
     saved = json.loads(out.read_text())
     assert saved["perplexity"][0]["perplexity"] == pytest.approx(ppl["perplexity"], rel=1e-4)
     assert set(saved["tasks"]["local_hellaswag_val_dev"]["metrics"]) >= {"acc", "acc_norm"}

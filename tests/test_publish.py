@@ -142,3 +142,25 @@ def test_publish_errors(tmp_path, smollm2_tokenizer):
         files_to_publish(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_members(tmp_path / "nope")
+
+
+def test_publish_cli(hub, tmp_path, smollm2_tokenizer, capsys):
+    import argparse
+
+    from hf_minitron.cli import _add_publish
+
+    run = tmp_path / "run"
+    for i, name in enumerate(["a", "b"]):
+        make_member(run / name, smollm2_tokenizer, seed=i)
+    parser = argparse.ArgumentParser()
+    _add_publish(parser.add_subparsers())
+    args = parser.parse_args(["publish", str(run), "--org", "me", "--endpoint", hub.url, "--collection", "fam",
+                              "--license", "apache-2.0"])
+    assert args.func(args) == 0
+    assert "pushed      me/a" in capsys.readouterr().out
+    assert set(hub.state.repos) == {"me/a", "me/b"}
+    readme = hub.state.repos["me/a"].snapshots[hub.state.repos["me/a"].refs["main"]]["README.md"].decode()
+    assert "license: apache-2.0" in readme and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in readme
+    hub.state.fail_commits.add("me/x")
+    args = parser.parse_args(["publish", str(run / "a"), "--org", "me", "--name", "x", "--endpoint", hub.url])
+    assert args.func(args) == 1 and "NOT pushed  me/x" in capsys.readouterr().out
