@@ -280,6 +280,7 @@ def plot_family(results: list[dict], out: str | Path, teacher: str | None = None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     columns, rows = family_rows(results)
     if not columns:
@@ -295,8 +296,12 @@ def plot_family(results: list[dict], out: str | Path, teacher: str | None = None
             ax.scatter([x], [y], marker="*" if is_teacher else "o", s=140 if is_teacher else 40,
                        color="tab:red" if is_teacher else "tab:blue", zorder=2)
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.margins(x=0.2, y=0.1)
         if column.startswith("ppl"):
-            ax.set_yscale("log")
+            values = [p[1] for p in points]
+            if max(values) > 10 * min(values):  # pruning without retraining can blow perplexity up by orders
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.set_ylabel(f"{column} (lower is better)")
         else:
             ax.set_ylabel(column)
@@ -321,3 +326,21 @@ def render_family_card(results: list[dict], name: str, teacher: str | None = Non
     return _env(template_dir).get_template("family.md.j2").render(
         card_data=data.to_yaml(), name=name, teacher=teacher, table=family_table(results), plot=plot,
         members=members or {}, recipe=recipe)
+
+
+def write_family_report(results: list[dict], out: str | Path, name: str, teacher: str | None = None,
+                        members: dict | None = None, license: str | None = None, recipe: str | None = None) -> dict:
+    """The family's comparison in `out`: family_results.json, family.md (table), family.png (plot), README.md (card).
+
+    `results` are the members' records (teacher included, so the plot shows where the family started).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / "family_results.json", "table": out / "family.md", "plot": out / "family.png",
+             "card": out / "README.md"}
+    paths["results"].write_text(json.dumps(results, indent=1) + "\n")
+    paths["table"].write_text(family_table(results))
+    plot_family(results, paths["plot"], teacher=teacher, title=name)
+    paths["card"].write_text(render_family_card(results, name, teacher=teacher, members=members, plot="family.png",
+                                                license=license, recipe=recipe))
+    return paths

@@ -174,7 +174,8 @@ def publish_member(folder: str | Path, repo_id: str, token: str | None = None, p
     report = MemberReport(str(folder), repo_id)
     try:
         if card:
-            _refresh_card(folder, repo_id, card_fields)
+            plots = [Path(f).name for f in extra_files if str(f).endswith(".png")]
+            _refresh_card(folder, repo_id, {"plot": plots[0] if plots else None, **(card_fields or {})})
         local = files_to_publish(folder, extra_files)
         api = HfApi(endpoint=endpoint, token=token)
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

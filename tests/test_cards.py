@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_model
 from hf_minitron.cards import (CardError, collect_member, family_table, plot_family, render_family_card,
-                               render_member_card, write_member_card)
+                               render_member_card, write_family_report, write_member_card)
 
 RESULTS = {
     "model": "tiny-50M", "parameters": 52_000,
@@ -104,6 +104,10 @@ def test_family_table_plot_and_card(tmp_path):
                               members={"m-90M": "https://hf.co/org/m-90M"}, plot="family.png", license="apache-2.0")
     assert "![quality vs parameters](family.png)" in text and "[m-90M](https://hf.co/org/m-90M)" in text
     assert table in text
+    paths = write_family_report([teacher, small], tmp_path / "family", "tiny family", teacher="teacher")
+    assert json.loads(paths["results"].read_text())[0]["model"] == "teacher"
+    assert paths["table"].read_text() == table and paths["plot"].is_file()
+    assert "![quality vs parameters](family.png)" in paths["card"].read_text()
     with pytest.raises(CardError, match="no evaluation results"):
         family_table([])
 

@@ -67,6 +67,7 @@ def test_publish_load_back_and_republish(hub, tmp_path, smollm2_tokenizer):
     assert "training_args.bin" not in pushed and not any(p.startswith("checkpoint") for p in pushed)
     snapshot = hub.state.repos["org/tiny-member"].snapshots[report.commit]
     assert b"org/tiny-member" in snapshot["README.md"]  # card rendered for this repo id
+    assert b"![quality vs parameters across the family](family.png)" in snapshot["README.md"]
     assert b"hf_test_token_not_real" not in b"".join(snapshot.values())
 
     # load back by repo id through the same endpoint, in a fresh process with an empty cache
