@@ -386,6 +386,41 @@ def _run_publish(args) -> int:
 # ---- end of evaluation and publishing subcommands ----
 
 
+# ---- subcommands owned by the Space ----
+
+
+def _add_space(sub) -> None:
+    p = sub.add_parser("space", help="compare a family's members side by side in the Gradio app, locally",
+                       description="Launches spaces/compare/app.py on a family: one prompt, each picked member "
+                                   "streaming its answer with latency and tokens/s, and the evaluation table and "
+                                   "plot. Models load on first use.")
+    p.add_argument("source", metavar="RUN_OR_FAMILY_FILE", nargs="+",
+                   help="a run folder (member folders, eval JSON and family.png are found in it), a family file "
+                        "(.json/.yaml), or member folders / Hub ids")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 to reach it from other machines (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    p.add_argument("--name", default=None, help="title of the family (default: the run folder's name)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--write-family", default=None, metavar="FILE",
+                   help="also write the family file built from the source to FILE (JSON), to edit or reuse")
+    p.set_defaults(func=_run_space)
+
+
+def _run_space(args) -> int:
+    from .space import build_family, launch_space, write_family_file
+
+    source = args.source if len(args.source) > 1 else args.source[0]
+    if args.write_family:
+        print(f"family file written to {write_family_file(build_family(source, args.name), args.write_family)}")
+    launch_space(source, host=args.host, port=args.port, share=args.share, name=args.name, device=args.device)
+    return 0
+
+
+# ---- end of Space subcommands ----
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-minitron",

@@ -1,0 +1,200 @@
+"""The comparison Space, locally: a family file from a run folder (or member folders / Hub ids), then the Gradio app.
+
+The app itself is `spaces/compare/app.py`, self-contained so that it also runs as a Hugging Face Space; this module
+loads that file, builds the family it is given, and launches it. `write_space_folder` lays out a Space repo (app,
+requirements, README, family file with Hub ids, plot) for publishing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+SPACE_DIR = Path(__file__).resolve().parents[1] / "spaces" / "compare"
+SPACE_FILES = ("app.py", "requirements.txt", "README.md")
+FAMILY_SUFFIXES = (".json", ".yaml", ".yml")
+RESULTS_FILE = "eval_results.json"  # as hf_minitron.evaluate.RESULTS_FILE
+FAMILY_RESULTS_FILE = "family_results.json"  # as hf_minitron.cards.write_family_report
+FAMILY_PLOT = "family.png"
+
+
+class SpaceError(ValueError):
+    pass
+
+
+def load_app(space_dir: str | Path | None = None):
+    """The app module (`spaces/compare/app.py`), imported from its file."""
+    path = Path(space_dir or SPACE_DIR) / "app.py"
+    if not path.is_file():
+        raise SpaceError(f"the Space app {str(path)!r} is missing (it ships in the repository's spaces/compare/)")
+    name = "hf_minitron_space_app"
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _member_folders(run: Path) -> list[Path]:
+    """Folders holding config.json and weights (checkpoints excluded), as hf_minitron.publish.find_members."""
+    if (run / "config.json").is_file():
+        return [run]
+    return sorted({p.parent for p in run.glob("**/config.json")
+                   if any(p.parent.glob("*.safetensors")) and not any(part.startswith("checkpoint-")
+                                                                      for part in p.relative_to(run).parts)})
+
+
+def member_entry(spec: str | Path) -> dict:
+    """One family-file member from a local member folder (reading its metadata) or a Hub id (taken as it is)."""
+    path = Path(spec)
+    if not path.is_dir():
+        if str(spec).count("/") != 1 or str(spec).startswith((".", "/")):
+            raise SpaceError(f"{str(spec)!r} is neither a member folder nor a Hub id (owner/name)")
+        return {"name": str(spec).split("/")[-1], "model": str(spec), "instruct": "instruct" in str(spec).lower()}
+    if not (path / "config.json").is_file():
+        raise SpaceError(f"{str(path)!r} is not a member folder (no config.json)")
+    entry = {"name": path.name, "model": str(path.resolve())}
+    # instruct: the member went through SFT (sft_result.json), or its manifest/recipe said so
+    meta = _read_json(path / "member.json") or {}
+    entry["instruct"] = bool(meta.get("instruct", (path / "sft_result.json").is_file()))
+    results = _read_json(path / RESULTS_FILE)
+    pruning = _read_json(path / "pruning.json") or {}
+    params = (results or {}).get("parameters") or pruning.get("student_parameters")
+    if params:
+        entry["params"] = int(params)
+    if results:
+        entry["eval"] = results
+    return entry
+
+
+def family_from_run(run: str | Path, name: str | None = None) -> dict:
+    """A family (as the family file's dict) from a run folder: its member folders, each member's eval_results.json,
+    and the family report (family_results.json, family.png) wherever it lies in the run."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {str(run)!r} does not exist")
+    folders = _member_folders(run)
+    if not folders:
+        raise SpaceError(f"no member folders (config.json + .safetensors) under {str(run)!r}")
+    members = [member_entry(f) for f in folders]
+    seen: dict[str, int] = {}
+    for m, folder in zip(members, folders):  # folders with the same name in different places: name by the path
+        seen[m["name"]] = seen.get(m["name"], 0) + 1
+    for m, folder in zip(members, folders):
+        if seen[m["name"]] > 1:
+            m["name"] = "/".join(folder.relative_to(run).parts) or run.name
+    members.sort(key=lambda m: -(m.get("params") or 0))
+    family: dict = {"name": name or run.resolve().name, "members": members}
+    teacher = (_read_json(run / "manifest.json") or {}).get("teacher")
+    if isinstance(teacher, dict):
+        teacher = teacher.get("source")
+    if teacher:
+        family["teacher"] = str(teacher)
+    report = sorted(run.glob(f"**/{FAMILY_RESULTS_FILE}"), key=lambda p: len(p.parts))
+    if report:
+        family["results"] = str(report[0].resolve())
+    plots = sorted(run.glob(f"**/{FAMILY_PLOT}"), key=lambda p: len(p.parts)) or sorted(run.glob("*.png"))
+    if plots:
+        family["plot"] = str(plots[0].resolve())
+    return family
+
+
+def build_family(source, name: str | None = None) -> dict:
+    """The family dict for a family file, a run folder, a member folder, or a list of member folders / Hub ids."""
+    if isinstance(source, (list, tuple)):
+        if len(source) == 1:
+            return build_family(source[0], name)
+        return {"name": name or "hf-minitron family", "members": [member_entry(s) for s in source]}
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in FAMILY_SUFFIXES:
+            raise SpaceError(f"{str(path)!r} is not a family file ({', '.join(FAMILY_SUFFIXES)})")
+        app = load_app()
+        data = app._read_structured(path)
+        app.family_from_dict(data, base=path.resolve().parent)  # validate now, with the file named in the error
+        base = path.resolve().parent
+        data = dict(data)
+        for key in ("results", "plot"):  # relative to the file: make them absolute for a family written elsewhere
+            if isinstance(data.get(key), str) and (base / data[key]).exists():
+                data[key] = str((base / data[key]).resolve())
+        data["members"] = [dict(m, model=str((base / m["model"]).resolve()))
+                           if isinstance(m, dict) and (base / str(m.get("model", ""))).exists() and m.get("model")
+                           else m for m in data["members"]]
+        if name:
+            data["name"] = name
+        return data
+    if path.is_dir():
+        return family_from_run(path, name)
+    return {"name": name or str(source), "members": [member_entry(source)]}
+
+
+def write_family_file(family: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(family, indent=1) + "\n")
+    return path
+
+
+def make_app(source, name: str | None = None, device: str | None = None):
+    """The Gradio Blocks for a family source (see `build_family`), not launched."""
+    app = load_app()
+    family = app.family_from_dict(build_family(source, name))
+    return app.build_app(family, app.ModelCache(device))
+
+
+def launch_space(source, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+                 name: str | None = None, device: str | None = None, block: bool = True, **launch_kwargs):
+    """Launch the comparison app on a family file, run folder, member folder, or list of member folders / Hub ids.
+
+    `block=False` returns at once with the server running in the background (`demo.close()` stops it); returns the
+    Gradio Blocks.
+    """
+    app = load_app()
+    demo = make_app(source, name=name, device=device)
+    app.launch(demo, server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+               **launch_kwargs)
+    return demo
+
+
+def write_space_folder(source, out: str | Path, repo_ids: dict[str, str] | None = None,
+                       name: str | None = None) -> Path:
+    """A Space repo folder: app.py, requirements.txt, README.md, family.json (and family.png, family_results.json).
+
+    `repo_ids` maps member names to the Hub ids they were published under; every local member needs one, since a
+    Space cannot read this machine's folders.
+    """
+    family = build_family(source, name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in SPACE_FILES:
+        shutil.copy2(SPACE_DIR / f, out / f)
+    repo_ids = repo_ids or {}
+    missing = []
+    for m in family["members"]:
+        if isinstance(m, dict) and m.get("name") in repo_ids:
+            m["model"] = repo_ids[m["name"]]
+        elif isinstance(m, dict) and Path(m["model"]).is_absolute():
+            missing.append(m.get("name"))
+    if missing:
+        raise SpaceError(f"members {missing} are local folders: give their Hub ids (repo_ids) for a Space")
+    for key, target in (("results", FAMILY_RESULTS_FILE), ("plot", FAMILY_PLOT)):
+        if isinstance(family.get(key), str):  # a file: copied next to the app (inline results stay inline)
+            if Path(family[key]).is_file():
+                shutil.copy2(family[key], out / target)
+                family[key] = target
+            else:
+                family.pop(key)
+    write_family_file(family, out / "family.json")
+    return out

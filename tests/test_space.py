@@ -1,0 +1,256 @@
+"""The comparison Space: family file from a run folder, streamed generation, and the app in a real headless Chromium.
+
+The browser test needs Debian's chromium and chromium-driver (`apt-get install -y chromium chromium-driver`): it fails,
+not skips, when they are missing. Its screenshots go to test-artifacts/space/ in the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from hf_minitron.space import SpaceError, build_family, family_from_run, launch_space, load_app, write_space_folder
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "space"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _member(folder: Path, tokenizer, hidden: int, layers: int, seed: int) -> Path:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, smollm2_tokenizer):
+    """A run folder as a build leaves it: two members (the small one instruct), eval JSON each, and a family plot."""
+    from PIL import Image
+
+    run = tmp_path_factory.mktemp("run")
+    big = _member(run / "members" / "tiny-big", smollm2_tokenizer, 64, 4, 0)
+    small = _member(run / "members" / "tiny-small", smollm2_tokenizer, 32, 2, 1)
+    (small / "sft_result.json").write_text("{}")
+    for folder, ppl in ((big, 812.5), (small, 1530.25)):
+        params = AutoModelForCausalLM.from_pretrained(folder).num_parameters()
+        (folder / "eval_results.json").write_text(json.dumps(
+            {"model": folder.name, "parameters": params,
+             "perplexity": [{"data": "pydoc-topics", "seq_len": 64, "perplexity": ppl}],
+             "tasks": {"hellaswag_val_dev": {"metrics": {"acc": 0.25, "acc_norm": 0.3, "acc_stderr": 0.01}}}}))
+    (run / "report").mkdir()
+    Image.new("RGB", (320, 160), (40, 90, 200)).save(run / "report" / "family.png")
+    return run
+
+
+@pytest.fixture(scope="module")
+def app():
+    return load_app()
+
+
+# ---- the family file ----
+
+
+def test_family_from_run(run_dir, app):
+    family = family_from_run(run_dir)
+    assert [m["name"] for m in family["members"]] == ["tiny-big", "tiny-small"]  # largest first
+    big, small = family["members"]
+    assert not big["instruct"] and small["instruct"]  # SFT result → instruct
+    assert big["params"] > small["params"] and big["eval"]["perplexity"][0]["perplexity"] == 812.5
+    assert family["plot"] == str((run_dir / "report" / "family.png").resolve()) and "results" not in family
+
+    loaded = app.family_from_dict(family)
+    headers, rows = app.eval_table(loaded)
+    assert headers == ["model", "parameters", "size", "ppl pydoc-topics", "hellaswag_val_dev acc_norm"]
+    assert [r[0] for r in rows] == ["tiny-big", "tiny-small"] and rows[0][2] == "100%" and rows[1][3] == 1530.25
+
+
+def test_family_file_round_trip(run_dir, app, tmp_path):
+    """A family file with relative paths and a results file; the members' own eval fills in what it lacks."""
+    shutil.copytree(run_dir / "members", tmp_path / "members")
+    (tmp_path / "family_results.json").write_text(json.dumps(
+        [{"model": "teacher", "parameters": 10**6, "perplexity": [{"data": "pydoc-topics", "perplexity": 20.0}]}]))
+    (tmp_path / "family.json").write_text(json.dumps({
+        "name": "tiny family", "results": "family_results.json", "plot": "missing.png",
+        "members": [{"name": "big", "model": "members/tiny-big", "params": 123},
+                    {"model": "members/tiny-small", "instruct": True,
+                     "eval": {"hellaswag acc_norm": 0.31}},
+                    {"name": "hub", "model": "someone/some-model"}]}))
+    family = app.load_family(tmp_path / "family.json")
+    assert [m.name for m in family.members] == ["big", "tiny-small", "hub"]
+    assert family.members[0].model == str((tmp_path / "members" / "tiny-big").resolve())
+    assert family.members[2].model == "someone/some-model" and family.plot is None
+    assert family.members[1].instruct and family.members[0].label == "big (123)"
+    headers, rows = app.eval_table(family)
+    assert [r[0] for r in rows] == ["teacher", "tiny-small"] and "hellaswag acc_norm" in headers
+
+    # the launcher's view of the same file: paths made absolute, so the family can be written elsewhere
+    built = build_family(tmp_path / "family.json")
+    assert built["results"] == str((tmp_path / "family_results.json").resolve())
+    assert app.family_from_dict(built, base="/").members[0].model == family.members[0].model
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"members": []}, "non-empty 'members'"),
+    ({"members": [{"name": "a"}]}, "needs a 'model'"),
+    ({"members": [{"model": "a/b", "colour": 1}]}, "unknown keys ['colour']"),
+    ({"members": [{"model": "a/b"}, {"model": "c/b"}]}, "two members are named 'b'"),
+])
+def test_family_file_errors(app, data, message):
+    with pytest.raises(app.FamilyError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        app.family_from_dict(data)
+
+
+def test_missing_family_file_gives_a_page(app, tmp_path):
+    demo = app.make_demo(tmp_path / "nope.json")
+    assert "does not exist" in json.dumps(demo.config)
+
+
+def test_space_folder(run_dir, tmp_path):
+    with pytest.raises(SpaceError, match="local folders"):
+        write_space_folder(run_dir, tmp_path / "x")
+    out = write_space_folder(run_dir, tmp_path / "space", repo_ids={"tiny-big": "org/tiny-big",
+                                                                    "tiny-small": "org/tiny-small"})
+    family = json.loads((out / "family.json").read_text())
+    assert [m["model"] for m in family["members"]] == ["org/tiny-big", "org/tiny-small"]
+    assert family["plot"] == "family.png" and (out / "family.png").is_file()
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("---\n") and "sdk: gradio" in readme and "app_file: app.py" in readme
+    assert {"gradio", "torch", "transformers"} <= {line.split(">")[0].split("=")[0].strip()
+                                                   for line in (out / "requirements.txt").read_text().splitlines()}
+
+
+# ---- generation ----
+
+
+def test_generate_streams_with_timings(run_dir, app):
+    family = app.family_from_dict(family_from_run(run_dir))
+    cache = app.ModelCache("cpu")
+    model, tokenizer = cache.get(family.member("tiny-big"))
+    assert cache.get(family.member("tiny-big"))[0] is model  # loaded once
+
+    states = [(p.text, p.tokens) for p in app.stream_generate(model, tokenizer, "The capital of France",
+                                                              settings=app.Settings(max_new_tokens=12))]
+    assert len(states) > 2 and states[-1][1] == 12 and states[-1][0].strip()
+    assert all(a[1] <= b[1] for a, b in zip(states, states[1:]))  # token counts only grow
+
+    greedy = app.Settings(max_new_tokens=8, greedy=True)
+    first, second = (app.generate(model, tokenizer, "Once upon a time", settings=greedy) for _ in range(2))
+    assert first.text == second.text and first.tokens == 8
+    assert first.first_token_s > 0 and first.elapsed_s >= first.first_token_s and first.tokens_per_s > 0
+    assert "tokens/s" in first.stats() and "latency" in first.stats()
+
+    small, small_tok = cache.get(family.member("tiny-small"))
+    chat = app.build_prompt(small_tok, "Hi", instruct=True)
+    assert chat.startswith("<|im_start|>") and chat.rstrip().endswith("assistant")
+    assert app.build_prompt(small_tok, "Hi", instruct=False) == "Hi"
+
+
+def test_compare_runs_members_together(run_dir, app):
+    family = app.family_from_dict(family_from_run(run_dir))
+    updates = list(app.compare(family, app.ModelCache("cpu"), "Hello", ["tiny-big", "tiny-small"],
+                               app.Settings(max_new_tokens=10)))
+    assert updates[0]["tiny-big"].loading
+    last = updates[-1]
+    for name in ("tiny-big", "tiny-small"):
+        assert last[name].done and last[name].error is None and last[name].tokens == 10 and last[name].text.strip()
+        assert "tokens/s" in last[name].stats()
+
+
+def test_cli_space_flags():
+    from hf_minitron import cli
+
+    parser = argparse.ArgumentParser()
+    cli._add_space(parser.add_subparsers(dest="command"))  # until build_parser calls it
+    sub = parser._subparsers._group_actions[0].choices["space"]
+    assert all(a.help for a in sub._actions)
+    args = parser.parse_args(["space", "runs/x", "--port", "7999", "--share"])
+    assert args.source == ["runs/x"] and args.port == 7999 and args.share and args.host == "127.0.0.1"
+    assert args.func is cli._run_space
+
+
+# ---- the app in a real browser ----
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _browser():
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} missing: the browser test needs Debian's Chromium and its driver: "
+                    "apt-get install -y chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1100"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # user data dir: a new temporary one
+
+
+def test_app_in_headless_chromium(run_dir, monkeypatch):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    demo = launch_space(run_dir, host="127.0.0.1", port=port, device="cpu", block=False, quiet=True)
+    driver = _browser()
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(driver, 30, poll_frequency=0.2)
+        prompt = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+        prompt.send_keys("Tell me about pruning language models.")
+        boxes = driver.find_elements(By.CSS_SELECTOR, "#members input[type=checkbox]")
+        assert len(boxes) == 2
+        for box in boxes:  # select both members
+            if not box.is_selected():
+                box.click()
+        wait.until(lambda d: all(b.is_selected() for b in boxes))
+        max_new = driver.find_element(By.CSS_SELECTOR, "#max-new-tokens input[type=number]")
+        max_new.clear()
+        max_new.send_keys("24")
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+
+        def outputs(d):
+            return [d.find_element(By.CSS_SELECTOR, f"#output-{i} textarea").get_attribute("value") for i in (0, 1)]
+
+        def stats(d):
+            return [d.find_element(By.CSS_SELECTOR, f"#stats-{i}").text for i in (0, 1)]
+
+        wait.until(lambda d: all(o.strip() for o in outputs(d)) and
+                   all("tokens/s" in s and "generating" not in s for s in stats(d)))
+        texts, infos = outputs(driver), stats(driver)
+        shot = ARTIFACTS / "compare.png"
+        driver.save_screenshot(str(shot))
+        print(f"\nscreenshot: {shot}\noutputs: {texts}\nstats: {infos}")
+        assert all("latency" in s and "24 tokens" in s for s in infos), infos
+
+        driver.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Evaluation')]").click()
+        table = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#eval-table"))
+        wait.until(lambda d: "tiny-small" in table.text and d.find_elements(By.CSS_SELECTOR, "#eval-plot img"))
+        driver.save_screenshot(str(ARTIFACTS / "evaluation.png"))
+    finally:
+        driver.quit()
+        demo.close()
