@@ -56,6 +56,24 @@ def _member_folders(run: Path) -> list[Path]:
                                                                       for part in p.relative_to(run).parts)})
 
 
+def _count_parameters(folder: Path) -> int | None:
+    """Parameters stored in the folder's safetensors files, from their headers alone (no weights read)."""
+    import struct
+
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for key, tensor in header.items():
+            if key != "__metadata__":
+                n = 1
+                for d in tensor["shape"]:
+                    n *= d
+                total += n
+    return total or None
+
+
 def member_entry(spec: str | Path) -> dict:
     """One family-file member from a local member folder (reading its metadata) or a Hub id (taken as it is)."""
     path = Path(spec)
@@ -68,10 +86,11 @@ def member_entry(spec: str | Path) -> dict:
     entry = {"name": path.name, "model": str(path.resolve())}
     # instruct: the member went through SFT (sft_result.json), or its manifest/recipe said so
     meta = _read_json(path / "member.json") or {}
-    entry["instruct"] = bool(meta.get("instruct", (path / "sft_result.json").is_file()))
+    entry["instruct"] = bool(meta.get("instruct", (path / "sft_result.json").is_file()
+                                      or "instruct" in path.name.lower()))
     results = _read_json(path / RESULTS_FILE)
     pruning = _read_json(path / "pruning.json") or {}
-    params = (results or {}).get("parameters") or pruning.get("student_parameters")
+    params = (results or {}).get("parameters") or pruning.get("student_parameters") or _count_parameters(path)
     if params:
         entry["params"] = int(params)
     if results:
@@ -129,9 +148,11 @@ def build_family(source, name: str | None = None) -> dict:
         for key in ("results", "plot"):  # relative to the file: make them absolute for a family written elsewhere
             if isinstance(data.get(key), str) and (base / data[key]).exists():
                 data[key] = str((base / data[key]).resolve())
-        data["members"] = [dict(m, model=str((base / m["model"]).resolve()))
-                           if isinstance(m, dict) and (base / str(m.get("model", ""))).exists() and m.get("model")
-                           else m for m in data["members"]]
+        members = [{"model": m} if isinstance(m, str) else dict(m) for m in data["members"]]
+        for m in members:
+            if m.get("model") and (base / str(m["model"])).exists():
+                m["model"] = str((base / str(m["model"])).resolve())
+        data["members"] = members
         if name:
             data["name"] = name
         return data
@@ -149,6 +170,8 @@ def write_family_file(family: dict, path: str | Path) -> Path:
 
 def make_app(source, name: str | None = None, device: str | None = None):
     """The Gradio Blocks for a family source (see `build_family`), not launched."""
+    if importlib.util.find_spec("gradio") is None:
+        raise SpaceError("the comparison app needs Gradio: pip install 'gradio>=6,<7'")
     app = load_app()
     family = app.family_from_dict(build_family(source, name))
     return app.build_app(family, app.ModelCache(device))

@@ -11,14 +11,15 @@ import json
 import os
 import shutil
 import socket
-import time
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hf_minitron.space import SpaceError, build_family, family_from_run, launch_space, load_app, write_space_folder
+from hf_minitron.space import (SpaceError, build_family, family_from_run, launch_space, load_app, member_entry,
+                               write_space_folder)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "space"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -38,20 +39,21 @@ def _member(folder: Path, tokenizer, hidden: int, layers: int, seed: int) -> Pat
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, smollm2_tokenizer):
     """A run folder as a build leaves it: two members (the small one instruct), eval JSON each, and a family plot."""
-    from PIL import Image
+    from hf_minitron.cards import write_family_report
 
     run = tmp_path_factory.mktemp("run")
     big = _member(run / "members" / "tiny-big", smollm2_tokenizer, 64, 4, 0)
     small = _member(run / "members" / "tiny-small", smollm2_tokenizer, 32, 2, 1)
     (small / "sft_result.json").write_text("{}")
-    for folder, ppl in ((big, 812.5), (small, 1530.25)):
+    records = []
+    for folder, ppl, acc in ((big, 812.5, 0.31), (small, 1530.25, 0.27)):
         params = AutoModelForCausalLM.from_pretrained(folder).num_parameters()
-        (folder / "eval_results.json").write_text(json.dumps(
-            {"model": folder.name, "parameters": params,
-             "perplexity": [{"data": "pydoc-topics", "seq_len": 64, "perplexity": ppl}],
-             "tasks": {"hellaswag_val_dev": {"metrics": {"acc": 0.25, "acc_norm": 0.3, "acc_stderr": 0.01}}}}))
-    (run / "report").mkdir()
-    Image.new("RGB", (320, 160), (40, 90, 200)).save(run / "report" / "family.png")
+        records.append({"model": folder.name, "parameters": params,
+                        "perplexity": [{"data": "pydoc-topics", "seq_len": 64, "perplexity": ppl}],
+                        "tasks": {"hellaswag_val_dev": {"metrics": {"acc": 0.25, "acc_norm": acc,
+                                                                    "acc_stderr": 0.01}}}})
+        (folder / "eval_results.json").write_text(json.dumps(records[-1]))
+    write_family_report(records, run / "report", name="tiny family")  # family_results.json, family.png
     return run
 
 
@@ -63,18 +65,32 @@ def app():
 # ---- the family file ----
 
 
+def test_member_without_metadata(run_dir, tmp_path):
+    shutil.copytree(run_dir / "members" / "tiny-big", tmp_path / "bare-instruct")
+    (tmp_path / "bare-instruct" / "eval_results.json").unlink()
+    entry = member_entry(tmp_path / "bare-instruct")
+    assert entry["instruct"] and "eval" not in entry
+    assert entry["params"] == AutoModelForCausalLM.from_pretrained(tmp_path / "bare-instruct").num_parameters()
+    assert member_entry("org/Some-Model-Instruct") == {"name": "Some-Model-Instruct",
+                                                        "model": "org/Some-Model-Instruct", "instruct": True}
+    with pytest.raises(SpaceError, match="neither a member folder nor a Hub id"):
+        member_entry(tmp_path / "nothing-here")
+
+
 def test_family_from_run(run_dir, app):
     family = family_from_run(run_dir)
     assert [m["name"] for m in family["members"]] == ["tiny-big", "tiny-small"]  # largest first
     big, small = family["members"]
     assert not big["instruct"] and small["instruct"]  # SFT result → instruct
     assert big["params"] > small["params"] and big["eval"]["perplexity"][0]["perplexity"] == 812.5
-    assert family["plot"] == str((run_dir / "report" / "family.png").resolve()) and "results" not in family
+    assert family["plot"] == str((run_dir / "report" / "family.png").resolve())
+    assert family["results"] == str((run_dir / "report" / "family_results.json").resolve())
 
     loaded = app.family_from_dict(family)
     headers, rows = app.eval_table(loaded)
     assert headers == ["model", "parameters", "size", "ppl pydoc-topics", "hellaswag_val_dev acc_norm"]
-    assert [r[0] for r in rows] == ["tiny-big", "tiny-small"] and rows[0][2] == "100%" and rows[1][3] == 1530.25
+    assert [r[0] for r in rows] == ["tiny-big", "tiny-small"] and rows[0][2] == "100%"
+    assert rows[1][3:] == [1530.25, 0.27]
 
 
 def test_family_file_round_trip(run_dir, app, tmp_path):
@@ -113,9 +129,16 @@ def test_family_file_errors(app, data, message):
         app.family_from_dict(data)
 
 
-def test_missing_family_file_gives_a_page(app, tmp_path):
-    demo = app.make_demo(tmp_path / "nope.json")
-    assert "does not exist" in json.dumps(demo.config)
+def test_missing_family_file_or_results_give_a_message(app, tmp_path):
+    assert "does not exist" in json.dumps(app.make_demo(tmp_path / "nope.json").config)
+    page = json.dumps(app.build_app(app.family_from_dict({"members": ["someone/model"]})).config)
+    assert "No evaluation results" in page and "No family plot" in page
+
+
+def test_browser_missing_fails_with_the_install_line(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMEDRIVER", "/nonexistent/chromedriver")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium chromium-driver"):
+        _browser()
 
 
 def test_space_folder(run_dir, tmp_path):
@@ -152,7 +175,7 @@ def test_generate_streams_with_timings(run_dir, app):
     assert first.first_token_s > 0 and first.elapsed_s >= first.first_token_s and first.tokens_per_s > 0
     assert "tokens/s" in first.stats() and "latency" in first.stats()
 
-    small, small_tok = cache.get(family.member("tiny-small"))
+    _, small_tok = cache.get(family.member("tiny-small"))
     chat = app.build_prompt(small_tok, "Hi", instruct=True)
     assert chat.startswith("<|im_start|>") and chat.rstrip().endswith("assistant")
     assert app.build_prompt(small_tok, "Hi", instruct=False) == "Hi"

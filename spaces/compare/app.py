@@ -29,9 +29,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 HERE = Path(__file__).resolve().parent
 FAMILY_ENV = "FAMILY_FILE"
@@ -484,7 +484,7 @@ def build_app(family: Family | None = None, cache: ModelCache | None = None, err
         def show(selected):
             return [gr.update(visible=m.name in (selected or [])) for m in family.members]
 
-        picked.change(show, picked, columns)
+        picked.change(show, picked, columns, api_visibility="private")
 
         def on_run(selected, text, n, temp, p, greedy_):
             blank = [gr.update() for _ in family.members]
@@ -506,7 +506,8 @@ def build_app(family: Family | None = None, cache: ModelCache | None = None, err
                 stop_event.set()
 
         inputs = [picked, prompt, max_new, temperature, top_p, greedy]
-        runs = [run.click(on_run, inputs, outputs + stats), prompt.submit(on_run, inputs, outputs + stats)]
+        runs = [run.click(on_run, inputs, outputs + stats, api_name="generate", show_progress="minimal"),
+                prompt.submit(on_run, inputs, outputs + stats, api_visibility="private", show_progress="minimal")]
         stop.click(None, None, None, cancels=runs)
     return demo
 
