@@ -149,8 +149,10 @@ def test_space_folder(run_dir, tmp_path):
     family = json.loads((out / "family.json").read_text())
     assert [m["model"] for m in family["members"]] == ["org/tiny-big", "org/tiny-small"]
     assert family["plot"] == "family.png" and (out / "family.png").is_file()
-    readme = (out / "README.md").read_text()
-    assert readme.startswith("---\n") and "sdk: gradio" in readme and "app_file: app.py" in readme
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard.load(out / "README.md").data  # the Space front matter as the Hub reads it
+    assert card.sdk == "gradio" and card.app_file == "app.py" and card.title
     assert {"gradio", "torch", "transformers"} <= {line.split(">")[0].split("=")[0].strip()
                                                    for line in (out / "requirements.txt").read_text().splitlines()}
 
