@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(sub)
     _add_distill(sub)
     _add_sft(sub)
+    _add_eval(sub)
+    _add_publish(sub)
     return parser
 
 
