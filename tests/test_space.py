@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,11 @@ def test_generate_streams_with_timings(run_dir, app):
     assert first.text == second.text and first.tokens == 8
     assert first.first_token_s > 0 and first.elapsed_s >= first.first_token_s and first.tokens_per_s > 0
     assert "tokens/s" in first.stats() and "latency" in first.stats()
+
+    stop = threading.Event()
+    stop.set()  # Stop pressed: generation ends at the next token, and says so
+    stopped = app.generate(model, tokenizer, "Hi", settings=app.Settings(max_new_tokens=50), stop=stop)
+    assert stopped.stopped and stopped.tokens <= 1 and "(stopped)" in stopped.stats()
 
     _, small_tok = cache.get(family.member("tiny-small"))
     chat = app.build_prompt(small_tok, "Hi", instruct=True)

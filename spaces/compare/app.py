@@ -287,6 +287,7 @@ class Progress:
     done: bool = False
     error: str | None = None
     loading: bool = False
+    stopped: bool = False
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -300,7 +301,7 @@ class Progress:
         if self.first_token_s is None:
             return "waiting for the first token…" if not self.done else "no tokens generated"
         rate = f"{self.tokens_per_s:.1f} tokens/s" if self.tokens_per_s else "– tokens/s"
-        state = "" if self.done else " (generating)"
+        state = " (stopped)" if self.stopped else "" if self.done else " (generating)"
         return (f"latency (first token) **{self.first_token_s:.2f} s** · {self.tokens} tokens in "
                 f"{self.elapsed_s:.2f} s · **{rate}**{state}")
 
@@ -361,15 +362,17 @@ def stream_generate(model, tokenizer, prompt: str, instruct: bool = False, setti
     thread.join()
     progress.elapsed_s = time.perf_counter() - start
     progress.done = True
+    progress.stopped = stop is not None and stop.is_set()
     if failure:
         progress.error = f"{type(failure[0]).__name__}: {failure[0]}"
     yield progress
 
 
-def generate(model, tokenizer, prompt: str, instruct: bool = False, settings: Settings | None = None) -> Progress:
+def generate(model, tokenizer, prompt: str, instruct: bool = False, settings: Settings | None = None,
+             stop: threading.Event | None = None) -> Progress:
     """The whole answer at once (the last state of `stream_generate`)."""
     last = Progress(done=True)
-    for last in stream_generate(model, tokenizer, prompt, instruct, settings):
+    for last in stream_generate(model, tokenizer, prompt, instruct, settings, stop):
         pass
     return last
 
@@ -385,6 +388,7 @@ def compare(family: Family, cache: ModelCache, prompt: str, selected: list[str],
         try:
             model, tokenizer = cache.get(family.member(name))
             states[name] = Progress()
+            updates.put(name)
             for p in stream_generate(model, tokenizer, prompt, family.member(name).instruct, settings, stop):
                 states[name] = p
                 updates.put(name)
@@ -401,15 +405,16 @@ def compare(family: Family, cache: ModelCache, prompt: str, selected: list[str],
     finished = 0
     while finished < len(threads):
         try:
-            item = updates.get(timeout=interval)
-            finished += item is None
-            while True:  # drain what arrived meanwhile: the page needs the latest state, not every step
-                item = updates.get_nowait()
-                finished += item is None
-        except queue.Empty:
-            pass
+            items = [updates.get(timeout=interval)]
+        except queue.Empty:  # nothing new (a model still loading): nothing to send
+            continue
+        while True:  # drain what arrived meanwhile: the page needs the latest state, not every step
+            try:
+                items.append(updates.get_nowait())
+            except queue.Empty:
+                break
+        finished += sum(item is None for item in items)
         yield dict(states)
-    yield dict(states)
 
 
 # ---- the app ----
@@ -486,7 +491,9 @@ def build_app(family: Family | None = None, cache: ModelCache | None = None, err
 
         picked.change(show, picked, columns, api_visibility="private")
 
-        def on_run(selected, text, n, temp, p, greedy_):
+        stops: dict[str, threading.Event] = {}  # per browser session: Stop ends that session's generation only
+
+        def on_run(selected, text, n, temp, p, greedy_, request: gr.Request):
             blank = [gr.update() for _ in family.members]
             if not (text or "").strip():
                 gr.Warning("Type a prompt first.")
@@ -497,18 +504,27 @@ def build_app(family: Family | None = None, cache: ModelCache | None = None, err
                 yield blank + blank
                 return
             settings = Settings(max_new_tokens=int(n), temperature=float(temp), top_p=float(p), greedy=bool(greedy_))
-            stop_event = threading.Event()  # this request's own: Stop (or a closed page) ends its workers only
+            stop_event = stops[request.session_hash] = threading.Event()
             try:
                 for states in compare(family, cache, text, list(selected), settings, stop=stop_event):
                     yield ([states[m.name].text if m.name in states else gr.update() for m in family.members] +
                            [states[m.name].stats() if m.name in states else gr.update() for m in family.members])
-            finally:
+            finally:  # also when the page goes away mid-stream: the workers stop at their next token
                 stop_event.set()
+                if stops.get(request.session_hash) is stop_event:
+                    del stops[request.session_hash]
 
+        def on_stop(request: gr.Request):
+            if request.session_hash in stops:
+                stops[request.session_hash].set()
+
+        # Gradio passes the request to a parameter annotated gr.Request; with postponed annotations that name only
+        # resolves in this function, so give it the class itself
+        on_run.__annotations__["request"] = on_stop.__annotations__["request"] = gr.Request
         inputs = [picked, prompt, max_new, temperature, top_p, greedy]
-        runs = [run.click(on_run, inputs, outputs + stats, api_name="generate", show_progress="minimal"),
-                prompt.submit(on_run, inputs, outputs + stats, api_visibility="private", show_progress="minimal")]
-        stop.click(None, None, None, cancels=runs)
+        run.click(on_run, inputs, outputs + stats, api_name="generate", show_progress="minimal")
+        prompt.submit(on_run, inputs, outputs + stats, api_visibility="private", show_progress="minimal")
+        stop.click(on_stop, None, None, queue=False, api_visibility="private")
     return demo
 
 
