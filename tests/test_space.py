@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hf_minitron.space import (SpaceError, build_family, family_from_run, launch_space, load_app, member_entry,
+from hf_minitron.space import (SPACE_DIR, SpaceError, build_family, family_from_run, launch_space, load_app, member_entry,
                                write_space_folder)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "space"
@@ -128,6 +128,27 @@ def test_family_file_round_trip(run_dir, app, tmp_path):
 def test_family_file_errors(app, data, message):
     with pytest.raises(app.FamilyError, match=message.replace("[", r"\[").replace("]", r"\]")):
         app.family_from_dict(data)
+
+
+def test_app_runs_without_hf_minitron(run_dir, tmp_path):
+    """The Space has only requirements.txt: app.py must not need hf_minitron; the shipped example file loads."""
+    import subprocess
+
+    family = tmp_path / "family.json"
+    family.write_text(json.dumps(family_from_run(run_dir)))
+    code = (
+        "import sys; sys.modules['hf_minitron'] = None\n"  # any import of it fails
+        f"sys.path.insert(0, {str(SPACE_DIR)!r}); import app\n"
+        "example = app.load_family(app.HERE / 'family.example.json')\n"
+        "assert example.members[0].model == 'HuggingFaceTB/SmolLM2-135M-Instruct' and example.members[0].instruct\n"
+        f"fam = app.load_family({str(family)!r})\n"
+        "p = app.generate(*app.ModelCache('cpu').get(fam.members[1]), 'Hi', True, app.Settings(max_new_tokens=4))\n"
+        "assert p.tokens == 4, p\n"
+        f"assert 'tiny-small' in str(app.make_demo({str(family)!r}).config)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_missing_family_file_or_results_give_a_message(app, tmp_path):
