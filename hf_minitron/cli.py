@@ -434,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sft(sub)
     _add_eval(sub)
     _add_publish(sub)
+    _add_space(sub)
     return parser
 
 
