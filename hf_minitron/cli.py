@@ -264,6 +264,77 @@ def _run_sft(args) -> int:
 
 
 # ---- subcommands owned by the family builder (build, search) are added below this line ----
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/, e.g. recipes/quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="recipe overrides, e.g. distill.tokens=2M members.small.params=60M (values read as YAML)")
+    p.add_argument("--teacher", default=None, help="shortcut for teacher.source=...: Hub repo id, folder or .gguf")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load_recipe_args(args):
+    from .recipe import load_recipe
+
+    overrides = list(args.overrides) + ([f"teacher.source={args.teacher}"] if args.teacher else [])
+    recipe = load_recipe(args.recipe, overrides)
+    return recipe, args.out or f"runs/{recipe.name}"
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="build a whole family from a recipe: importance, search, prune, distill, SFT, "
+                                     "evaluate; resumable",
+                       description="Runs every stage of the recipe into a run folder with a manifest. Running it "
+                                   "again skips finished stages and resumes an interrupted one.")
+    _add_recipe_args(p)
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo a finished stage and what follows it: importance, search, prune, distill, sft or "
+                        "evaluate, for every member, or MEMBER:STAGE for one; repeatable")
+    p.add_argument("--member", action="append", default=None,
+                   help="build only this member (and its parents); repeatable (default: all)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the recipe and print each member's parameter count or search candidates; no "
+                        "weights are loaded")
+    p.set_defaults(func=_run_build)
+
+
+def _run_build(args) -> int:
+    recipe, out = _load_recipe_args(args)
+    if args.dry_run:
+        from .pipeline import plan_text
+
+        print(plan_text(recipe))
+        return 0
+    from .pipeline import build
+
+    build(recipe, out, force=args.force, members=args.member, progress=not args.quiet)
+    return 0
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="architecture search for members with a parameter budget (LoRA-ranked)",
+                       description="The build's importance and search stages only, in the same run folder: a later "
+                                   "`build` reuses them. Writes search.json and search.md per member.")
+    _add_recipe_args(p)
+    p.add_argument("--member", action="append", default=None,
+                   help="search for this member only; repeatable (default: every member with params)")
+    p.add_argument("--force", action="store_true", help="redo a search that already finished")
+    p.set_defaults(func=_run_search)
+
+
+def _run_search(args) -> int:
+    from .pipeline import build
+
+    recipe, out = _load_recipe_args(args)
+    names = args.member or [m.name for m in recipe.members if m.params]
+    if not names:
+        raise ValueError(f"recipe {args.recipe!r} has no member with a parameter budget (params) to search for")
+    build(recipe, out, force=[f"{n}:search" for n in names] if args.force else [], members=names, until="search",
+          progress=not args.quiet)
+    return 0
+
 # ---- end of family builder subcommands ----
 
 
