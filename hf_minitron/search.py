@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .archs import count_parameters, get_arch, head_dim, intermediate_size, num_kv_heads
-from .prune import PruneTarget, parameter_count, prune_model
+from .prune import PruneTarget, parameter_count, prune_model, student_config
 
 SEARCH_FILE, TABLE_FILE, ADAPTER_BASE_FILE = "search.json", "search.md", "adapter_base.json"
 
@@ -87,10 +87,19 @@ def enumerate_candidates(config, budget: int, tolerance: float = 0.05, multiple:
                 slope = (_count(config, {**shape, "ffn_size": ffn_options[0] + 1}) - p0)
                 best = min(ffn_options, key=lambda f: abs(p0 + slope * (f - ffn_options[0]) - budget))
                 params = p0 + slope * (best - ffn_options[0])
-                if lo <= params <= hi:
+                if lo <= params <= hi and _accepted(config, {**shape, "ffn_size": best}):
                     found.append(Candidate({**shape, "ffn_size": best}, params))
     found.sort(key=lambda c: (abs(c.params - budget), -c.shape["hidden_size"]))
     return found[:max_candidates]
+
+
+def _accepted(config, shape: dict) -> bool:
+    """Whether the config class accepts the shape (some demand hidden % heads == 0 even with head_dim set)."""
+    try:
+        student_config(config, PruneTarget(**shape))
+        return True
+    except Exception:  # transformers' and huggingface_hub's validation errors share no base but Exception
+        return False
 
 
 def candidates_for(config, budget: int, search) -> list[Candidate]:
