@@ -213,6 +213,21 @@ def skip_layers(model, indices):
             del layers[i].forward
 
 
+def _add_block_importance(bi_sum: torch.Tensor, states: list[torch.Tensor], max_run: int) -> None:
+    """bi_sum[run-1, i] += sum over tokens of 1 - cos(h_i, h_{i+run}), for every run length at once.
+
+    Each token's state is normalised once; the summed cosines of every pair of depths are then one matrix product
+    (a per-pair cosine_similarity loop costs hundreds of small kernels per batch).
+    """
+    n_layers = len(states) - 1
+    tokens = states[0].numel() // states[0].shape[-1]
+    unit = torch.stack([torch.nn.functional.normalize(h.float(), dim=-1, eps=1e-8).flatten() for h in states])
+    cos_sum = (unit @ unit.T).double()  # [i, j] = sum over tokens of cos(h_i, h_j)
+    for run in range(1, max_run + 1):
+        i = torch.arange(n_layers - run + 1, device=cos_sum.device)
+        bi_sum[run - 1, : n_layers - run + 1] += tokens - cos_sum[i, i + run]
+
+
 def _nll_sum(model, batch: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=batch).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
@@ -255,11 +270,7 @@ def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig 
         states: list[torch.Tensor] = []
         with _hooks(model, spec, acc, states):
             model(input_ids=batch)
-        states = [h.float() for h in states]
-        for run in range(1, max_run + 1):
-            for i in range(n_layers - run + 1):
-                cos = torch.nn.functional.cosine_similarity(states[i].float(), states[i + run].float(), dim=-1)
-                bi_sum[run - 1, i] += (1 - cos).double().sum()
+        _add_block_importance(bi_sum, states, max_run)
         del states
         first = b * config.batch_size
         if ppl_runs and first < config.depth_ppl_samples:

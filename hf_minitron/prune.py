@@ -85,6 +85,9 @@ def resolve_target(config, target: PruneTarget) -> dict:
            + ("" if target.num_kv_heads else "; set --num-kv-heads to prune whole KV groups"))
     _check(new_heads // new_kv <= group, f"{new_heads} heads over {new_kv} KV groups is {new_heads // new_kv} "
            f"query heads per group, more than the teacher's {group}")
+    _check(not spec.hidden_divisible_by_heads or new_hidden % new_heads == 0,
+           f"hidden size {new_hidden} is not a multiple of the {new_heads} attention heads, which "
+           f"{type(config).__name__} requires")
     if target.drop_layers is not None:
         _check(target.num_layers is None, "give either --num-layers or --drop-layers, not both")
         bad = [i for i in target.drop_layers if not 0 <= i < layers]
@@ -110,7 +113,10 @@ def student_config(config, target: PruneTarget, kept_layers: list[int] | None = 
     d[spec.intermediate_key] = shape["ffn_size"]
     if isinstance(d.get("layer_types"), list):
         d["layer_types"] = [d["layer_types"][i] for i in kept_layers]
-    return type(config).from_dict(d)
+    try:
+        return type(config).from_dict(d)
+    except Exception as e:  # the config class's own validation (transformers' strict dataclasses)
+        raise ValueError(f"{type(config).__name__} refuses the target shape {shape}: {str(e).splitlines()[0]}") from e
 
 
 def parameter_count(config, target: PruneTarget) -> int:
@@ -317,8 +323,7 @@ def run_prune(teacher: str, importance: str, out: str, target: PruneTarget, opti
     scores = ImportanceScores.load(importance)
     source = resolve_source(teacher, revision=revision, gguf_file=gguf_file)
     config = load_config(source, trust_remote_code)
-    get_arch(config)
-    resolve_target(config, target)  # impossible targets fail here, before the teacher is loaded
+    student_config(config, target)  # impossible targets fail here, before the teacher is loaded
     model = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     student, plan = prune_model(model, scores, target, options)
     info = {"teacher": source.as_dict(), "importance": str(importance), **plan_summary(plan, target, options, model.config)}

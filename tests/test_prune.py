@@ -97,6 +97,7 @@ def test_head_merging_changes_only_kept_query_heads():
     (PruneTarget(num_heads=4, num_kv_heads=1), "4 query heads per group"),
     (PruneTarget(num_layers=9), "number of layers 9"),
     (PruneTarget(drop_layers=[7]), "out of range"),
+    (PruneTarget(hidden_size=50), "hidden size 50 is not a multiple of the 4 attention heads"),
 ])
 def test_impossible_targets_fail_clearly(target, message):
     teacher = tiny_model("llama")

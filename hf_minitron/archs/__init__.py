@@ -41,6 +41,7 @@ class ArchSpec:
     o_bias: str | bool = False
     mlp_bias: str | bool = False
     intermediate_key: str = "intermediate_size"
+    hidden_divisible_by_heads: bool = False  # the config class refuses hidden_size % num_attention_heads != 0
 
     def has_bias(self, rule: str | bool, config) -> bool:
         return bool(getattr(config, rule, False)) if isinstance(rule, str) else rule

@@ -2,7 +2,8 @@
 
 from . import ArchSpec
 
-LLAMA = ArchSpec(model_types=("llama",), qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias")
+LLAMA = ArchSpec(model_types=("llama",), qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias",
+                 hidden_divisible_by_heads=True)
 MISTRAL = ArchSpec(model_types=("mistral",))
 QWEN2 = ArchSpec(model_types=("qwen2",), qkv_bias=True)
 QWEN3 = ArchSpec(
@@ -25,6 +26,7 @@ GEMMA2 = ArchSpec(
     scaled_embedding=True,
     qkv_bias="attention_bias",
     o_bias="attention_bias",
+    hidden_divisible_by_heads=True,
 )
 GEMMA3 = ArchSpec(
     model_types=("gemma3_text",),
@@ -33,6 +35,7 @@ GEMMA3 = ArchSpec(
     scaled_embedding=True,
     qkv_bias="attention_bias",
     o_bias="attention_bias",
+    hidden_divisible_by_heads=True,
 )
 # Phi-3: fused qkv_proj ([q; k; v] rows) and gate_up_proj ([gate; up] rows).
 PHI3 = ArchSpec(
