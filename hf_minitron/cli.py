@@ -290,8 +290,9 @@ def _add_build(sub) -> None:
                                    "again skips finished stages and resumes an interrupted one.")
     _add_recipe_args(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="redo a finished stage and what follows it: importance, search, prune, distill, sft or "
-                        "evaluate, for every member, or MEMBER:STAGE for one; repeatable")
+                   help="redo a finished stage (the stages after it follow when its output changes): importance, "
+                        "search, prune, distill, sft or evaluate, for every member, or MEMBER:STAGE for one; "
+                        "also allows a changed recipe setting for that stage; repeatable")
     p.add_argument("--member", action="append", default=None,
                    help="build only this member (and its parents); repeatable (default: all)")
     p.add_argument("--dry-run", action="store_true",

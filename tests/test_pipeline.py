@@ -1,0 +1,182 @@
+"""The family build end to end on a tiny random teacher: chain, SFT variant, skip/force, kill and resume, CLI."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from hf_minitron.pipeline import build
+from hf_minitron.recipe import from_dict
+from hf_minitron.rundir import StaleStageError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama teacher with the SmolLM2 tokenizer, a text corpus and a chat data set."""
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("family")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         eos_token_id=smollm2_tokenizer.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "teacher")
+    smollm2_tokenizer.save_pretrained(root / "teacher")
+    with open(root / "corpus.jsonl", "w") as f:
+        for key in sorted(topics)[:20]:
+            f.write(json.dumps({"text": topics[key][:2000]}) + "\n")
+    with open(root / "chat.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                                             {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]}) + "\n")
+    return root
+
+
+def tiny_recipe(files, **sections) -> dict:
+    corpus = str(files / "corpus.jsonl")
+    raw = {
+        "name": "tiny", "teacher": {"source": str(files / "teacher")},
+        "data": {"calibration": corpus, "distillation": corpus, "sft": str(files / "chat.jsonl"), "holdout": 0.2},
+        "importance": {"samples": 4, "seq_len": 32, "depth_ppl_samples": 0, "depth_metric": "bi"},
+        "members": [{"name": "small", "params": 2_950_000},
+                    {"name": "smaller", "parent": "small", "shape": {"ffn_size": 64}, "instruct": True}],
+        "search": {"tolerance": 0.1, "multiple": 8, "max_candidates": 2, "tokens": 64, "seq_len": 32,
+                   "batch_size": 2, "eval_windows": 2, "eval_seq_len": 32, "lora_r": 4, "lora_alpha": 8,
+                   "adapter": "merge"},
+        "distill": {"tokens": 256, "seq_len": 32, "batch_size": 2, "save_steps": 2, "logging_steps": 1},
+        "sft": {"max_steps": 2, "batch_size": 2, "max_length": 64, "lora_r": 4},
+        "evaluate": {"seq_len": 32, "windows": 2},
+        "cost": {"scratch_tokens": "1B"},
+    }
+    raw.update(sections)
+    return raw
+
+
+def actions(result) -> dict:
+    return dict(result["actions"])
+
+
+def test_chain_with_instruct_variant_then_skip_force_and_stale(files, tmp_path):
+    out, lines = tmp_path / "run", []
+    result = build(from_dict(tiny_recipe(files)), out, progress=False, log=lines.append)
+    assert set(actions(result).values()) == {"run"}
+    tok = AutoTokenizer.from_pretrained(out / "smaller-instruct")
+    for name in ("small", "smaller", "smaller-instruct"):
+        model = AutoModelForCausalLM.from_pretrained(out / name)
+        ids = model.generate(**tok("def f(x):", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+        assert ids.shape[1] > 4
+        assert json.loads((out / name / "eval_results.json").read_text())["perplexity"][0]["perplexity"] > 1
+    small = AutoModelForCausalLM.from_pretrained(out / "small").config
+    smaller = AutoModelForCausalLM.from_pretrained(out / "smaller").config
+    assert smaller.intermediate_size == 64 and smaller.hidden_size == small.hidden_size < 64  # pruned from small
+    assert json.loads((out / "smaller" / "pruning.json").read_text())["base"] == "small"
+    assert json.loads((out / "small" / "search.json").read_text())["winner"]["rank"] == 1
+    assert json.loads((out / "smaller-instruct" / "member.json").read_text())["instruct"]
+    assert not list(out.glob("*/checkpoint-[0-9]*"))  # checkpoints dropped once a member is finished
+    cost = json.loads((out / "manifest.json").read_text())["cost"]
+    s, t = cost["members"]["small"], cost["members"]["smaller"]
+    assert s["tokens"] == {"search": 128, "distillation": 256}
+    assert t["tokens"] == {"calibration": 128, "distillation": 256, "sft": t["tokens"]["sft"]} and t["tokens"]["sft"] > 0
+    assert t["lineage_tokens"] == s["total_tokens"] + t["total_tokens"]
+    assert cost["build_tokens"] == 128 + s["total_tokens"] + t["total_tokens"]
+    assert cost["fewer_tokens"] == round(2e9 / cost["build_tokens"], 1) and s["flops"] > 0
+    assert any("fewer tokens" in line for line in lines) and any("| rank |" in line for line in lines)
+
+    again = build(from_dict(tiny_recipe(files)), out, progress=False, log=lines.append)
+    assert set(actions(again).values()) == {"skipped"}
+
+    forced = actions(build(from_dict(tiny_recipe(files)), out, force=["smaller:distill"], progress=False,
+                           log=lines.append))
+    # distillation is seeded: the same weights again (same hash), so what follows has nothing to redo
+    assert forced["smaller/distill"] == "redo" and forced["smaller/sft"] == forced["smaller/evaluate"] == "skipped"
+    assert forced["small/distill"] == forced["small/search"] == "skipped"
+    forced = actions(build(from_dict(tiny_recipe(files, distill=dict(tiny_recipe(files)["distill"], seed=7))), out,
+                           force=["distill"], progress=False, log=lines.append))
+    assert forced["small/distill"] == forced["smaller/prune"] == forced["smaller/sft"] == "redo"  # new weights
+
+    changed = tiny_recipe(files)
+    changed["distill"]["tokens"] = 512
+    with pytest.raises(StaleStageError, match=r"small/distill finished with other settings \(.*tokens changed\)"):
+        build(from_dict(changed), out, progress=False, log=lines.append)
+
+
+DRIVER = textwrap.dedent("""
+    import argparse, os, signal, sys
+    from transformers import TrainerCallback
+    from hf_minitron import cli, distill
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            os.kill(os.getpid(), signal.SIGKILL)  # as if the machine went away right after a checkpoint
+
+    init = distill.MinitronDistillTrainer.__init__
+    def patched(self, *a, **kw):
+        init(self, *a, **kw)
+        if self.args.save_strategy != "no":  # the distillation stage, not the search's LoRA retraining
+            self.add_callback(Kill())
+    distill.MinitronDistillTrainer.__init__ = patched
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli._add_build(sub)
+    args = parser.parse_args(sys.argv[1:])
+    sys.exit(args.func(args))
+""")
+
+
+def test_kill_during_distillation_then_resume_skips_every_earlier_stage(files, tmp_path):
+    raw = tiny_recipe(files, members=[{"name": "small", "params": 2_950_000}])
+    raw["search"]["max_candidates"] = 1
+    raw["distill"]["tokens"] = 384  # 6 steps; checkpoints every 2
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), "build", "--recipe", str(tmp_path / "r.yaml"),
+                           "--out", str(out), "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["small/distill"]["status"] == "running"
+    assert (out / "small" / "checkpoint-2").is_dir() and not (out / "small" / "config.json").exists()
+
+    result = build(from_dict(yaml.safe_load((tmp_path / "r.yaml").read_text())), out, progress=False, log=print)
+    done = actions(result)
+    assert done["importance/teacher"] == done["small/search"] == done["small/prune"] == "skipped"
+    assert done["teacher/evaluate"] == "skipped" and done["small/distill"] == "resume"
+    history = json.loads((out / "small" / "distill_result.json").read_text())["log_history"]
+    steps = [h["step"] for h in history if "loss" in h]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-2 restored from checkpoint-2's state, 3-6 trained after the resume
+    assert AutoModelForCausalLM.from_pretrained(out / "small").num_parameters() == result["members"]["small"]["parameters"]
+
+
+def test_cli_build_dry_run_and_flags(capsys):
+    from hf_minitron import cli
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli._add_build(sub)
+    cli._add_search(sub)
+    for name, p in sub.choices.items():
+        assert all(a.help for a in p._actions), name
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "llama-3.1-minitron-4b-width.yaml")
+    args = parser.parse_args(["build", "--recipe", recipe, "--dry-run", "distill.tokens=1B", "--force", "distill"])
+    assert args.func(args) == 0
+    assert "llama-3.1-minitron-4b-width: 4.51B parameters" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown key 'distill.tokenz'"):
+        args = parser.parse_args(["build", "--recipe", recipe, "--dry-run", "distill.tokenz=1"])
+        args.func(args)
