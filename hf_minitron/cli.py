@@ -304,9 +304,9 @@ def _add_build(sub) -> None:
 def _run_build(args) -> int:
     recipe, out = _load_recipe_args(args)
     if args.dry_run:
-        from .pipeline import plan_text
+        from .cost import describe
 
-        print(plan_text(recipe))
+        print(describe(recipe))
         return 0
     from .pipeline import build
 

@@ -6,9 +6,8 @@ weights (importance is then computed once on the parent) and distilled from the 
 default: the paper's 15B -> 8B -> 4B path. Every stage goes through `RunDir.plan`, so re-running skips finished
 stages and resumes an interrupted one (distillation and SFT from their last checkpoint).
 
-Cost accounting: tokens per member and stage, training FLOPs estimated as 6 * N * tokens for the trained model
-plus 2 * N * tokens for teacher forward passes, against 6 * N * `cost.scratch_tokens` for training the member
-from scratch; the build's "N x fewer tokens" figure is the scratch tokens of all members over the tokens used.
+Every stage records its tokens and estimated FLOPs in the manifest; `cost.py` adds them up per member against
+training it from scratch, for the summary printed at the end.
 
 Run: `hf-minitron build --recipe recipes/quickstart.yaml [--teacher T] [--out RUN] [--force STAGE] [key=value ...]`.
 """
@@ -20,6 +19,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .cost import account, si, summary
 from .recipe import DataSource, Recipe
 from .rundir import RunDir, hash_folder, hash_json, open_run
 
@@ -347,92 +347,6 @@ def _evaluate(b: _Build, key: str, folders: list[tuple[str, Path | str]], parent
     _stage(b, key, settings, parents, fn)
 
 
-# ---- cost accounting and the summary ----
-
-
-def _tokens(b: _Build, key: str) -> dict:
-    rec = b.run.record(key) or {}
-    return dict(rec.get("tokens", {})) if rec.get("status") == "done" else {}
-
-
-def account(b: _Build) -> dict:
-    """Tokens and FLOPs per member (own stages, and with its ancestors'), against training it from scratch."""
-    r, run = b.recipe, b.run
-    members: dict[str, dict] = {}
-    for m in r.members:
-        own: dict[str, int] = {}
-        flops = 0
-        keys = [f"{m.name}/{s}" for s in ("search", "prune", "distill", "sft")]
-        if m.parent:
-            keys.append(f"importance/{m.parent}")
-        for key in keys:
-            for kind, n in _tokens(b, key).items():
-                own[kind] = own.get(kind, 0) + n
-            flops += (run.record(key) or {}).get("flops", 0) if (run.record(key) or {}).get("status") == "done" else 0
-        rec = run.record(f"{m.name}/distill") or {}
-        if rec.get("status") != "done":
-            continue
-        n = rec.get("parameters")
-        parent = members.get(m.parent, {})
-        lineage = sum(own.values()) + parent.get("lineage_tokens", 0)
-        scratch = m.scratch_tokens or r.cost.scratch_tokens
-        members[m.name] = {
-            "parameters": n, "parent": m.parent, "tokens": own, "total_tokens": sum(own.values()),
-            "lineage_tokens": lineage, "flops": flops, "lineage_flops": flops + parent.get("lineage_flops", 0),
-            "scratch_tokens": scratch, "scratch_flops": 6 * n * scratch if scratch else None,
-            "fewer_tokens": round(scratch / lineage, 1) if scratch and lineage else None,
-            "perplexity": ((run.record(f"{m.name}/evaluate") or {}).get("results") or {}),
-        }
-    calib = _tokens(b, "importance/teacher").get("calibration", 0)
-    used = calib + sum(v["total_tokens"] for v in members.values())
-    scratch = sum(v["scratch_tokens"] or 0 for v in members.values())
-    flops = (run.record("importance/teacher") or {}).get("flops", 0) + sum(v["flops"] for v in members.values())
-    return {"members": members, "teacher_calibration_tokens": calib, "build_tokens": used, "build_flops": flops,
-            "scratch_tokens": scratch or None,
-            "fewer_tokens": round(scratch / used, 1) if scratch and used and all(
-                v["scratch_tokens"] for v in members.values()) else None}
-
-
-def _si(x) -> str:
-    if x is None:
-        return "-"
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= size:
-            return f"{x / size:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def summary(b: _Build, cost: dict) -> str:
-    """One screen: the members, their shape, perplexity and cost, and the build's cost against from scratch."""
-    from transformers import AutoConfig
-
-    teacher_eval = (b.run.record("teacher/evaluate") or {}).get("results", {})
-    lines = [f"family {b.recipe.name!r} from {b.recipe.teacher.source} -> {b.run.root}",
-             f"{'member':<22}{'params':>9}{'shape (hidden/ffn/heads/kv/layers)':>36}{'ppl':>9}{'tokens':>9}"
-             f"{'FLOPs':>9}{'vs scratch':>12}"]
-    if teacher_eval:
-        lines.append(f"{'teacher':<22}{_si(b.params_of('teacher')):>9}{'':>36}{teacher_eval.get('teacher', 0):>9.2f}")
-    for name, v in cost["members"].items():
-        c = AutoConfig.from_pretrained(b.run.member(name))
-        from .archs import intermediate_size, num_kv_heads
-
-        shape = f"{c.hidden_size}/{intermediate_size(c)}/{c.num_attention_heads}/{num_kv_heads(c)}/{c.num_hidden_layers}"
-        for variant in [name] + ([name + "-instruct"] if name + "-instruct" in v["perplexity"] else []):
-            ppl = v["perplexity"].get(variant)
-            lines.append(f"{variant:<22}{_si(v['parameters']):>9}{shape:>36}{ppl if ppl else float('nan'):>9.2f}"
-                         f"{_si(v['lineage_tokens']):>9}{_si(v['lineage_flops']):>9}"
-                         f"{(str(v['fewer_tokens']) + 'x fewer') if v['fewer_tokens'] else '-':>12}")
-    lines.append(f"build: {_si(cost['build_tokens'])} tokens ({_si(cost['teacher_calibration_tokens'])} teacher "
-                 f"calibration), ~{_si(cost['build_flops'])} FLOPs")
-    if cost["fewer_tokens"]:
-        lines.append(f"from scratch: {_si(cost['scratch_tokens'])} tokens for these members -> this build used "
-                     f"{cost['fewer_tokens']}x fewer tokens")
-    done = sum(1 for _, a in b.run.actions if a == "skipped")
-    lines.append(f"stages this run: {len(b.run.actions) - done} run, {done} skipped; manifest: "
-                 f"{b.run.root / 'manifest.json'}")
-    return "\n".join(lines)
-
-
 def _with_ancestors(recipe: Recipe, names) -> list[str]:
     wanted = set()
     for name in names:
@@ -469,44 +383,15 @@ def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[
         _evaluate(b, "teacher/evaluate", [("teacher", "teacher")], {"teacher": b.identity("teacher")})
     for name in names:
         m = recipe.member(name)
-        log(f"== member {name} ({'budget ' + _si(m.params) if m.params else 'explicit shape'}"
+        log(f"== member {name} ({'budget ' + si(m.params) if m.params else 'explicit shape'}"
             f"{', from ' + m.parent if m.parent else ''})")
         build_member(b, m, until if name in targets else None)
-    cost = account(b)
+    cost = account(run, recipe)
     run.manifest["cost"] = cost
     run.manifest["members"] = cost["members"]
     run.manifest["builds"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                    "seconds": round(time.time() - started), "actions": run.actions})
     run.save()
     if until is None:
-        log(summary(b, cost))
+        log(summary(run, recipe, cost, b.params_of("teacher")))
     return {**cost, "actions": run.actions, "run": str(run.root)}
-
-
-def plan_text(recipe: Recipe) -> str:
-    """What a build would make, from configs alone: each member's parameter count, or its search candidates."""
-    from .archs import count_parameters
-    from .prune import PruneTarget, parameter_count
-    from .recipe import teacher_config
-    from .search import candidates_for
-
-    configs = {"teacher": teacher_config(recipe)}
-    lines = [f"recipe {recipe.name!r}: teacher {recipe.teacher.source} ({_si(count_parameters(configs['teacher']))})"]
-    for m in recipe.members:
-        base = configs[m.parent or "teacher"]
-        if m.shape:
-            target = PruneTarget(**asdict(m.shape))
-            configs[m.name] = _student(base, target)
-            lines.append(f"  {m.name}: {_si(parameter_count(base, target))} parameters, shape {asdict(m.shape)}")
-        else:
-            found = candidates_for(base, m.params, recipe.search)
-            configs[m.name] = _student(base, found[0].target())
-            lines.append(f"  {m.name}: budget {_si(m.params)}, {len(found)} candidates, nearest "
-                         f"{_si(found[0].params)} {found[0].shape}")
-    return "\n".join(lines)
-
-
-def _student(config, target):
-    from .prune import student_config
-
-    return student_config(config, target)

@@ -169,7 +169,7 @@ def merge_adapter(base_model, folder: str | Path):
 
 
 def format_table(candidates: list[Candidate], budget: int) -> str:
-    rows = [f"| rank | hidden | ffn | heads/kv | layers | params | vs budget | ppl before | ppl after |",
+    rows = ["| rank | hidden | ffn | heads/kv | layers | params | vs budget | ppl before | ppl after |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in sorted(candidates, key=lambda c: c.rank or 1 << 30):
         s = c.shape

@@ -1,0 +1,125 @@
+"""Cost accounting of a build, from its manifest: tokens and FLOPs per member against training it from scratch.
+
+Training FLOPs are estimated as 6 * N * tokens for the model being trained plus 2 * N * tokens for teacher forward
+passes (importance: 2 * N * tokens). A member's lineage cost adds its ancestors' (the 4B of a 15B -> 8B -> 4B
+chain owes the 8B's distillation too). The build's "N x fewer tokens" figure is the from-scratch tokens of all
+members (`cost.scratch_tokens`, e.g. the teacher's pretraining tokens) over all tokens the build used.
+`describe` is the dry run: what a recipe would make, from configs alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _done(run, key: str) -> dict:
+    rec = run.record(key) or {}
+    return rec if rec.get("status") == "done" else {}
+
+
+def account(run, recipe) -> dict:
+    """Tokens and FLOPs per member (own stages, and with its ancestors'), against training it from scratch."""
+    members: dict[str, dict] = {}
+    for m in recipe.members:
+        keys = [f"{m.name}/{s}" for s in ("search", "prune", "distill", "sft")]
+        if m.parent:  # importance on the parent is this member's calibration
+            keys.append(f"importance/{m.parent}")
+        own: dict[str, int] = {}
+        flops = 0
+        for key in keys:
+            rec = _done(run, key)
+            for kind, n in rec.get("tokens", {}).items():
+                own[kind] = own.get(kind, 0) + n
+            flops += rec.get("flops", 0)
+        distilled = _done(run, f"{m.name}/distill")
+        if not distilled:
+            continue
+        n = distilled.get("parameters")
+        parent = members.get(m.parent, {})
+        lineage = sum(own.values()) + parent.get("lineage_tokens", 0)
+        scratch = m.scratch_tokens or recipe.cost.scratch_tokens
+        members[m.name] = {
+            "parameters": n, "parent": m.parent, "tokens": own, "total_tokens": sum(own.values()),
+            "lineage_tokens": lineage, "flops": flops, "lineage_flops": flops + parent.get("lineage_flops", 0),
+            "scratch_tokens": scratch, "scratch_flops": 6 * n * scratch if scratch else None,
+            "fewer_tokens": round(scratch / lineage, 1) if scratch and lineage else None,
+            "perplexity": _done(run, f"{m.name}/evaluate").get("results") or {},
+        }
+    teacher = _done(run, "importance/teacher")
+    calib = teacher.get("tokens", {}).get("calibration", 0)
+    used = calib + sum(v["total_tokens"] for v in members.values())
+    scratch = sum(v["scratch_tokens"] or 0 for v in members.values())
+    every = members and all(v["scratch_tokens"] for v in members.values())
+    return {"members": members, "teacher_calibration_tokens": calib, "build_tokens": used,
+            "build_flops": teacher.get("flops", 0) + sum(v["flops"] for v in members.values()),
+            "scratch_tokens": scratch or None,
+            "fewer_tokens": round(scratch / used, 1) if every and used else None}
+
+
+def si(x) -> str:
+    """1234567 -> '1.23M'."""
+    if x is None:
+        return "-"
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def summary(run, recipe, cost: dict, teacher_params: int | None = None) -> str:
+    """One screen: the members, their shape, perplexity and cost, and the build's cost against from scratch."""
+    from transformers import AutoConfig
+
+    from .archs import intermediate_size, num_kv_heads
+
+    teacher_ppl = _done(run, "teacher/evaluate").get("results", {}).get("teacher")
+    lines = [f"family {recipe.name!r} from {recipe.teacher.source} -> {run.root}",
+             f"{'member':<24}{'params':>8}{'hidden/ffn/heads/kv/layers':>28}{'ppl':>9}{'tokens':>9}{'FLOPs':>9}"
+             f"{'vs scratch':>14}"]
+    if teacher_ppl:
+        lines.append(f"{'teacher':<24}{si(teacher_params):>8}{'':>28}{teacher_ppl:>9.2f}")
+    for name, v in cost["members"].items():
+        c = AutoConfig.from_pretrained(Path(run.member(name)))
+        shape = f"{c.hidden_size}/{intermediate_size(c)}/{c.num_attention_heads}/{num_kv_heads(c)}/{c.num_hidden_layers}"
+        for variant in [name] + ([name + "-instruct"] if name + "-instruct" in v["perplexity"] else []):
+            ppl = v["perplexity"].get(variant) or float("nan")
+            ratio = f"{si(v['fewer_tokens'])}x fewer" if v["fewer_tokens"] else "-"
+            lines.append(f"{variant:<24}{si(v['parameters']):>8}{shape:>28}{ppl:>9.2f}{si(v['lineage_tokens']):>9}"
+                         f"{si(v['lineage_flops']):>9}{ratio:>14}")
+    lines.append(f"build: {si(cost['build_tokens'])} tokens ({si(cost['teacher_calibration_tokens'])} teacher "
+                 f"calibration), ~{si(cost['build_flops'])} training FLOPs")
+    if cost["fewer_tokens"]:
+        lines.append(f"from scratch: {si(cost['scratch_tokens'])} tokens for these members -> this build used "
+                     f"{si(cost['fewer_tokens'])}x fewer tokens")
+    skipped = sum(1 for _, a in run.actions if a == "skipped")
+    lines.append(f"stages this run: {len(run.actions) - skipped} run, {skipped} skipped; manifest: "
+                 f"{run.root / 'manifest.json'}")
+    return "\n".join(lines)
+
+
+def describe(recipe) -> str:
+    """What a build would make, from configs alone (the CLI's --dry-run): each member's parameter count, or the
+    search candidates for its budget (a chain member's base is taken as its parent's nearest candidate)."""
+    from dataclasses import asdict
+
+    from .archs import count_parameters
+    from .prune import PruneTarget, parameter_count, student_config
+    from .search import candidates_for
+
+    from .recipe import teacher_config
+
+    configs = {"teacher": teacher_config(recipe)}
+    lines = [f"recipe {recipe.name!r}: teacher {recipe.teacher.source} ({si(count_parameters(configs['teacher']))})"]
+    for m in recipe.members:
+        base = configs[m.parent or "teacher"]
+        if m.shape:
+            target = PruneTarget(**asdict(m.shape))
+            configs[m.name] = student_config(base, target)
+            shape = {k: v for k, v in asdict(m.shape).items() if v is not None}
+            lines.append(f"  {m.name}: {si(parameter_count(base, target))} parameters, shape {shape}")
+        else:
+            found = candidates_for(base, m.params, recipe.search)
+            configs[m.name] = student_config(base, found[0].target())
+            lines.append(f"  {m.name}: budget {si(m.params)}, {len(found)} candidates, nearest "
+                         f"{si(found[0].params)} {found[0].shape}")
+    return "\n".join(lines)
