@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -111,6 +112,23 @@ def _load_hub_dataset(source: TextSource):
     return datasets.load_dataset(folder, source.config, **kwargs)
 
 
+@contextmanager
+def iterate_rows(ds):
+    """Iterate a dataset; close the iterator when leaving early, so a streaming reader is shut down now and not
+    at interpreter exit, where Arrow's parquet scanner threads can abort the process (datasets#7566, arrow#45214)."""
+    import gc
+
+    rows = iter(ds)
+    try:
+        yield rows
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
+        del rows
+        gc.collect()  # join the scanner's threads while Arrow is still alive
+
+
 @dataclass
 class PackedData:
     """`samples` token sequences of `seq_len`, packed from documents joined by EOS."""
@@ -140,14 +158,15 @@ def pack_tokens(source: TextSource | str, tokenizer, samples: int, seq_len: int,
     needed = samples * seq_len
     budget = max_tokens or (needed if src.streaming else None)
     ids: list[int] = []
-    for row in ds:
-        text = row[src.text_column]
-        if not text:
-            continue
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(sep)
-        if budget is not None and len(ids) >= budget:
-            break
+    with iterate_rows(ds) as rows:
+        for row in rows:
+            text = row[src.text_column]
+            if not text:
+                continue
+            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            ids.append(sep)
+            if budget is not None and len(ids) >= budget:
+                break
     windows = len(ids) // seq_len
     if windows < samples:
         raise DataSourceError(f"data source {src.path!r} gives {len(ids)} tokens: {windows} windows of {seq_len}, "
@@ -169,10 +188,11 @@ def text_windows(path: str, tokenizer, seq_len: int, max_windows: int | None = N
     ds = load_text_dataset(TextSource(path))
     ids: list[int] = []
     need = None if max_windows is None else max_windows * seq_len
-    for row in ds:
-        ids.extend(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
-        if need is not None and len(ids) >= need:
-            break
+    with iterate_rows(ds) as rows:
+        for row in rows:
+            ids.extend(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+            if need is not None and len(ids) >= need:
+                break
     n = len(ids) // seq_len if max_windows is None else min(max_windows, len(ids) // seq_len)
     if n == 0:
         raise DataSourceError(f"{path!r} has fewer than {seq_len} tokens")

@@ -54,12 +54,13 @@ def test_builtin_python_reference(smollm2_tokenizer):
 
 
 HUB_SCRIPT = """
-from hf_minitron.data import TextSource, load_text_dataset, pack_tokens
-from transformers import AutoTokenizer
-import sys
-val = load_text_dataset(TextSource("acme/tiny-text", split="validation", text_column="content"))
-stream = load_text_dataset(TextSource("acme/tiny-text", text_column="content", streaming=True))
-print(len(val), next(iter(stream))["content"][:5])
+from hf_minitron.data import TextSource, iterate_rows, load_text_dataset
+def main():  # as pack_tokens does: the stream lives in a function and is closed on leaving early
+    val = load_text_dataset(TextSource("acme/tiny-text", split="validation", text_column="content"))
+    stream = load_text_dataset(TextSource("acme/tiny-text", text_column="content", streaming=True))
+    with iterate_rows(stream) as rows:
+        print(len(val), next(rows)["content"][:5])
+main()
 """
 
 
