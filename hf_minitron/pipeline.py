@@ -357,6 +357,16 @@ def _with_ancestors(recipe: Recipe, names) -> list[str]:
     return [m.name for m in recipe.members if m.name in wanted]
 
 
+def _release(b: _Build, remaining) -> None:
+    """Drop cached models no remaining member prunes from or distils from (a 15B teacher need not stay for the 4B)."""
+    needed = set()
+    for m in remaining:
+        kd = m.teacher or ("parent" if m.parent else "teacher")
+        needed |= {m.parent or "teacher", m.parent if kd == "parent" else kd}
+    for ref in [r for r in b.models if r not in needed]:
+        del b.models[ref]
+
+
 def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[str] | None = None,
           until: str | None = None, progress: bool = True, log=print) -> dict:
     """Build (or finish building) the recipe's family into the run folder `out`; returns the cost record.
@@ -381,8 +391,9 @@ def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[
     targets = set(members or names)
     if recipe.evaluate.teacher and until is None:
         _evaluate(b, "teacher/evaluate", [("teacher", "teacher")], {"teacher": b.identity("teacher")})
-    for name in names:
+    for i, name in enumerate(names):
         m = recipe.member(name)
+        _release(b, [recipe.member(n) for n in names[i:]])
         log(f"== member {name} ({'budget ' + si(m.params) if m.params else 'explicit shape'}"
             f"{', from ' + m.parent if m.parent else ''})")
         build_member(b, m, until if name in targets else None)

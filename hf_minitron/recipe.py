@@ -61,7 +61,8 @@ class TeacherSection:
 @dataclass
 class DataSection:
     """Sources per stage; `holdout` is the share of documents (from the end) kept out of training whenever the
-    evaluation source is the same as a training source, so search and evaluation score unseen text."""
+    evaluation source is the same as the distillation source, so search and evaluation score unseen text
+    (calibration reads the whole source: forward passes only, nothing is fitted to it)."""
 
     calibration: DataSource | None = None
     distillation: DataSource | None = None
