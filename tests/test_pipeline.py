@@ -180,3 +180,19 @@ def test_cli_build_dry_run_and_flags(capsys):
     with pytest.raises(ValueError, match="unknown key 'distill.tokenz'"):
         args = parser.parse_args(["build", "--recipe", recipe, "--dry-run", "distill.tokenz=1"])
         args.func(args)
+
+
+@pytest.mark.slow
+def test_quickstart_builds_a_real_family(tmp_path, smollm2_path):
+    """recipes/quickstart.yaml as shipped: ~100M and ~70M members from SmolLM2-135M, offline (~10-15 min on 2 cores)."""
+    from hf_minitron.recipe import load_recipe
+
+    recipe = load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml"))
+    result = build(recipe, tmp_path / "run", progress=False)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "smollm2-70m")
+    for name, budget in (("smollm2-100m", 100e6), ("smollm2-70m", 70e6)):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / name)
+        assert abs(model.num_parameters() / budget - 1) <= 0.05
+        ids = model.generate(**tok("The for statement", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+        assert len(tok.decode(ids[0])) > len("The for statement")
+    assert result["fewer_tokens"] > 1000
