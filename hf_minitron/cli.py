@@ -496,14 +496,17 @@ def _run_space(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-minitron",
-        description="Turn one Hugging Face causal LM into a family of smaller ones: Minitron importance scoring and "
-                    "pruning (arXiv 2407.14679). Each subcommand has its own --help.")
+        description="Turn one Hugging Face causal LM into a family of smaller ones (Minitron, arXiv 2407.14679): "
+                    "importance scoring, pruning, architecture search, distillation, SFT, evaluation, publishing "
+                    "and a comparison Space. Each subcommand has its own --help.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_importance(sub)
     _add_prune(sub)
     _add_params(sub)
     _add_distill(sub)
     _add_sft(sub)
+    _add_search(sub)
+    _add_build(sub)
     _add_eval(sub)
     _add_publish(sub)
     _add_space(sub)
