@@ -253,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=os.path.normpath(DATA_DIR),
                    help="folder with the shared data files (default: ../shared/data next to the repository)")
     p.add_argument("--hellaswag-n", type=int, default=300, help="first N HellaSwag tasks to score (default: 300)")
+    p.add_argument("--reuse-evals", action="store_true",
+                   help="take the teacher's and the pruned student's figures from OUT_DIR/results.json of an earlier "
+                        "run with the same --hellaswag-n instead of evaluating them again (default: evaluate)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     args = p.parse_args(argv)
     if args.threads:
@@ -280,6 +283,12 @@ def main(argv=None) -> int:
         print(f"PRUNE: MLP 1536 -> 1024 in {time.perf_counter() - t0:.0f} s, saved to {pruned_dir}", flush=True)
     pruned.eval()
 
+    earlier = {}
+    res_path = os.path.join(args.out_dir, "results.json")
+    if args.reuse_evals and os.path.isfile(res_path):
+        with open(res_path) as f:
+            earlier = {k: v for k, v in json.load(f).get("evals", {}).items()
+                       if k in ("teacher", "pruned") and v.get("hellaswag_n") == len(evaluator.tasks)}
     results: dict = {"args": vars(args), "machine": machine_line(), "evals": {}, "runs": {}}
 
     def save():
@@ -287,6 +296,13 @@ def main(argv=None) -> int:
             json.dump(results, f, indent=1)
 
     def eval_model(key, name, model, run=None):
+        if key in earlier:
+            r = earlier[key]
+            print(f"EVAL {name}: params {r['params']:,}  ppl {r['ppl_wikitext2_16x512']:.3f}  HellaSwag acc "
+                  f"{r['hellaswag_acc']:.4f}  acc_norm {r['hellaswag_acc_norm']:.4f} (n={r['hellaswag_n']})  "
+                  f"[reused from {res_path}]", flush=True)
+            results["evals"][key] = r
+            return r
         r = evaluator(name, model)
         if run is not None:
             r["tokens"] = run["tokens"]
