@@ -19,6 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from .data import TextSource
+from .prune import PruneTarget
 
 
 class RecipeError(ValueError):
@@ -84,23 +85,11 @@ class ImportanceSection:
 
 
 @dataclass
-class ShapeSection:
-    """An explicit member shape; unset axes keep the base model's value."""
-
-    hidden_size: int | None = None
-    ffn_size: int | None = None
-    num_heads: int | None = None
-    num_kv_heads: int | None = None
-    num_layers: int | None = None
-    drop_layers: list[int] | None = None
-
-
-@dataclass
 class MemberSection:
     """One family member: an explicit `shape` or a parameter budget `params` (then the search picks the shape)."""
 
     name: str
-    shape: ShapeSection | None = None
+    shape: PruneTarget | None = None  # explicit shape; unset axes keep the base model's value
     params: int | None = None
     parent: str | None = None  # prune from this earlier member's distilled weights (the paper's 15B -> 8B -> 4B)
     teacher: str | None = None  # distillation teacher: "teacher", "parent" or a model spec (default: parent, else teacher)
