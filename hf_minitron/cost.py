@@ -118,7 +118,7 @@ def describe(recipe) -> str:
             shape = {k: v for k, v in asdict(m.shape).items() if v is not None}
             lines.append(f"  {m.name}: {si(parameter_count(base, target))} parameters, shape {shape}")
         else:
-            found = candidates_for(base, m.params, recipe.search)
+            found = candidates_for(base, m.params, m.search_settings(recipe.search))
             configs[m.name] = student_config(base, found[0].target())
             lines.append(f"  {m.name}: budget {si(m.params)}, {len(found)} candidates, nearest "
                          f"{si(found[0].params)} {found[0].shape}")

@@ -204,6 +204,7 @@ def build_member(b: _Build, m, until: str | None = None) -> None:
     parents = {"importance": run.output_hash(f"importance/{base}"), "base": b.identity(base)}
     shape = asdict(m.shape) if m.shape else None
     search_dir = run.work(m.name) / "search"
+    search = m.search_settings(r.search)
     if m.params:
         from .search import run_search
 
@@ -211,16 +212,16 @@ def build_member(b: _Build, m, until: str | None = None) -> None:
             if action == "redo":
                 shutil.rmtree(search_dir, ignore_errors=True)
             teacher = b.model(kd_ref)
-            windows = b.heldout_windows(r.search.eval_seq_len, r.search.eval_windows)
+            windows = b.heldout_windows(search.eval_seq_len, search.eval_windows)
             res = run_search(b.model(base), ImportanceScores.load(scores_dir), teacher, b.tokenizer(),
-                             b.train_documents(), windows, m.params, r.search, search_dir, options,
+                             b.train_documents(), windows, m.params, search, search_dir, options,
                              base_path=str(run.pruned(m.name)), seed=r.distill.seed, progress=b.progress, log=b.log)
             n_kd = b.params_of(kd_ref)
             flops = sum((6 * c["params"] + 2 * n_kd) * c["tokens"] for c in res["candidates"])
             return search_dir, hash_folder(search_dir), {"search": res["tokens"]}, {"flops": flops,
                                                                                    "winner": res["winner"]["shape"]}
 
-        settings = {"budget": m.params, "search": asdict(r.search), "prune": asdict(options), "kd_teacher": kd_ref,
+        settings = {"budget": m.params, "search": asdict(search), "prune": asdict(options), "kd_teacher": kd_ref,
                     "data": asdict(r.data.distillation), "eval": asdict(b.eval_source()), "holdout": r.data.holdout}
         _stage(b, f"{m.name}/search", settings, {**parents, "kd_teacher": b.identity(kd_ref)}, search_fn)
         shape = json.loads((search_dir / "search.json").read_text())["winner"]["shape"]
@@ -234,7 +235,7 @@ def build_member(b: _Build, m, until: str | None = None) -> None:
         base_model = b.model(base)
         target = PruneTarget(**shape)
         student, plan = prune_model(base_model, ImportanceScores.load(scores_dir), target, options)
-        merged = bool(m.params) and r.search.adapter == "merge"
+        merged = bool(m.params) and search.adapter == "merge"
         if merged:
             from .search import merge_adapter
 
@@ -249,7 +250,7 @@ def build_member(b: _Build, m, until: str | None = None) -> None:
         return pruned, hash_folder(pruned), {}, {"parameters": info["student_parameters"]}
 
     _stage(b, f"{m.name}/prune", {"shape": shape, "prune": asdict(options),
-                                  "adapter": r.search.adapter if m.params else None}, parents, prune_fn)
+                                  "adapter": search.adapter if m.params else None}, parents, prune_fn)
 
     from .distill import distill
 

@@ -96,6 +96,12 @@ class MemberSection:
     instruct: bool = False  # also build `<name>-instruct` by SFT on data.sft
     distill_tokens: int | None = None  # overrides distill.tokens for this member
     scratch_tokens: int | None = None  # overrides cost.scratch_tokens for this member
+    search: dict | None = None  # overrides of the search section for this member, e.g. {min_width: 0.25}
+
+    def search_settings(self, default: "SearchSection", key: str = "members") -> "SearchSection":
+        """The recipe's search section with this member's overrides, type-checked like the rest."""
+        return build(SearchSection, {**asdict(default), **(self.search or {})}, f"{key}.search") if self.search \
+            else default
 
 
 @dataclass
@@ -377,12 +383,8 @@ def validate(recipe: Recipe) -> Recipe:
     _check(not (uses_depth and imp.depth_metric == "ppl" and imp.depth_ppl_samples == 0),
            "importance.depth_ppl_samples: 0 disables the 'ppl' depth metric that layer pruning uses; set it > 0 "
            "or importance.depth_metric: bi")
-    s = recipe.search
-    _check(0 < s.tolerance < 1, f"search.tolerance: must be in (0, 1), got {s.tolerance}")
-    _check(s.multiple >= 1, f"search.multiple: must be >= 1, got {s.multiple}")
-    _check(0 < s.min_width <= 1 and 0 < s.min_depth <= 1, "search.min_width and search.min_depth must be in (0, 1]")
-    _check(s.max_candidates >= 1, f"search.max_candidates: must be >= 1, got {s.max_candidates}")
-    _check(s.adapter in ("merge", "discard"), f"search.adapter: {s.adapter!r} is not one of merge, discard")
+    for i, m in enumerate(recipe.members):
+        _check_search(m.search_settings(recipe.search, f"members.{i}"), f"members.{i}.search" if m.search else "search")
     _check(recipe.distill.logit_loss in LOGIT_LOSSES, f"distill.logit_loss: {recipe.distill.logit_loss!r} is not "
            f"one of {', '.join(LOGIT_LOSSES)}")
     _check(recipe.distill.tokens > 0, f"distill.tokens: must be positive, got {recipe.distill.tokens}")
@@ -392,6 +394,14 @@ def validate(recipe: Recipe) -> Recipe:
     _check(recipe.data.sft is not None or not any(m.instruct for m in recipe.members),
            "data.sft: missing, but a member has instruct: true")
     return recipe
+
+
+def _check_search(s: SearchSection, key: str) -> None:
+    _check(0 < s.tolerance < 1, f"{key}.tolerance: must be in (0, 1), got {s.tolerance}")
+    _check(s.multiple >= 1, f"{key}.multiple: must be >= 1, got {s.multiple}")
+    _check(0 < s.min_width <= 1 and 0 < s.min_depth <= 1, f"{key}.min_width and min_depth must be in (0, 1]")
+    _check(s.max_candidates >= 1, f"{key}.max_candidates: must be >= 1, got {s.max_candidates}")
+    _check(s.adapter in ("merge", "discard"), f"{key}.adapter: {s.adapter!r} is not one of merge, discard")
 
 
 def from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:

@@ -45,8 +45,9 @@ def test_recipe_loads_and_every_member_has_a_parameter_count(path):
             count = parameter_count(base, target)
             configs[m.name] = student_config(base, target)
         else:  # a budget: the search must find shapes within tolerance, each counted exactly
-            found = candidates_for(base, m.params, recipe.search)
-            assert all(abs(c.params / m.params - 1) <= recipe.search.tolerance for c in found)
+            search = m.search_settings(recipe.search)
+            found = candidates_for(base, m.params, search)
+            assert all(abs(c.params / m.params - 1) <= search.tolerance for c in found)
             count = found[0].params
             configs[m.name] = student_config(base, found[0].target())
         assert 0 < count < parameter_count(base, PruneTarget())
@@ -73,6 +74,8 @@ def test_overrides_by_index_and_name():
     ("teacher.source=", "teacher.source: missing"),
     ("members.1.instruct=true", "data.sft: missing"),
     ("members.1.shape.hidden=3", "unknown key 'members.1.shape.hidden'"),
+    ("members.0.search={min_widht: 0.2}", "unknown key 'members.0.search.min_widht'"),
+    ("members.0.search={tolerance: 2}", "members.0.search.tolerance: must be in"),
 ])
 def test_bad_recipes_fail_naming_the_dotted_key(override, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("[", r"\[")):
