@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .evaluate import RESULTS_FILE, primary_metric
+from .resources import shipped
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "model_cards"
 TAGS = ["pruned", "knowledge-distillation", "minitron", "hf-minitron"]
 META_FILES = {"pruning": "pruning.json", "search": "search.json", "distill": "distill_result.json",
               "sft": "sft_result.json", "results": RESULTS_FILE}
@@ -208,7 +208,7 @@ def card_data(meta: MemberMeta, model_name: str | None = None):
 def _env(template_dir: str | Path | None):
     import jinja2
 
-    folder = Path(template_dir or TEMPLATES)
+    folder = Path(template_dir) if template_dir else shipped("model_cards", "member.md.j2")
     if not folder.is_dir():
         raise CardError(f"model card template folder {str(folder)!r} does not exist")
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)), undefined=jinja2.ChainableUndefined,

@@ -347,12 +347,7 @@ def _add_eval(sub) -> None:
                        description="Writes one results JSON (perplexity records and task metrics). Benchmarks run "
                                    "through lm-eval on the loaded model; local multiple-choice JSONL files run as "
                                    "lm-eval custom tasks, offline.")
-    p.add_argument("--model", required=True, help="the model: a Hub repo id, a local folder, or a .gguf file")
-    p.add_argument("--revision", default=None, help="Hub branch, tag or commit of the model (default: main)")
-    p.add_argument("--gguf-file", default=None, help="GGUF file name inside the Hub repo or folder (dequantized on load)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="dtype to load weights in (default: the model's own)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    _add_model_args(p, "--model", "model")
     p.add_argument("--name", default=None, help="name recorded in the results (default: the model folder's name)")
     p.add_argument("--tasks", default=None,
                    help="lm-eval tasks, comma-separated, each optionally name:shots; 'paper' = MMLU 5-shot, HellaSwag "
@@ -401,7 +396,8 @@ def _run_eval(args) -> int:
     sources = [TextSource(d, config=args.ppl_config, split=args.ppl_split, text_column=args.ppl_text_column)
                for d in args.ppl_data]
     result = evaluate_member(args.model, args.out, name=args.name, dtype=args.dtype, device=args.device,
-                             revision=args.revision, gguf_file=args.gguf_file, tasks=args.tasks, local_tasks=local,
+                             revision=args.revision, gguf_file=args.gguf_file,
+                             trust_remote_code=args.trust_remote_code, tasks=args.tasks, local_tasks=local,
                              ppl_data=sources, ppl_seq_len=args.ppl_seq_len, ppl_windows=args.ppl_windows or None,
                              ppl_stride=args.ppl_stride, limit=args.limit, batch_size=args.batch_size,
                              allow_code_execution=args.allow_code_execution)
@@ -422,6 +418,9 @@ def _add_publish(sub) -> None:
     p.add_argument("--revision", default=None, help="branch to push to, created from main if missing (default: main)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
     p.add_argument("--collection", default=None, help="also add the members to a collection with this title")
+    p.add_argument("--space", default=None, metavar="NAME",
+                   help="also push the family comparison Space (spaces/compare) as ORG/NAME, its family file "
+                        "pointing at the member repos just published (default: no Space)")
     p.add_argument("--extra-file", action="append", default=[],
                    help="file uploaded into every member repo, e.g. the family plot; repeatable")
     p.add_argument("--base-model", default=None,
@@ -433,12 +432,12 @@ def _add_publish(sub) -> None:
 
 
 def _run_publish(args) -> int:
-    from .publish import PublishError, find_members, publish_family, publish_member
+    from .publish import PublishError, find_members, publish_member, publish_run
 
     members = find_members(args.path)
     fields = {"base_model": args.base_model, "license": args.license}
     try:
-        if len(members) == 1 and not args.collection:
+        if len(members) == 1 and not (args.collection or args.space):
             report = publish_member(members[0], f"{args.org}/{args.name or members[0].name}", private=args.private,
                                     revision=args.revision, create_pr=args.create_pr, endpoint=args.endpoint,
                                     extra_files=args.extra_file, card=not args.no_card, card_fields=fields)
@@ -446,9 +445,10 @@ def _run_publish(args) -> int:
         else:
             if args.name:
                 raise ValueError("--name applies to a single member folder; a run publishes each under its own name")
-            print(publish_family(members, args.org, private=args.private, revision=args.revision,
-                                 create_pr=args.create_pr, endpoint=args.endpoint, collection=args.collection,
-                                 extra_files=args.extra_file, card_fields=fields).summary())
+            print(publish_run(args.path, args.org, private=args.private, revision=args.revision,
+                              create_pr=args.create_pr, endpoint=args.endpoint, collection=args.collection,
+                              space=args.space, extra_files=args.extra_file, card_fields=fields,
+                              card=not args.no_card).summary())
     except PublishError as e:
         print(str(e))
         return 1
@@ -514,10 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .publish import PublishError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
+    except PublishError as e:  # what was and was not pushed, one line per repo
+        print(f"hf-minitron {args.command}: publishing did not complete:\n{e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"hf-minitron {args.command}: error: {e}", file=sys.stderr)
         return 2

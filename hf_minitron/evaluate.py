@@ -298,7 +298,8 @@ def evaluate_model(model, tokenizer, *, name: str, tasks=None, local_tasks: list
 
 
 def evaluate_member(folder: str, out: str | None = None, name: str | None = None, dtype: str | None = None,
-                    device: str = "cpu", revision: str | None = None, gguf_file: str | None = None, **kwargs) -> dict:
+                    device: str = "cpu", revision: str | None = None, gguf_file: str | None = None,
+                    trust_remote_code: bool = False, **kwargs) -> dict:
     """Load a model (folder, Hub id or .gguf), evaluate it and write the record to `out` (default: folder/RESULTS_FILE).
 
     Keyword arguments go to `evaluate_model` (tasks, local_tasks, ppl_data, ppl_seq_len, ppl_windows, limit, ...).
@@ -306,8 +307,8 @@ def evaluate_member(folder: str, out: str | None = None, name: str | None = None
     from .models import load_model, load_tokenizer, resolve_source
 
     source = resolve_source(folder, revision=revision, gguf_file=gguf_file)
-    model = load_model(source, dtype=dtype, device=device)
-    result = evaluate_model(model, load_tokenizer(source), name=name or Path(folder).name, **kwargs)
+    model = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    result = evaluate_model(model, load_tokenizer(source, trust_remote_code), name=name or Path(folder).name, **kwargs)
     if out is None and os.path.isdir(folder):
         out = os.path.join(folder, RESULTS_FILE)
     if out:

@@ -1,7 +1,8 @@
 """The build: one recipe in, one family of members out, resumable at any point.
 
 importance of the teacher (once, cached) -> per member: search (when it gives a parameter budget) -> prune ->
-distill -> optional SFT -> evaluate -> member folder. A member with `parent` is pruned from its parent's distilled
+distill -> optional SFT -> evaluate -> member folder; then the family report and, when the recipe asks, publishing
+(family.py). A member with `parent` is pruned from its parent's distilled
 weights (importance is then computed once on the parent) and distilled from the configured teacher, the parent by
 default: the paper's 15B -> 8B -> 4B path. Every stage goes through `RunDir.plan`, so re-running skips finished
 stages and resumes an interrupted one (distillation and SFT from their last checkpoint).
@@ -20,13 +21,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .cost import account, si, summary
-from .recipe import DataSource, Recipe
+from .data import TextSource
+from .recipe import Recipe
 from .rundir import RunDir, hash_folder, hash_json, open_run
 
-STAGES = ("importance", "search", "prune", "distill", "sft", "evaluate")
+STAGES = ("importance", "search", "prune", "distill", "sft", "evaluate", "publish")
 
 
-def _same_text(a: DataSource | None, b: DataSource | None) -> bool:
+def _same_text(a: TextSource | None, b: TextSource | None) -> bool:
     keys = ("path", "config", "split", "text_column", "revision")
     return a is not None and b is not None and all(getattr(a, k) == getattr(b, k) for k in keys)
 
@@ -90,7 +92,7 @@ class _Build:
         return count_parameters(config)
 
     # ---- data ----
-    def eval_source(self) -> DataSource:
+    def eval_source(self) -> TextSource:
         return self.recipe.data.evaluation or self.recipe.data.distillation
 
     def train_documents(self):
@@ -99,12 +101,12 @@ class _Build:
             from .data import load_text_dataset
 
             src = self.recipe.data.distillation
-            ds = load_text_dataset(src.text_source())
+            ds = load_text_dataset(src)
             k = self._holdout_count(ds, src)
             self.cache["train"] = ds.select(range(len(ds) - k)) if k else ds
         return self.cache["train"]
 
-    def _holdout_count(self, ds, src: DataSource) -> int:
+    def _holdout_count(self, ds, src: TextSource) -> int:
         if src.streaming or not _same_text(src, self.eval_source()) or self.recipe.data.holdout == 0:
             return 0
         return max(1, int(len(ds) * self.recipe.data.holdout)) if len(ds) > 1 else 0
@@ -118,7 +120,7 @@ class _Build:
         key = ("windows", seq_len, windows)
         if key not in self.cache:
             src = self.eval_source()
-            ds = load_text_dataset(src.text_source())
+            ds = load_text_dataset(src)
             k = self._holdout_count(ds, src)
             rows = ds.select(range(len(ds) - k, len(ds))) if k else ds
             tok, ids = self.tokenizer(), []
@@ -136,17 +138,7 @@ class _Build:
 
 
 def _stage(b: _Build, key: str, settings: dict, parents: dict, fn) -> dict:
-    """Skip, resume or run one stage through the manifest; `fn(action)` returns (output path, sha256, tokens, extra)."""
-    action = b.run.plan(key, settings, parents)
-    if action == "skip":
-        b.run.skip(key)
-        b.log(f"[{key}] done earlier: skipped")
-        return b.run.record(key)
-    b.log(f"[{key}] {action}")
-    b.run.start(key, settings, parents, action)
-    path, sha, tokens, extra = fn(action)
-    b.run.finish(key, path, sha, tokens, **extra)
-    return b.run.record(key)
+    return b.run.stage(key, settings, parents, fn, log=b.log)
 
 
 def _importance(b: _Build, base: str) -> Path:
@@ -157,7 +149,7 @@ def _importance(b: _Build, base: str) -> Path:
 
     def fn(action):
         model = b.model(base)
-        packed = pack_tokens(b.recipe.data.calibration.text_source(), b.tokenizer(), imp.samples, imp.seq_len,
+        packed = pack_tokens(b.recipe.data.calibration, b.tokenizer(), imp.samples, imp.seq_len,
                              seed=imp.seed)
         config = ImportanceConfig(batch_size=imp.batch_size, depth_ppl_samples=imp.depth_ppl_samples,
                                   default_batch_agg=imp.batch_agg, default_seq_agg=imp.seq_agg)
@@ -398,6 +390,12 @@ def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[
         log(f"== member {name} ({'budget ' + si(m.params) if m.params else 'explicit shape'}"
             f"{', from ' + m.parent if m.parent else ''})")
         build_member(b, m, until if name in targets else None)
+    if until is None:
+        from .family import publish_stage, report_family
+
+        report_family(recipe, run, log)
+        if recipe.publish.org:
+            publish_stage(recipe, run, log)
     cost = account(run, recipe)
     run.manifest["cost"] = cost
     run.manifest["members"] = cost["members"]

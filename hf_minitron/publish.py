@@ -74,10 +74,12 @@ class PublishReport:
     members: list[MemberReport] = field(default_factory=list)
     collection: str | None = None
     collection_error: str | None = None
+    space: MemberReport | None = None
 
     @property
     def ok(self) -> bool:
-        return all(m.ok for m in self.members) and self.collection_error is None
+        return all(m.ok for m in self.members) and self.collection_error is None and (self.space is None
+                                                                                      or self.space.ok)
 
     def summary(self) -> str:
         lines = [m.line() for m in self.members]
@@ -85,6 +87,8 @@ class PublishReport:
             lines.append(f"collection  {self.collection}")
         if self.collection_error:
             lines.append(f"collection NOT updated: {self.collection_error}")
+        if self.space:
+            lines.append(self.space.line().replace(self.space.repo_id, f"Space {self.space.repo_id}", 1))
         if not self.ok:
             lines.append("publishing is idempotent: run it again to push what is missing")
         return "\n".join(lines)
@@ -123,12 +127,12 @@ def _git_blob_id(path: Path) -> str:
     return digest.hexdigest()
 
 
-def remote_files(api, repo_id: str, revision: str | None) -> dict:
+def remote_files(api, repo_id: str, revision: str | None, repo_type: str = "model") -> dict:
     """{path: RepoFile} at the top level of a repo revision; empty when the repo or the revision does not exist."""
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        return {f.path: f for f in api.list_repo_tree(repo_id, revision=revision, recursive=False)
+        return {f.path: f for f in api.list_repo_tree(repo_id, revision=revision, recursive=False, repo_type=repo_type)
                 if getattr(f, "blob_id", None) is not None}
     except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError):
         return {}
@@ -146,12 +150,19 @@ def changed_files(local: dict[str, Path], remote: dict) -> tuple[list[str], list
     return changed, unchanged
 
 
-def _refresh_card(folder: Path, repo_id: str, card_fields: dict | None) -> None:
-    """Render README.md for this repo id unless the folder holds a card someone wrote by hand."""
+def card_is_generated(folder: Path) -> bool:
+    """True when the folder has no README.md, or one we rendered (tagged hf-minitron) or that a trainer wrote on
+    save (tagged generated_from_trainer, as TRL's): safe to render anew. A hand-written card is kept."""
     from huggingface_hub import metadata_load
 
-    readme = folder / "README.md"
-    if readme.is_file() and CARD_TAG not in ((metadata_load(readme) or {}).get("tags") or []):
+    readme = Path(folder) / "README.md"
+    tags = set((metadata_load(readme) or {}).get("tags") or []) if readme.is_file() else set()
+    return not readme.is_file() or bool(tags & {CARD_TAG, "generated_from_trainer"})
+
+
+def _refresh_card(folder: Path, repo_id: str, card_fields: dict | None) -> None:
+    """Render README.md for this repo id unless the folder holds a card someone wrote by hand."""
+    if not card_is_generated(folder):
         return
     from .cards import write_member_card
 
@@ -168,7 +179,7 @@ def publish_member(folder: str | Path, repo_id: str, token: str | None = None, p
     committing. `extra_files` (e.g. the family plot) are uploaded at the top level. `card` renders README.md
     from the folder's metadata (`card_fields` are passed to `cards.collect_member`).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import HfApi
 
     folder = Path(folder)
     report = MemberReport(str(folder), repo_id)
@@ -177,20 +188,8 @@ def publish_member(folder: str | Path, repo_id: str, token: str | None = None, p
             plots = [Path(f).name for f in extra_files if str(f).endswith(".png")]
             _refresh_card(folder, repo_id, {"plot": plots[0] if plots else None, **(card_fields or {})})
         local = files_to_publish(folder, extra_files)
-        api = HfApi(endpoint=endpoint, token=token)
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        report.url = str(repo_url)
-        if revision and revision != "main" and not create_pr:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        report.uploaded, report.unchanged = changed_files(local, remote_files(api, repo_id, revision))
-        if not report.uploaded:
-            report.commit = api.model_info(repo_id, revision=revision).sha
-            return report
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(local[name]))
-                      for name in report.uploaded]
-        info = api.create_commit(repo_id, operations, revision=revision, create_pr=create_pr,
-                                 commit_message=commit_message or f"hf-minitron: publish {folder.name}")
-        report.commit, report.pr_url = info.oid, info.pr_url
+        _push(HfApi(endpoint=endpoint, token=token), report, local, "model", private, revision, create_pr,
+              commit_message or f"hf-minitron: publish {folder.name}")
     except Exception as e:  # any failure: nothing of this member's commit landed (commits are atomic)
         report.error = _one_line(e)
         report.uploaded = []
@@ -199,10 +198,51 @@ def publish_member(folder: str | Path, repo_id: str, token: str | None = None, p
     return report
 
 
+def _push(api, report: MemberReport, local: dict[str, Path], repo_type: str, private: bool, revision: str | None,
+          create_pr: bool, message: str, **create_kwargs) -> None:
+    """create_repo(exist_ok) -> branch if asked -> one commit of the files that differ from the remote (or none)."""
+    from huggingface_hub import CommitOperationAdd
+
+    repo_id = report.repo_id
+    report.url = str(api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, **create_kwargs))
+    if revision and revision != "main" and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
+    report.uploaded, report.unchanged = changed_files(local, remote_files(api, repo_id, revision, repo_type))
+    if not report.uploaded:
+        report.commit = api.repo_info(repo_id, revision=revision, repo_type=repo_type).sha
+        return
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(local[name])) for name in report.uploaded]
+    info = api.create_commit(repo_id, operations, revision=revision, create_pr=create_pr, commit_message=message,
+                             repo_type=repo_type)
+    report.commit, report.pr_url = info.oid, info.pr_url
+
+
+def publish_space(folder: str | Path, repo_id: str, token: str | None = None, private: bool = False, *,
+                  endpoint: str | None = None, raise_on_error: bool = True) -> MemberReport:
+    """Push a Space folder (`space.write_space_folder`: app, requirements, README, family file) as a Gradio Space,
+    uploading only what changed."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    report = MemberReport(str(folder), repo_id)
+    try:
+        if not (folder / "app.py").is_file():
+            raise FileNotFoundError(f"Space folder {str(folder)!r} has no app.py")
+        local = {p.name: p for p in sorted(folder.iterdir()) if p.is_file()}
+        _push(HfApi(endpoint=endpoint, token=token), report, local, "space", private, None, False,
+              "hf-minitron: publish the family comparison Space", space_sdk="gradio")
+    except Exception as e:
+        report.error, report.uploaded = _one_line(e), []
+        if raise_on_error:
+            raise PublishError(PublishReport([report])) from e
+    return report
+
+
 def publish_family(folders, org: str, token: str | None = None, private: bool = False, revision: str | None = None,
                    create_pr: bool = False, *, endpoint: str | None = None, names: dict | None = None,
                    collection: str | None = None, collection_description: str | None = None, extra_files=(),
-                   card_fields: dict | None = None, member_card_fields: dict | None = None) -> PublishReport:
+                   card: bool = True, card_fields: dict | None = None,
+                   member_card_fields: dict | None = None) -> PublishReport:
     """Publish every member folder to `org/<name>` (name: `names[folder]` or the folder's name), then the collection.
 
     `card_fields` go to every member's card, `member_card_fields[folder name]` to one member's (see `collect_member`).
@@ -220,8 +260,8 @@ def publish_family(folders, org: str, token: str | None = None, private: bool = 
         name = (names or {}).get(str(folder)) or (names or {}).get(folder.name) or folder.name
         fields = {**(card_fields or {}), **(member_card_fields or {}).get(folder.name, {})}
         report.members.append(publish_member(folder, f"{org}/{name}", token, private, revision, create_pr,
-                                             endpoint=endpoint, extra_files=extra_files, card_fields=fields,
-                                             raise_on_error=False))
+                                             endpoint=endpoint, extra_files=extra_files, card=card,
+                                             card_fields=fields, raise_on_error=False))
     if collection:
         try:
             api = HfApi(endpoint=endpoint, token=token)
@@ -251,3 +291,42 @@ def find_members(path: str | Path) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"no member folders (config.json + .safetensors) under {str(path)!r}")
     return found
+
+
+def publish_run(path: str | Path, org: str, token: str | None = None, private: bool = False,
+                revision: str | None = None, create_pr: bool = False, *, endpoint: str | None = None,
+                collection: str | None = None, space: str | None = None, name: str | None = None, extra_files=(),
+                card: bool = True, card_fields: dict | None = None,
+                member_card_fields: dict | None = None) -> PublishReport:
+    """Publish a run's members (`publish_family`, with the run's family plot when it has one), then, with `space`,
+    the comparison Space `org/<space>` whose family file points at the members just published.
+
+    The Space is pushed even when a member failed (it lists the members that made it); a rerun completes both.
+    """
+    import tempfile
+
+    from .space import FAMILY_PLOT, write_space_folder
+
+    path = Path(path)
+    folders = find_members(path)
+    plots = sorted(path.glob(f"*/{FAMILY_PLOT}")) if len(folders) > 1 else []
+    extra = list(extra_files) + [p for p in plots[:1] if p.name not in {Path(f).name for f in extra_files}]
+    try:
+        report = publish_family(folders, org, token, private, revision, create_pr, endpoint=endpoint,
+                                collection=collection, extra_files=extra, card=card, card_fields=card_fields,
+                                member_card_fields=member_card_fields)
+    except PublishError as e:
+        report = e.report
+    published = {Path(m.folder).name: m.repo_id for m in report.members if m.ok}
+    if space and published:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                source = [f for f in folders if f.name in published] if len(published) < len(folders) else path
+                folder = write_space_folder(source, Path(tmp) / "space", repo_ids=published, name=name)
+                report.space = publish_space(folder, f"{org}/{space}", token, private, endpoint=endpoint,
+                                             raise_on_error=False)
+            except Exception as e:  # the Space folder could not be laid out: report it with the rest
+                report.space = MemberReport(tmp, f"{org}/{space}", error=_one_line(e))
+    if not report.ok:
+        raise PublishError(report)
+    return report

@@ -30,22 +30,6 @@ class RecipeError(ValueError):
 
 
 @dataclass
-class DataSource:
-    """One text source for `datasets`: local files, `pydoc-topics`, or a Hub id (a plain string means `path`)."""
-
-    path: str
-    config: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    streaming: bool = False
-    revision: str | None = None
-
-    def text_source(self) -> TextSource:
-        return TextSource(self.path, config=self.config, split=self.split, text_column=self.text_column,
-                          streaming=self.streaming, revision=self.revision)
-
-
-@dataclass
 class TeacherSection:
     """The model the family is cut from. `config` is optional: a shape block (`model_type` + config fields) so
     parameter counts and search candidates can be computed offline, without downloading the teacher."""
@@ -65,10 +49,10 @@ class DataSection:
     evaluation source is the same as the distillation source, so search and evaluation score unseen text
     (calibration reads the whole source: forward passes only, nothing is fitted to it)."""
 
-    calibration: DataSource | None = None
-    distillation: DataSource | None = None
-    sft: DataSource | None = None
-    evaluation: DataSource | None = None
+    calibration: TextSource | None = None  # each a `datasets` source; a plain string is its path
+    distillation: TextSource | None = None
+    sft: TextSource | None = None
+    evaluation: TextSource | None = None
     holdout: float = 0.1
 
 
@@ -170,9 +154,12 @@ class EvaluateSection:
 
 @dataclass
 class PublishSection:
-    org: str | None = None
+    """Where the build pushes the family (nothing is pushed unless `org` is set)."""
+
+    org: str | None = None  # Hub user or organization: one model repo per member, ORG/<member name>
     private: bool = False
-    collection: str | None = None
+    collection: str | None = None  # also gather the members in a collection with this title
+    space: str | None = None  # also push the comparison Space as ORG/<space>
 
 
 @dataclass
@@ -251,7 +238,7 @@ def _coerce(tp, value, key: str):
             raise RecipeError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     if is_dataclass(tp):
-        if tp is DataSource and isinstance(value, str):
+        if tp is TextSource and isinstance(value, str):
             value = {"path": value}
         return build(tp, value, key)
     if tp is bool:
@@ -393,6 +380,8 @@ def validate(recipe: Recipe) -> Recipe:
     _check(recipe.data.distillation is not None, "data.distillation: missing (text for distillation)")
     _check(recipe.data.sft is not None or not any(m.instruct for m in recipe.members),
            "data.sft: missing, but a member has instruct: true")
+    _check(recipe.publish.org is not None or not (recipe.publish.space or recipe.publish.collection),
+           "publish.org: missing, but publish.space or publish.collection is set")
     return recipe
 
 

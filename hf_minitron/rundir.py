@@ -145,6 +145,20 @@ class RunDir:
     def skip(self, key: str) -> None:
         self.actions.append((key, "skipped"))
 
+    def stage(self, key: str, settings: dict, parents: dict, fn, log=print) -> dict:
+        """Skip, resume or run one stage; `fn(action)` does the work and returns (output path, sha256, tokens,
+        extra fields for the record). A stage whose `fn` raises stays unfinished, so the next build retries it."""
+        action = self.plan(key, settings, parents)
+        if action == "skip":
+            self.skip(key)
+            log(f"[{key}] done earlier: skipped")
+            return self.record(key)
+        log(f"[{key}] {action}")
+        self.start(key, settings, parents, action)
+        path, sha, tokens, extra = fn(action)
+        self.finish(key, path, sha, tokens, **extra)
+        return self.record(key)
+
     def save(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / (MANIFEST + ".tmp")

@@ -13,7 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-SPACE_DIR = Path(__file__).resolve().parents[1] / "spaces" / "compare"
+from .resources import shipped
+
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")
 FAMILY_SUFFIXES = (".json", ".yaml", ".yml")
 RESULTS_FILE = "eval_results.json"  # as hf_minitron.evaluate.RESULTS_FILE
@@ -25,11 +26,16 @@ class SpaceError(ValueError):
     pass
 
 
+def app_dir() -> Path:
+    """spaces/compare/: in the repository, or where a wheel installed it."""
+    return shipped("spaces/compare", "app.py")
+
+
 def load_app(space_dir: str | Path | None = None):
     """The app module (`spaces/compare/app.py`), imported from its file."""
-    path = Path(space_dir or SPACE_DIR) / "app.py"
+    path = Path(space_dir or app_dir()) / "app.py"
     if not path.is_file():
-        raise SpaceError(f"the Space app {str(path)!r} is missing (it ships in the repository's spaces/compare/)")
+        raise SpaceError(f"the Space app {str(path)!r} is missing")
     name = "hf_minitron_space_app"
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
         return sys.modules[name]
@@ -202,7 +208,7 @@ def write_space_folder(source, out: str | Path, repo_ids: dict[str, str] | None 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for f in SPACE_FILES:
-        shutil.copy2(SPACE_DIR / f, out / f)
+        shutil.copy2(app_dir() / f, out / f)
     repo_ids = repo_ids or {}
     missing = []
     for m in family["members"]:

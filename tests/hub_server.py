@@ -1,4 +1,5 @@
-"""A small Hub-protocol server on 127.0.0.1 for offline publishing tests (models only, regular uploads, no LFS/Xet).
+"""A small Hub-protocol server on 127.0.0.1 for offline publishing tests (model and Space repos, regular uploads,
+no LFS/Xet). Space repos are kept under the key `spaces/<owner>/<name>`.
 
 Speaks what `huggingface_hub` (2.x) and `transformers` use to push and pull a model: repo creation, YAML
 validation, preupload (always `uploadMode: regular`, with the remote blob id so the client can skip unchanged files),
@@ -140,8 +141,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._validate_yaml()
             if parts[1:2] == ["collections"]:
                 return self._collections(method, parts[2:])
-            if parts[1:2] == ["models"] and len(parts) >= 4:
-                repo_id, rest = "/".join(parts[2:4]), parts[4:]
+            if parts[1:2] in (["models"], ["spaces"]) and len(parts) >= 4:
+                repo_id, rest = ("spaces/" if parts[1] == "spaces" else "") + "/".join(parts[2:4]), parts[4:]
                 if method == "GET" and not rest:
                     return self._info(repo_id, "main")
                 if method == "GET" and rest[:1] == ["revision"]:
@@ -165,14 +166,20 @@ class Handler(BaseHTTPRequestHandler):
                     return None
         if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
             return self._resolve("/".join(parts[:2]), parts[3], "/".join(parts[4:]), head)
+        if method in ("GET", "HEAD") and parts[:1] == ["spaces"] and len(parts) >= 6 and parts[3] == "resolve":
+            return self._resolve("/".join(parts[:3]), parts[4], "/".join(parts[5:]), head)
         self._error(404, "NotFound", f"test hub server: no route for {method} {self.path}", head)
 
     # ---- endpoints ----
     def _create_repo(self):
         payload = json.loads(self._body())
-        if payload.get("type", "model") != "model":
-            return self._error(400, "BadRequest", "test hub server serves model repos only")
+        kind = payload.get("type", "model")
+        if kind not in ("model", "space"):
+            return self._error(400, "BadRequest", "test hub server serves model and Space repos only")
+        if kind == "space" and not payload.get("sdk"):
+            return self._error(400, "BadRequest", "a Space needs an sdk")
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        repo_id = f"spaces/{repo_id}" if kind == "space" else repo_id
         url = f"http://{self.headers['Host']}/{repo_id}"
         if repo_id in self.state.repos:
             return self._send(409, {"error": "You already created this model repo", "url": url})
@@ -202,7 +209,8 @@ class Handler(BaseHTTPRequestHandler):
         oid, snapshot = self._snapshot(repo_id, revision)
         if snapshot is None:
             return None
-        self._send(200, {"id": repo_id, "modelId": repo_id, "sha": oid, "private": self.state.repos[repo_id].private,
+        public_id = repo_id.removeprefix("spaces/")
+        self._send(200, {"id": public_id, "modelId": public_id, "sha": oid, "private": self.state.repos[repo_id].private,
                          "siblings": [{"rfilename": p} for p in sorted(snapshot)], "tags": [], "downloads": 0,
                          "likes": 0, "lastModified": "2026-01-01T00:00:00.000Z"})
 

@@ -14,16 +14,12 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from hf_minitron.pipeline import build
+from hf_minitron.publish import PublishError
 from hf_minitron.recipe import from_dict
 from hf_minitron.rundir import StaleStageError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +93,11 @@ def test_chain_with_instruct_variant_then_skip_force_and_stale(files, tmp_path):
     assert cost["build_tokens"] == 128 + s["total_tokens"] + t["total_tokens"]
     assert cost["fewer_tokens"] == round(2e9 / cost["build_tokens"], 1) and s["flops"] > 0
     assert any("fewer tokens" in line for line in lines) and any("| rank |" in line for line in lines)
+    table = (out / "family" / "family.md").read_text()
+    assert all(f"| {name} |" in table for name in ("teacher", "small", "smaller", "smaller-instruct"))
+    assert (out / "family" / "family.png").stat().st_size > 1000
+    card = (out / "smaller" / "README.md").read_text()
+    assert "hf-minitron" in card and "](family.png)" in card and (out / "smaller" / "family.png").is_file()
 
     again = build(from_dict(tiny_recipe(files)), out, progress=False, log=lines.append)
     assert set(actions(again).values()) == {"skipped"}
@@ -114,6 +115,29 @@ def test_chain_with_instruct_variant_then_skip_force_and_stale(files, tmp_path):
     changed["distill"]["tokens"] = 512
     with pytest.raises(StaleStageError, match=r"small/distill finished with other settings \(.*tokens changed\)"):
         build(from_dict(changed), out, progress=False, log=lines.append)
+
+
+def test_build_publishes_members_and_space_and_completes_a_failed_publish(files, tmp_path, hub):
+    members = [{"name": "a", "shape": {"ffn_size": 96}}, {"name": "b", "parent": "a", "shape": {"ffn_size": 64}}]
+    raw = tiny_recipe(files, members=members, publish={"org": "fam", "space": "fam-compare", "collection": "tiny"})
+    out, lines = tmp_path / "run", []
+    hub.state.fail_commits.add("fam/b")
+    with pytest.raises(PublishError, match="NOT pushed  fam/b"):
+        build(from_dict(raw), out, progress=False, log=lines.append)
+    assert json.loads((out / "manifest.json").read_text())["stages"]["publish"]["status"] == "running"
+    space = hub.state.repos["spaces/fam/fam-compare"]
+    assert [m["model"] for m in json.loads(space.snapshots[space.refs["main"]]["family.json"])["members"]] == ["fam/a"]
+
+    hub.state.fail_commits.clear()
+    commits = len(hub.state.commits)
+    done = actions(build(from_dict(raw), out, progress=False, log=lines.append))
+    assert done["publish"] == "resume" and done["b/distill"] == "skipped"
+    assert sorted(c["repo"] for c in hub.state.commits[commits:]) == ["fam/b", "spaces/fam/fam-compare"]
+    files_b = hub.state.repos["fam/b"].snapshots[hub.state.repos["fam/b"].refs["main"]]
+    assert {"model.safetensors", "config.json", "README.md", "family.png", "eval_results.json"} <= set(files_b)
+    assert "base_model" not in files_b["README.md"].decode().split("---")[1]  # a local teacher is no Hub base
+    assert [i["id"] for i in hub.state.collections[next(iter(hub.state.collections))]["items"]] == ["fam/a", "fam/b"]
+    assert actions(build(from_dict(raw), out, progress=False, log=lines.append))["publish"] == "skipped"
 
 
 DRIVER = textwrap.dedent("""

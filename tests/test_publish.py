@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from hub_server import HubServer
-from hf_minitron.publish import (PublishError, files_to_publish, find_members, publish_family, publish_member)
+from hf_minitron.publish import (PublishError, files_to_publish, find_members, publish_family, publish_member,
+                                 publish_run)
 
 LOAD_BACK = r"""
 import sys, torch
@@ -24,17 +24,6 @@ with torch.no_grad():
     logits = model(input_ids=torch.arange(10)[None] % model.config.vocab_size).logits
 torch.save({"logits": logits, "eos": tok.eos_token}, sys.argv[3])
 """
-
-
-@pytest.fixture()
-def hub(monkeypatch):
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token_not_real")
-    with HubServer() as server:
-        yield server
 
 
 def make_member(folder, tokenizer, seed: int = 0):
@@ -165,3 +154,40 @@ def test_publish_cli(hub, tmp_path, smollm2_tokenizer, capsys):
     hub.state.fail_commits.add("me/x")
     args = parser.parse_args(["publish", str(run / "a"), "--org", "me", "--name", "x", "--endpoint", hub.url])
     assert args.func(args) == 1 and "NOT pushed  me/x" in capsys.readouterr().out
+
+
+def test_publish_run_with_space(hub, tmp_path, smollm2_tokenizer, capsys):
+    """Members, then the comparison Space pointing at them; publishing again changes nothing."""
+    import argparse
+
+    from hf_minitron.cards import write_family_report
+    from hf_minitron.cli import _add_publish
+
+    run = tmp_path / "run"
+    for i, name in enumerate(["a", "b"]):
+        make_member(run / name, smollm2_tokenizer, seed=i)
+    results = [{"model": n, "parameters": p, "perplexity": [{"data": "text", "perplexity": q}], "tasks": {}}
+               for n, p, q in [("a", 200_000, 12.0), ("b", 141_632, 15.0)]]
+    write_family_report(results, run / "family", "tiny family")
+    parser = argparse.ArgumentParser()
+    _add_publish(parser.add_subparsers())
+    args = parser.parse_args(["publish", str(run), "--org", "me", "--endpoint", hub.url, "--space", "tiny-compare"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "Space me/tiny-compare" in out and "NOT pushed" not in out
+    space = hub.state.repos["spaces/me/tiny-compare"]
+    files = space.snapshots[space.refs["main"]]
+    assert {"app.py", "requirements.txt", "README.md", "family.json", "family.png"} <= set(files)
+    assert "sdk: gradio" in files["README.md"].decode()
+    family = json.loads(files["family.json"])
+    assert sorted(m["model"] for m in family["members"]) == ["me/a", "me/b"]  # Hub ids, not this machine's paths
+    member = hub.state.repos["me/a"].snapshots[hub.state.repos["me/a"].refs["main"]]
+    assert "family.png" in member and "![quality vs parameters" in member["README.md"].decode()
+
+    commits = len(hub.state.commits)
+    again = publish_run(run, "me", endpoint=hub.url, space="tiny-compare")
+    assert again.ok and again.space.uploaded == [] and len(hub.state.commits) == commits
+
+    hub.state.fail_commits.add("spaces/me/broken")
+    with pytest.raises(PublishError, match="NOT pushed  Space me/broken"):
+        publish_run(run, "me", endpoint=hub.url, space="broken")

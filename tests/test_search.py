@@ -17,13 +17,7 @@ LLAMA_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_
                        head_dim=128, num_hidden_layers=32, vocab_size=128256, tie_word_embeddings=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models train fastest on one thread, above all on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_candidates_respect_budget_divisibility_and_cap():

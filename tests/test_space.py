@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hf_minitron.space import (SPACE_DIR, SpaceError, build_family, family_from_run, launch_space, load_app, member_entry,
+from hf_minitron.space import (SpaceError, app_dir, build_family, family_from_run, launch_space, load_app, member_entry,
                                write_space_folder)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "space"
@@ -138,7 +138,7 @@ def test_app_runs_without_hf_minitron(run_dir, tmp_path):
     family.write_text(json.dumps(family_from_run(run_dir)))
     code = (
         "import sys; sys.modules['hf_minitron'] = None\n"  # any import of it fails
-        f"sys.path.insert(0, {str(SPACE_DIR)!r}); import app\n"
+        f"sys.path.insert(0, {str(app_dir())!r}); import app\n"
         "example = app.load_family(app.HERE / 'family.example.json')\n"
         "assert example.members[0].model == 'HuggingFaceTB/SmolLM2-135M-Instruct' and example.members[0].instruct\n"
         f"fam = app.load_family({str(family)!r})\n"
