@@ -98,6 +98,9 @@ class MemberMeta:
     sft: dict | None = None
     results: dict | None = None
     scratch_tokens: int | None = None  # tokens a from-scratch model of this size was trained on, for the ratio
+    lineage_tokens: int | None = None  # every token the member's line used (ancestors, calibration, search, KD, SFT)
+    parent: str | None = None  # the family member it was pruned from, when not the teacher (member.json)
+    distilled_from: str | None = None  # its distillation teacher, when not the teacher (member.json)
     recipe: str | None = None  # text of the recipe (YAML) or commands that reproduce the member
     plot: str | None = None  # file name of the family plot, relative to the card
 
@@ -109,6 +112,8 @@ def collect_member(folder: str | Path, name: str | None = None, **overrides) -> 
     if config is None:
         raise CardError(f"member folder {str(folder)!r} has no config.json")
     found = {key: _read_json(folder / file) for key, file in META_FILES.items()}
+    lineage = _read_json(folder / "member.json") or {}  # written by the build
+    found.update(parent=lineage.get("parent"), distilled_from=lineage.get("distilled_from"))
     meta = MemberMeta(name=name or folder.name, config=config,
                       **{k: v for k, v in found.items() if v is not None})
     unknown = set(overrides) - set(MemberMeta.__dataclass_fields__)
@@ -214,6 +219,7 @@ def _env(template_dir: str | Path | None):
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)), undefined=jinja2.ChainableUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["human"] = human
+    env.filters["times"] = lambda v: f"{v:,.0f}" if v < 1e5 else human(v)  # 1,000× ; 25.7M×
     env.filters["num"] = lambda v: "?" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:.4g}")
     return env
 
@@ -222,7 +228,7 @@ def render_member_card(meta: MemberMeta, repo_id: str | None = None, template_di
     """README.md text for one member: front matter + body from `member.md.j2`."""
     data = card_data(meta, model_name=(repo_id or meta.name).split("/")[-1])
     member, teacher = _shape(meta.config), _shape(meta.teacher_config)
-    tokens = (meta.distill or {}).get("tokens")
+    tokens = meta.lineage_tokens or (meta.distill or {}).get("tokens")
     ratio = meta.scratch_tokens / tokens if tokens and meta.scratch_tokens else None
     return _env(template_dir).get_template("member.md.j2").render(
         card_data=data.to_yaml(), meta=meta, repo_id=repo_id or meta.name, member=member, teacher=teacher,

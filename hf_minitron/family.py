@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .cards import is_repo_id, write_family_report, write_member_card
+from .cost import account
 from .evaluate import RESULTS_FILE
 from .publish import card_is_generated
 from .rundir import hash_json
@@ -44,8 +45,12 @@ def card_fields(recipe, run, name: str) -> dict:
     """What the build knows that a member folder does not: teacher, data sets, from-scratch tokens, the recipe."""
     member = recipe.member(name.removesuffix("-instruct")) if name.endswith("-instruct") else recipe.member(name)
     sources = [s for s in (recipe.data.calibration, recipe.data.distillation, recipe.data.sft) if s is not None]
+    cost = account(run, recipe)["members"].get(member.name, {})
     return {"teacher": recipe.teacher.source, "datasets": sorted({s.path for s in sources if is_repo_id(s.path)}),
             "scratch_tokens": member.scratch_tokens or recipe.cost.scratch_tokens,
+            # the base variant did not use the SFT tokens that its instruct sibling did
+            "lineage_tokens": cost.get("lineage_tokens", 0) - (0 if name.endswith("-instruct") else
+                                                                cost.get("tokens", {}).get("sft", 0)) or None,
             "recipe": (run.root / "recipe.yaml").read_text() if (run.root / "recipe.yaml").is_file() else None}
 
 

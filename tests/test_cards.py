@@ -65,7 +65,7 @@ def test_member_card_front_matter_and_body(member):
 
     body = card.text
     assert "| MLP size | 96 | 48 |" in body and "| layers | 4 | 4 |" in body  # teacher vs member from the configs
-    assert "1000× fewer" in body and "2,000,000" in body
+    assert "1,000× fewer" in body and "2,000,000" in body
     assert 'from_pretrained("org/tiny-50M")' in body
     assert "Pruned** to ffn_size=48" in body and "logit_loss=forward_kl" in body
     assert "--ffn-size 48" in body  # reproduce commands from the metadata
