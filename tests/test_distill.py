@@ -235,10 +235,20 @@ SCRIPT = textwrap.dedent("""
             if state.global_step == die_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    class Report(TrainerCallback):  # how the student is distributed, once it is wrapped
+        trainer = None
+        def on_step_end(self, a, state, control, **kw):
+            t = self.trainer
+            if state.global_step == 1 and t.accelerator.is_main_process:
+                print("DIST", t.accelerator.distributed_type.value, type(t.model_wrapped).__name__, flush=True)
+
     orig = d.MinitronDistillTrainer.__init__
     def init(self, *a, **kw):
         orig(self, *a, **kw)
         self.add_callback(Kill())
+        report = Report()
+        report.trainer = self
+        self.add_callback(report)
     d.MinitronDistillTrainer.__init__ = init
     r = d.distill(**args)
     print("LOSSES", json.dumps([h["loss"] for h in r["log_history"] if "loss" in h]))
@@ -291,3 +301,5 @@ def test_ddp_two_cpu_processes(tmp_path):
     result = json.loads((tmp_path / "ddp" / "distill_result.json").read_text())
     assert result["steps"] == 4 and result["tokens"] == 512
     assert all(torch.isfinite(torch.tensor(_losses(proc))))
+    dist = [ln for ln in proc.stdout.splitlines() if ln.startswith("DIST")][0]
+    assert dist.split()[1:] == ["MULTI_CPU", "DistributedDataParallel"], dist  # really two ranks, really DDP
