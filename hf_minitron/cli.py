@@ -285,14 +285,17 @@ def _load_recipe_args(args):
 
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="build a whole family from a recipe: importance, search, prune, distill, SFT, "
-                                     "evaluate; resumable",
-                       description="Runs every stage of the recipe into a run folder with a manifest. Running it "
-                                   "again skips finished stages and resumes an interrupted one.")
+                                     "evaluate, family report, publish; resumable",
+                       description="Runs every stage of the recipe into a run folder with a manifest, then writes the "
+                                   "family report (family/: table, plot, card; a model card per member) and, when "
+                                   "the recipe sets publish.org, pushes the members (and publish.space) to the Hub. "
+                                   "Running it again skips finished stages and resumes an interrupted one.")
     _add_recipe_args(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo a finished stage (the stages after it follow when its output changes): importance, "
                         "search, prune, distill, sft or evaluate, for every member, or MEMBER:STAGE for one; "
-                        "also allows a changed recipe setting for that stage; repeatable")
+                        "or publish (the family, when the recipe sets publish.org); also allows a changed recipe "
+                        "setting for that stage; repeatable")
     p.add_argument("--member", action="append", default=None,
                    help="build only this member (and its parents); repeatable (default: all)")
     p.add_argument("--dry-run", action="store_true",
