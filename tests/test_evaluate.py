@@ -136,7 +136,7 @@ def test_evaluate_model_and_cli(tmp_path, smollm2_tokenizer, shared_data):
 
     import argparse
 
-    from hf_minitron.cli import _add_eval
+    from hf_minitron.cli_family import add_eval as _add_eval
 
     parser = argparse.ArgumentParser()
     _add_eval(parser.add_subparsers())

@@ -143,7 +143,7 @@ def test_build_publishes_members_and_space_and_completes_a_failed_publish(files,
 DRIVER = textwrap.dedent("""
     import argparse, os, signal, sys
     from transformers import TrainerCallback
-    from hf_minitron import cli, distill
+    from hf_minitron import cli_family, distill
 
     class Kill(TrainerCallback):
         def on_save(self, args, state, control, **kw):
@@ -157,7 +157,7 @@ DRIVER = textwrap.dedent("""
     distill.MinitronDistillTrainer.__init__ = patched
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
-    cli._add_build(sub)
+    cli_family.add_build(sub)
     args = parser.parse_args(sys.argv[1:])
     sys.exit(args.func(args))
 """)
@@ -189,12 +189,12 @@ def test_kill_during_distillation_then_resume_skips_every_earlier_stage(files, t
 
 
 def test_cli_build_dry_run_and_flags(capsys):
-    from hf_minitron import cli
+    from hf_minitron import cli_family
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
-    cli._add_build(sub)
-    cli._add_search(sub)
+    cli_family.add_build(sub)
+    cli_family.add_search(sub)
     for name, p in sub.choices.items():
         assert all(a.help for a in p._actions), name
     recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "llama-3.1-minitron-4b-width.yaml")

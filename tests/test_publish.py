@@ -137,7 +137,7 @@ def test_publish_errors(tmp_path, smollm2_tokenizer):
 def test_publish_cli(hub, tmp_path, smollm2_tokenizer, capsys):
     import argparse
 
-    from hf_minitron.cli import _add_publish
+    from hf_minitron.cli_family import add_publish as _add_publish
 
     run = tmp_path / "run"
     for i, name in enumerate(["a", "b"]):
@@ -161,7 +161,7 @@ def test_publish_run_with_space(hub, tmp_path, smollm2_tokenizer, capsys):
     import argparse
 
     from hf_minitron.cards import write_family_report
-    from hf_minitron.cli import _add_publish
+    from hf_minitron.cli_family import add_publish as _add_publish
 
     run = tmp_path / "run"
     for i, name in enumerate(["a", "b"]):

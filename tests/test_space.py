@@ -222,15 +222,15 @@ def test_compare_runs_members_together(run_dir, app):
 
 
 def test_cli_space_flags():
-    from hf_minitron import cli
+    from hf_minitron import cli_family
 
     parser = argparse.ArgumentParser()
-    cli._add_space(parser.add_subparsers(dest="command"))  # until build_parser calls it
+    cli_family.add_space(parser.add_subparsers(dest="command"))  # until build_parser calls it
     sub = parser._subparsers._group_actions[0].choices["space"]
     assert all(a.help for a in sub._actions)
     args = parser.parse_args(["space", "runs/x", "--port", "7999", "--share"])
     assert args.source == ["runs/x"] and args.port == 7999 and args.share and args.host == "127.0.0.1"
-    assert args.func is cli._run_space
+    assert args.func is cli_family._run_space
 
 
 # ---- the app in a real browser ----
