@@ -7,9 +7,6 @@ import argparse
 from .cli import _add_model_args
 
 
-# ---- subcommands owned by the family builder (build, search) are added below this line ----
-
-
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/, e.g. recipes/quickstart.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -82,11 +79,6 @@ def _run_search(args) -> int:
     build(recipe, out, force=[f"{n}:search" for n in names] if args.force else [], members=names, until="search",
           progress=not args.quiet)
     return 0
-
-# ---- end of family builder subcommands ----
-
-
-# ---- subcommands owned by evaluation and publishing ----
 
 
 def add_eval(sub) -> None:
@@ -202,12 +194,6 @@ def _run_publish(args) -> int:
     return 0
 
 
-# ---- end of evaluation and publishing subcommands ----
-
-
-# ---- subcommands owned by the Space ----
-
-
 def add_space(sub) -> None:
     p = sub.add_parser("space", help="compare a family's members side by side in the Gradio app, locally",
                        description="Launches spaces/compare/app.py on a family: one prompt, each picked member "
@@ -237,4 +223,3 @@ def _run_space(args) -> int:
     return 0
 
 
-# ---- end of Space subcommands ----
