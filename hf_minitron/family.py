@@ -26,14 +26,14 @@ from .rundir import hash_json
 FAMILY_DIR = "family"
 
 
-def member_folders(recipe, run) -> list[tuple[str, Path]]:
-    """(name, folder) of every built member and instruct variant, in recipe order."""
+def member_folders(recipe, run) -> list[tuple[str, Path, object]]:
+    """(name, folder, recipe member) of every built member and instruct variant, in recipe order."""
     out = []
     for m in recipe.members:
         for name in [m.name] + ([m.name + "-instruct"] if m.instruct else []):
             folder = run.member(name)
             if (folder / "config.json").is_file():
-                out.append((name, folder))
+                out.append((name, folder, m))
     return out
 
 
@@ -41,33 +41,41 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def card_fields(recipe, run, name: str) -> dict:
-    """What the build knows that a member folder does not: teacher, data sets, from-scratch tokens, the recipe."""
-    member = recipe.member(name.removesuffix("-instruct")) if name.endswith("-instruct") else recipe.member(name)
+def card_fields(recipe, run, folders) -> dict[str, dict]:
+    """{name: what the build knows that a member folder does not}: teacher, data sets, from-scratch tokens, the
+    tokens of the member's whole line, the recipe. The cost accounting and the recipe are read once for all."""
     sources = [s for s in (recipe.data.calibration, recipe.data.distillation, recipe.data.sft) if s is not None]
-    cost = account(run, recipe)["members"].get(member.name, {})
-    return {"teacher": recipe.teacher.source, "datasets": sorted({s.path for s in sources if is_repo_id(s.path)}),
-            "scratch_tokens": member.scratch_tokens or recipe.cost.scratch_tokens,
-            # the base variant did not use the SFT tokens that its instruct sibling did
-            "lineage_tokens": cost.get("lineage_tokens", 0) - (0 if name.endswith("-instruct") else
-                                                                cost.get("tokens", {}).get("sft", 0)) or None,
-            "recipe": (run.root / "recipe.yaml").read_text() if (run.root / "recipe.yaml").is_file() else None}
+    datasets = sorted({s.path for s in sources if is_repo_id(s.path)})
+    recipe_file = run.root / "recipe.yaml"
+    recipe_text = recipe_file.read_text() if recipe_file.is_file() else None
+    costs = account(run, recipe)["members"]
+    fields = {}
+    for name, _, m in folders:
+        cost = costs.get(m.name, {})
+        # the base variant did not use the SFT tokens that its instruct sibling did
+        sft = 0 if name != m.name else cost.get("tokens", {}).get("sft", 0)
+        fields[name] = {"teacher": recipe.teacher.source, "datasets": datasets,
+                        "scratch_tokens": m.scratch_tokens or recipe.cost.scratch_tokens,
+                        "lineage_tokens": cost.get("lineage_tokens", 0) - sft or None, "recipe": recipe_text}
+    return fields
 
 
 def report_family(recipe, run, log=print) -> Path | None:
     """family/ (results, table, plot, card) and each member's card; None when no member has results yet."""
     folders = member_folders(recipe, run)
-    results = [r for r in [_read(run.root / "eval" / "teacher.json")] + [_read(f / RESULTS_FILE) for _, f in folders]
-               if r]
+    results = [r for r in [_read(run.root / "eval" / "teacher.json")] +
+               [_read(f / RESULTS_FILE) for _, f, _ in folders] if r]
     if not any(r.get("model") != "teacher" for r in results):
         return None
+    fields = card_fields(recipe, run, folders)
     out = run.root / FAMILY_DIR
     paths = write_family_report(results, out, recipe.name, teacher="teacher",
-                                members={n: f"../{n}" for n, _ in folders}, recipe=(run.root / "recipe.yaml").read_text())
-    for name, folder in folders:
+                                members={n: f"../{n}" for n, _, _ in folders},
+                                recipe=next(iter(fields.values()))["recipe"])
+    for name, folder, _ in folders:
         shutil.copy2(paths["plot"], folder / paths["plot"].name)
         if card_is_generated(folder):
-            write_member_card(folder, **card_fields(recipe, run, name), plot=paths["plot"].name)
+            write_member_card(folder, **fields[name], plot=paths["plot"].name)
     log(f"family report: {paths['table']} , {paths['plot']}; a model card in each member folder")
     return out
 
@@ -78,13 +86,11 @@ def publish_stage(recipe, run, log=print) -> None:
 
     p = recipe.publish
     folders = member_folders(recipe, run)
-    parents = {name: run.output_hash(f"{name[:-len('-instruct')]}/sft" if name.endswith("-instruct")
-                                     else f"{name}/distill") for name, _ in folders}
+    parents = {name: run.output_hash(f"{m.name}/{'distill' if name == m.name else 'sft'}") for name, _, m in folders}
 
     def fn(action):
-        member_fields = {name: card_fields(recipe, run, name) for name, _ in folders}
         report = publish_run(run.root, p.org, private=p.private, collection=p.collection, space=p.space,
-                             name=recipe.name, member_card_fields=member_fields)
+                             name=recipe.name, member_card_fields=card_fields(recipe, run, folders))
         log(report.summary())
         pushed = {m.repo_id: m.commit for m in report.members}
         if report.space:
