@@ -45,7 +45,7 @@ def is_repo_id(spec) -> bool:
     return isinstance(spec, str) and bool(_REPO_ID.match(spec)) and not Path(spec).exists()
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -108,11 +108,11 @@ class MemberMeta:
 def collect_member(folder: str | Path, name: str | None = None, **overrides) -> MemberMeta:
     """Read config and metadata files from a member folder; keyword arguments set or replace `MemberMeta` fields."""
     folder = Path(folder)
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     if config is None:
         raise CardError(f"member folder {str(folder)!r} has no config.json")
-    found = {key: _read_json(folder / file) for key, file in META_FILES.items()}
-    lineage = _read_json(folder / "member.json") or {}  # written by the build
+    found = {key: read_json(folder / file) for key, file in META_FILES.items()}
+    lineage = read_json(folder / "member.json") or {}  # written by the build
     found.update(parent=lineage.get("parent"), distilled_from=lineage.get("distilled_from"))
     meta = MemberMeta(name=name or folder.name, config=config,
                       **{k: v for k, v in found.items() if v is not None})

@@ -12,12 +12,11 @@ when a member changed, and a publish that failed part-way is retried by the next
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from .cards import is_repo_id, write_family_report, write_member_card
+from .cards import is_repo_id, read_json, write_family_report, write_member_card
 from .cost import account
 from .evaluate import RESULTS_FILE
 from .publish import card_is_generated
@@ -35,10 +34,6 @@ def member_folders(recipe, run) -> list[tuple[str, Path, object]]:
             if (folder / "config.json").is_file():
                 out.append((name, folder, m))
     return out
-
-
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def card_fields(recipe, run, folders) -> dict[str, dict]:
@@ -63,8 +58,8 @@ def card_fields(recipe, run, folders) -> dict[str, dict]:
 def report_family(recipe, run, log=print) -> Path | None:
     """family/ (results, table, plot, card) and each member's card; None when no member has results yet."""
     folders = member_folders(recipe, run)
-    results = [r for r in [_read(run.root / "eval" / "teacher.json")] +
-               [_read(f / RESULTS_FILE) for _, f, _ in folders] if r]
+    results = [r for r in [read_json(run.root / "eval" / "teacher.json")] +
+               [read_json(f / RESULTS_FILE) for _, f, _ in folders] if r]
     if not any(r.get("model") != "teacher" for r in results):
         return None
     fields = card_fields(recipe, run, folders)
