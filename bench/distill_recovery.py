@@ -139,9 +139,9 @@ def hellaswag(model, tasks: list[dict], items: list[tuple[list[int], int]], pad_
 # ---- evaluation of one model ---------------------------------------------------------------------------------------
 class Evaluator:
     def __init__(self, tokenizer, data_dir: str, hellaswag_n: int):
-        from hf_minitron.data import text_windows
+        from hf_minitron.data import token_windows
 
-        self.windows = text_windows(os.path.join(data_dir, "wikitext2_test.txt"), tokenizer, 512, 16)
+        self.windows = token_windows(os.path.join(data_dir, "wikitext2_test.txt"), tokenizer, 512, 16)
         self.tasks = load_hellaswag(os.path.join(data_dir, "hellaswag_val_dev.jsonl"), hellaswag_n)
         self.items = encode_hellaswag(self.tasks, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

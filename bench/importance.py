@@ -122,7 +122,7 @@ def memory_child(args) -> dict:
     """One fresh process: imports, (scores), load the teacher, and in mode 'prune' prune it. RSS at each stage."""
     from hf_minitron.importance import ImportanceScores
     from hf_minitron.models import load_model
-    from hf_minitron.prune import PruneOptions, PruneTarget, prune_model
+    from hf_minitron.prune import PruneConfig, PruneTarget, prune_model
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     trim_heap()
@@ -139,7 +139,7 @@ def memory_child(args) -> dict:
     if args.child == "prune":
         target = PruneTarget(hidden_size=args.hidden_size, ffn_size=args.ffn_size, num_heads=args.num_heads,
                              num_kv_heads=args.num_kv_heads, num_layers=args.num_layers)
-        options = PruneOptions(depth_metric="bi")  # the scores carry no perplexity-drop metric
+        options = PruneConfig(depth_metric="bi")  # the scores carry no perplexity-drop metric
         out["peak_reset"] = reset_hwm()
         sampler = PeakSampler() if not out["peak_reset"] else None
         t0 = time.perf_counter()

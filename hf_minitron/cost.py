@@ -11,6 +11,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .rundir import MANIFEST
+from .utils import si  # noqa: F401 (pipeline imports it from here)
+
+
+def forward_flops(params: int, tokens: int) -> int:
+    """Forward passes only (importance scoring, a teacher's share of distillation): 2 N per token."""
+    return 2 * params * tokens
+
+
+def train_flops(params: int, tokens: int, teacher_params: int = 0) -> int:
+    """Training `params` on `tokens` (6 N per token), plus the forward passes of a distillation teacher."""
+    return (6 * params + 2 * teacher_params) * tokens
+
 
 def _done(run, key: str) -> dict:
     rec = run.record(key) or {}
@@ -56,16 +69,6 @@ def account(run, recipe) -> dict:
             "fewer_tokens": round(scratch / used, 1) if every and used else None}
 
 
-def si(x) -> str:
-    """1234567 -> '1.23M'."""
-    if x is None:
-        return "-"
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= size:
-            return f"{x / size:.3g}{unit}"
-    return f"{x:.3g}"
-
-
 def summary(run, recipe, cost: dict, teacher_params: int | None = None) -> str:
     """One screen: the members, their shape, perplexity and cost, and the build's cost against from scratch."""
     from transformers import AutoConfig
@@ -93,7 +96,7 @@ def summary(run, recipe, cost: dict, teacher_params: int | None = None) -> str:
                      f"{si(cost['fewer_tokens'])}x fewer tokens")
     skipped = sum(1 for _, a in run.actions if a == "skipped")
     lines.append(f"stages this run: {len(run.actions) - skipped} run, {skipped} skipped; manifest: "
-                 f"{run.root / 'manifest.json'}")
+                 f"{run.root / MANIFEST}")
     return "\n".join(lines)
 
 
@@ -113,7 +116,7 @@ def describe(recipe) -> str:
     for m in recipe.members:
         base = configs[m.parent or "teacher"]
         if m.shape:
-            target = PruneTarget(**asdict(m.shape))
+            target = m.shape
             configs[m.name] = student_config(base, target)
             shape = {k: v for k, v in asdict(m.shape).items() if v is not None}
             lines.append(f"  {m.name}: {si(parameter_count(base, target))} parameters, shape {shape}")

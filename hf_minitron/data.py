@@ -5,6 +5,9 @@ A source is one of:
 - `pydoc-topics`: the Python language reference shipped inside CPython (about 110K tokens of English prose,
   present on every machine, no download);
 - a Hub dataset id, with `config`, `split` and optional streaming.
+
+Every token stream (calibration packing, build and `eval` perplexity, search scoring) comes from `token_ids`, so they
+all share one convention: EOS after every document. SFT data goes through the same source handling.
 """
 
 from __future__ import annotations
@@ -27,14 +30,21 @@ class DataSourceError(ValueError):
 
 @dataclass
 class TextSource:
-    """One text data source and how to read it."""
+    """One text data source and how to read it; in a recipe, a plain string is its path."""
 
-    path: str
-    config: str | None = None
-    split: str = "train"
-    text_column: str = "text"
-    streaming: bool = False
-    revision: str | None = None
+    path: str = field(metadata={
+        "help": "text source: local .txt/.jsonl/.json/.parquet/.csv files, folders or globs (comma-separated), "
+                "'pydoc-topics' (CPython's language reference, no download), or a Hub dataset id"})
+    config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name"})
+    split: str = field(default="train", metadata={"help": "dataset split"})
+    text_column: str = field(default="text", metadata={
+        "help": "column holding the text (for SFT data: the conversations, renamed to messages)"})
+    streaming: bool = field(default=False, metadata={"help": "stream the dataset instead of downloading it whole"})
+    revision: str | None = field(default=None, metadata={"help": "Hub dataset branch, tag or commit"})
+
+    @classmethod
+    def from_string(cls, path: str) -> "TextSource":
+        return cls(path)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,33 +73,41 @@ def _local_files(path: str) -> list[str] | None:
     return files
 
 
-def load_text_dataset(source: TextSource | str):
-    """A `datasets.Dataset` (or `IterableDataset` when streaming) with the text in `source.text_column`."""
+def _load_source(source: TextSource):
+    """The dataset a source names, before any column check (shared by text and SFT data)."""
     import datasets
 
-    if isinstance(source, str):
-        source = TextSource(source)
     if source.path == BUILTIN_PYDOC:
         from pydoc_data.topics import topics
 
         return datasets.Dataset.from_dict({source.text_column: [topics[k] for k in sorted(topics)]})
     files = _local_files(source.path)
     try:
-        if files is not None:
-            kinds = {os.path.splitext(f)[1] for f in files}
-            unknown = kinds - set(_BUILDERS)
-            if unknown or len({_BUILDERS[k] for k in kinds}) != 1:
-                raise DataSourceError(f"data files of kinds {sorted(kinds)} in {source.path!r}: give one kind of "
-                                      f"{', '.join(_BUILDERS)}")
-            builder = _BUILDERS[kinds.pop()]
-            extra = {"sample_by": "document"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=source.streaming, **extra)
-        else:
-            ds = _load_hub_dataset(source)
+        if files is None:
+            return _load_hub_dataset(source)
+        kinds = {os.path.splitext(f)[1] for f in files}
+        unknown = kinds - set(_BUILDERS)
+        if unknown or len({_BUILDERS[k] for k in kinds}) != 1:
+            raise DataSourceError(f"data files of kinds {sorted(kinds)} in {source.path!r}: give one kind of "
+                                  f"{', '.join(_BUILDERS)}")
+        builder = _BUILDERS[kinds.pop()]
+        extra = {"sample_by": "document"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=source.streaming, **extra)
     except DataSourceError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs the source and the first line
-        raise DataSourceError(f"cannot read data source {source.path!r}: {str(e).splitlines()[0] if str(e) else e!r}") from e
+        first = str(e).splitlines()[0] if str(e) else repr(e)
+        raise DataSourceError(f"cannot read data source {source.path!r}: {first}") from e
+
+
+def _as_source(source: TextSource | str) -> TextSource:
+    return TextSource(source) if isinstance(source, str) else source
+
+
+def load_text_dataset(source: TextSource | str):
+    """A `datasets.Dataset` (or `IterableDataset` when streaming) with the text in `source.text_column`."""
+    source = _as_source(source)
+    ds = _load_source(source)
     columns = ds.column_names
     if columns is not None and source.text_column not in columns:
         raise DataSourceError(f"data source {source.path!r} has no column {source.text_column!r}; "
@@ -131,7 +149,7 @@ def iterate_rows(ds):
 
 @dataclass
 class PackedData:
-    """`samples` token sequences of `seq_len`, packed from documents joined by EOS."""
+    """`samples` token sequences of `seq_len`, packed from documents each followed by EOS."""
 
     input_ids: torch.Tensor  # [samples, seq_len] int64
     source: dict = field(default_factory=dict)
@@ -141,32 +159,95 @@ class PackedData:
         return hashlib.sha256(self.input_ids.numpy().tobytes()).hexdigest()
 
 
-def pack_tokens(source: TextSource | str, tokenizer, samples: int, seq_len: int, seed: int = 0,
-                max_tokens: int | None = None) -> PackedData:
-    """Tokenize documents, join them with EOS, cut into `seq_len` windows and pick `samples` of them.
+def holdout_count(num_rows: int, share: float) -> int:
+    """Documents held out from the end: at least one when `share` > 0, none for a one-document source."""
+    return max(1, int(num_rows * share)) if share > 0 and num_rows > 1 else 0
 
-    Non-streaming sources are tokenized whole (up to `max_tokens`) and windows are chosen at random (seeded)
-    across the corpus, so calibration sees all of it; streaming sources take the first windows.
+
+def split_holdout(ds, share: float):
+    """(train, heldout): the last `holdout_count` documents held out; heldout is None when nothing is held out.
+
+    Streaming datasets have no length, so they are never split.
     """
-    if samples < 1 or seq_len < 2:
-        raise DataSourceError(f"need samples >= 1 and seq_len >= 2, got samples={samples}, seq_len={seq_len}")
-    src = TextSource(source) if isinstance(source, str) else source
-    ds = load_text_dataset(src)
+    import datasets
+
+    k = 0 if isinstance(ds, datasets.IterableDataset) else holdout_count(len(ds), share)
+    if not k:
+        return ds, None
+    return ds.select(range(len(ds) - k)), ds.select(range(len(ds) - k, len(ds)))
+
+
+def _document_ids(rows, column: str, tokenizer, budget: int | None) -> list[int]:
+    """Documents in order, each followed by EOS, until `budget` tokens are reached (the last one kept whole)."""
     sep = tokenizer.eos_token_id
     if sep is None:
-        raise DataSourceError("tokenizer has no EOS token to separate packed documents")
-    needed = samples * seq_len
-    budget = max_tokens or (needed if src.streaming else None)
+        raise DataSourceError("tokenizer has no EOS token to end each document")
     ids: list[int] = []
-    with iterate_rows(ds) as rows:
-        for row in rows:
-            text = row[src.text_column]
+    with iterate_rows(rows) as it:
+        for row in it:
+            text = row[column]
             if not text:
                 continue
             ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
             ids.append(sep)
             if budget is not None and len(ids) >= budget:
                 break
+    return ids
+
+
+def token_ids(source: TextSource | str, tokenizer, max_tokens: int | None = None, rows=None) -> torch.Tensor:
+    """Token ids [N] of a source's documents in order, EOS after every document, cut to `max_tokens`.
+
+    `rows` is an already selected dataset of the source (such as its held-out tail); by default the whole source.
+    """
+    src = _as_source(source)
+    ids = _document_ids(load_text_dataset(src) if rows is None else rows, src.text_column, tokenizer, max_tokens)
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def token_windows(source: TextSource | str, tokenizer, seq_len: int, windows: int | None = None,
+                  stride: int | None = None, holdout: float = 0.0) -> torch.Tensor:
+    """The evaluation tokens of a source, for perplexity and search scoring alike, so their figures compare.
+
+    Reads the held-out tail of the source when `holdout` > 0 (see `split_holdout`). With `stride` None or
+    `seq_len`: the first `windows` (all when None) consecutive non-overlapping windows, [n, seq_len]. With
+    `stride` < `seq_len`: the flat ids [N] that `evaluate.sliding_perplexity(model, ids, seq_len, stride)` scores,
+    enough for `windows` windows moved by `stride` (all when None).
+    """
+    src = _as_source(source)
+    stride = stride or seq_len
+    if seq_len < 2 or not 0 < stride <= seq_len:
+        raise DataSourceError(f"need seq_len >= 2 and stride in 1..seq_len, got seq_len={seq_len}, stride={stride}")
+    rows = None
+    if holdout > 0:
+        whole = load_text_dataset(src)
+        tail = split_holdout(whole, holdout)[1]
+        rows = whole if tail is None else tail
+    need = None if windows is None else (windows - 1) * stride + seq_len
+    ids = token_ids(src, tokenizer, need, rows=rows)
+    if len(ids) < seq_len:
+        part = " (held-out part)" if holdout > 0 else ""
+        raise DataSourceError(f"data source {src.path!r}{part} has {len(ids)} tokens, fewer than one window "
+                              f"of {seq_len}")
+    if stride < seq_len:
+        return ids
+    n = len(ids) // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def pack_tokens(source: TextSource | str, tokenizer, samples: int, seq_len: int, seed: int = 0,
+                max_tokens: int | None = None) -> PackedData:
+    """Tokenize documents (EOS after each, as `token_ids`), cut into `seq_len` windows, pick `samples` of them.
+
+    Non-streaming sources are tokenized whole (up to `max_tokens`) and windows are chosen at random (seeded)
+    across the corpus, so calibration sees all of it; streaming sources take the first windows.
+    """
+    if samples < 1 or seq_len < 2:
+        raise DataSourceError(f"need samples >= 1 and seq_len >= 2, got samples={samples}, seq_len={seq_len}")
+    src = _as_source(source)
+    budget = max_tokens or (samples * seq_len if src.streaming else None)
+    # not cut to the budget: the last document stays whole, so the window count (and the seeded pick) is as before
+    ids = _document_ids(load_text_dataset(src), src.text_column, tokenizer, budget)
     windows = len(ids) // seq_len
     if windows < samples:
         raise DataSourceError(f"data source {src.path!r} gives {len(ids)} tokens: {windows} windows of {seq_len}, "
@@ -183,17 +264,46 @@ def pack_tokens(source: TextSource | str, tokenizer, samples: int, seq_len: int,
     return packed
 
 
-def text_windows(path: str, tokenizer, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Consecutive non-overlapping windows of a text corpus, in order (for perplexity evaluation)."""
-    ds = load_text_dataset(TextSource(path))
-    ids: list[int] = []
-    need = None if max_windows is None else max_windows * seq_len
-    with iterate_rows(ds) as rows:
-        for row in rows:
-            ids.extend(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
-            if need is not None and len(ids) >= need:
-                break
-    n = len(ids) // seq_len if max_windows is None else min(max_windows, len(ids) // seq_len)
-    if n == 0:
-        raise DataSourceError(f"{path!r} has fewer than {seq_len} tokens")
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+# ---- supervised fine-tuning data -----------------------------------------------------------------------------------
+def alpaca_to_conversations(rows) -> list[dict]:
+    """Alpaca seed tasks -> one conversation per (task, instance): user = instruction (+ input), assistant = output."""
+    convs = []
+    for row in rows:
+        for inst in row["instances"]:
+            user = row["instruction"].strip()
+            if (inst.get("input") or "").strip():  # `datasets` fills an absent input with None
+                user += "\n\n" + inst["input"].strip()
+            convs.append({"messages": [{"role": "user", "content": user},
+                                       {"role": "assistant", "content": inst["output"].strip()}]})
+    return convs
+
+
+def _alpaca_batch(batch: dict) -> dict:
+    rows = (dict(zip(batch, values)) for values in zip(*batch.values()))
+    return {"messages": [c["messages"] for c in alpaca_to_conversations(rows)]}
+
+
+def load_sft_dataset(source: TextSource | str):
+    """Chat data with a `messages` column or `prompt`+`completion` columns, read like any text source.
+
+    `source` is a `TextSource`, a path or Hub id, or an already loaded dataset. Alpaca seed tasks (`instruction` +
+    `instances`) become conversations; a `text_column` other than "text" names the column holding the conversations.
+    """
+    import datasets
+
+    if isinstance(source, (datasets.Dataset, datasets.IterableDataset)):
+        src, ds = None, source
+    else:
+        src = _as_source(source)
+        ds = _load_source(src)
+    name = repr(src.path) if src else "given dataset"
+    cols = ds.column_names or []
+    if {"instruction", "instances"} <= set(cols):
+        ds = ds.map(_alpaca_batch, batched=True, remove_columns=cols)
+    elif src and src.text_column != "text" and src.text_column in cols and src.text_column != "messages":
+        ds = ds.remove_columns([c for c in cols if c == "messages"]).rename_column(src.text_column, "messages")
+    cols = ds.column_names
+    if cols is not None and "messages" not in cols and not {"prompt", "completion"} <= set(cols):
+        raise DataSourceError(f"SFT data {name} needs a 'messages' column or 'prompt' and 'completion' columns; "
+                              f"columns: {', '.join(cols)}")
+    return ds

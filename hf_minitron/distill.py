@@ -17,19 +17,29 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from .losses import LOGIT_LOSSES, STATE_LOSSES, check_loss_name, chunked_logit_losses, intermediate_losses
+from .losses import LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_loss_name, chunked_logit_losses, intermediate_losses
 
 PROJ_ATTR = "minitron_is_projections"  # student submodule holding the L_is projections during training
 PROJ_FILE = "is_projections.safetensors"  # where checkpoints keep them (never in the student's weights)
 RESULT_FILE = "distill_result.json"
+# set by the stage from its inputs (--out, the data's text column, the token budget, the model flags), never by a
+# recipe key or a flag of their own
+EXCLUDED = ("output_dir", "dataset_text_field", "max_steps", "trust_remote_code")
 
 
 @dataclass
 class DistillConfig(SFTConfig):
-    """`SFTConfig` plus the Minitron loss settings; defaults pack plain text into fixed windows."""
+    """`SFTConfig` plus the Minitron loss settings and a token budget; defaults pack plain text into windows.
 
-    logit_loss: str = field(default="forward_kl", metadata={
-        "help": f"divergence between next-token distributions: {', '.join(LOGIT_LOSSES)}"})
+    The recipe's `distill:` section and `hf-minitron distill`'s flags are these fields (less `EXCLUDED`).
+    """
+
+    tokens: int | None = field(default=None, metadata={
+        "help": "distillation token budget (e.g. 100M); sets max_steps from the batch size, window and processes"})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "keep the checkpoint-* folders once the student is saved (default: delete them)"})
+    logit_loss: LogitLoss = field(default="forward_kl", metadata={
+        "help": "divergence between next-token distributions"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature tau for the logit loss"})
     top_k: int | None = field(default=None, metadata={
         "help": "keep only the teacher's K largest logits per token (None: the whole shared vocabulary)"})
@@ -40,7 +50,7 @@ class DistillConfig(SFTConfig):
     is_layers: str | None = field(default=None, metadata={
         "help": "intermediate-state pairs 'teacher:student,...' as hidden-state indices (0 = embedding output, "
                 "i = output of block i, so i-1 is block i's input); empty: no L_is"})
-    is_loss: str = field(default="mse", metadata={"help": f"intermediate-state loss: {', '.join(STATE_LOSSES)}"})
+    is_loss: StateLoss = field(default="mse", metadata={"help": "intermediate-state loss"})
     alpha: float | None = field(default=None, metadata={
         "help": "weight of L_is; None: dynamic alpha = L_logit / L_is (detached), as in the paper"})
     kd_chunk_tokens: int = field(default=1024, metadata={
@@ -52,6 +62,9 @@ class DistillConfig(SFTConfig):
     max_length: int | None = field(default=1024, metadata={"help": "tokens per packed training window"})
     bf16: bool | None = field(default=None, metadata={
         "help": "bf16 mixed precision (default: on when a bf16-capable CUDA device is present)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute student activations in the backward pass (less memory, ~30% slower)"})
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
@@ -204,7 +217,15 @@ def _finished(out: str) -> bool:
     return any(os.path.isfile(os.path.join(out, f)) for f in (RESULT_FILE, "model.safetensors", "config.json"))
 
 
-def _load(spec, dtype, device, what: str):
+def drop_checkpoints(folder: str) -> None:
+    import glob
+    import shutil
+
+    for ckpt in glob.glob(os.path.join(folder, f"{PREFIX_CHECKPOINT_DIR}-*")):
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _load(spec, dtype, device):
     """A model spec (repo id / folder / .gguf) or an already loaded model -> (model, tokenizer or None)."""
     if not isinstance(spec, str):
         return spec, None
@@ -214,18 +235,17 @@ def _load(spec, dtype, device, what: str):
     return load_model(src, dtype=dtype, device=device), load_tokenizer(src)
 
 
-def distill(teacher, student, data, out: str, max_tokens: int, *, config: DistillConfig | None = None,
+def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, config: DistillConfig | None = None,
             tokenizer=None, teacher_tokenizer=None, text_column: str = "text", streaming: bool = False,
             teacher_dtype: str | None = None, teacher_device: str | None = None, student_dtype: str | None = None,
             resume: bool = False, overwrite: bool = False, **overrides) -> dict:
-    """Distil `teacher` into `student` on `data` for `max_tokens` training tokens; save the student to `out`.
+    """Distil `teacher` into `student` on `data` for `max_tokens` (or `config.tokens`) tokens; save it to `out`.
 
     `teacher`/`student` are model specs or loaded models; `data` a text source (path/Hub id or `TextSource`) for
-    `load_text_dataset`, or a `datasets` dataset with a `text_column`. Keyword `overrides` set `DistillConfig` fields. `resume` continues from
-    the last checkpoint in `out`; a finished `out` is never overwritten unless `overwrite`.
+    `load_text_dataset`, or a `datasets` dataset with a `text_column`. Keyword `overrides` set `DistillConfig`
+    fields. `resume` continues from the last checkpoint in `out`; a finished `out` is never overwritten unless
+    `overwrite`. The entry point of `hf-minitron distill` and of the build's distill stage.
     """
-    if max_tokens is None or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens!r}")
     if resume and os.path.isfile(os.path.join(out, RESULT_FILE)):
         with open(os.path.join(out, RESULT_FILE)) as f:
             return json.load(f)  # already finished: nothing to redo
@@ -238,11 +258,15 @@ def distill(teacher, student, data, out: str, max_tokens: int, *, config: Distil
     else:  # set, not dataclasses.replace: TrainingArguments' __post_init__ does not re-run cleanly
         for key, value in {**overrides, "output_dir": out}.items():
             setattr(config, key, value)
+    max_tokens = max_tokens if max_tokens is not None else config.tokens
+    if max_tokens is None or max_tokens < 1:
+        raise ValueError(f"the token budget must be a positive number of tokens (--tokens), got {max_tokens!r}")
+    config.tokens = max_tokens
     config.dataset_text_field = text_column
 
     device = str(config.device)
-    student_model, student_tok = _load(student, student_dtype, "cpu", "student")
-    teacher_model, teacher_tok = _load(teacher, teacher_dtype, teacher_device or device, "teacher")
+    student_model, student_tok = _load(student, student_dtype, "cpu")
+    teacher_model, teacher_tok = _load(teacher, teacher_dtype, teacher_device or device)
     tokenizer = tokenizer or student_tok or teacher_tok
     if tokenizer is None:
         raise ValueError("no tokenizer: pass tokenizer= when giving loaded models")
@@ -286,4 +310,6 @@ def distill(teacher, student, data, out: str, max_tokens: int, *, config: Distil
             json.dump(result, f, indent=1)
     if hasattr(student_model, PROJ_ATTR):
         delattr(student_model, PROJ_ATTR)
+    if not config.keep_checkpoints and trainer.accelerator.is_main_process:
+        drop_checkpoints(out)
     return result

@@ -23,7 +23,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,43 @@ PRIMARY_METRICS = ["acc_norm", "acc", "mc2", "exact_match,strict-match", "exact_
 
 class EvalError(ValueError):
     pass
+
+
+@dataclass
+class EvaluateConfig:
+    """What to score a model on: held-out perplexity and benchmark tasks. The recipe's `evaluate:` section and
+    `hf-minitron eval`'s flags."""
+
+    seq_len: int = field(default=512, metadata={"help": "tokens per perplexity window"})
+    windows: int | None = field(default=16, metadata={"help": "perplexity windows to score; 0 or none: all the text"})
+    stride: int | None = field(default=None, metadata={
+        "help": "move windows by this many tokens, scoring only new ones, so each token has more context "
+                "(none: seq_len, non-overlapping windows)"})
+    tasks: list[str] = field(default_factory=list, metadata={
+        "help": "lm-eval tasks, each optionally name:shots; 'paper' = MMLU 5-shot, HellaSwag 10, Winogrande 5, "
+                "ARC-Challenge 25, TruthfulQA MC2 0, GSM8K 5; 'code' = HumanEval, MBPP (need their data sets)"})
+    choice_files: list[str] = field(default_factory=list, metadata={
+        "help": "local multiple-choice JSONL files in HellaSwag layout (ctx, endings, label), scored 0-shot by "
+                "log-likelihood through lm-eval (acc, acc_norm)"})
+    context_column: str = field(default="ctx", metadata={"help": "context column of the choice files"})
+    choices_column: str = field(default="endings", metadata={"help": "choices column of the choice files"})
+    label_column: str = field(default="label", metadata={"help": "label column of the choice files"})
+    limit: int | None = field(default=None, metadata={"help": "score only the first N examples of each task"})
+    batch_size: int = field(default=8, metadata={"help": "lm-eval batch size"})
+    allow_code_execution: bool = field(default=False, metadata={
+        "help": "let code tasks (humaneval, mbpp) execute the generated programs"})
+    teacher: bool = field(default=True, metadata={
+        "help": "also score the teacher, for the summary and the family table", "build_only": True})
+
+    def local_tasks(self) -> list[LocalChoiceTask]:
+        return [LocalChoiceTask(f, context_column=self.context_column, choices_column=self.choices_column,
+                                label_column=self.label_column) for f in self.choice_files]
+
+    def check(self, key: str = "evaluate") -> None:
+        """Task names and shots parse (presets expand) before any model is loaded."""
+        parse_tasks(self.tasks)
+        if self.stride is not None and not 0 < self.stride <= self.seq_len:
+            raise EvalError(f"{key}.stride: {self.stride} must be in 1..seq_len ({self.seq_len})")
 
 
 @torch.no_grad()
@@ -88,44 +125,6 @@ def sliding_perplexity(model, ids: torch.Tensor, seq_len: int, stride: int, prog
         if end == len(ids):
             break
     return math.exp(nll / tokens)
-
-
-def token_stream(source, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids [N] of a text source (path, Hub id or `TextSource`), documents joined by EOS, in order."""
-    from .data import TextSource, load_text_dataset
-
-    src = TextSource(source) if isinstance(source, str) else source
-    ids: list[int] = []
-    for row in load_text_dataset(src):
-        text = row[src.text_column]
-        if not text:
-            continue
-        if ids and tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
-    return torch.tensor(ids[:max_tokens], dtype=torch.long)
-
-
-def evaluate_perplexity(model, tokenizer, source, seq_len: int = 512, windows: int | None = 16,
-                        stride: int | None = None, progress: bool = True) -> dict:
-    """Perplexity of `model` on the first `windows` windows of `source`, as a result record."""
-    from .data import DataSourceError, TextSource
-
-    src = TextSource(source) if isinstance(source, str) else source
-    stride = stride or seq_len
-    need = None if windows is None else (windows - 1) * stride + seq_len
-    ids = token_stream(src, tokenizer, need)
-    if len(ids) < seq_len:
-        raise DataSourceError(f"{src.path!r} has {len(ids)} tokens, fewer than one window of {seq_len}")
-    if stride == seq_len:
-        n = len(ids) // seq_len
-        value = perplexity(model, ids[: n * seq_len].view(n, seq_len), progress=progress)
-    else:
-        value = sliding_perplexity(model, ids, seq_len, stride, progress=progress)
-    return {"data": src.path, "config": src.config, "split": src.split, "seq_len": seq_len, "stride": stride,
-            "tokens": len(ids), "perplexity": value}
 
 
 # ---- benchmark tasks through lm-eval ----
@@ -275,43 +274,47 @@ def primary_metric(task_result: dict) -> tuple[str, float] | None:
 # ---- per-member results ----
 
 
-def evaluate_model(model, tokenizer, *, name: str, tasks=None, local_tasks: list[LocalChoiceTask] = (),
-                   ppl_data=None, ppl_seq_len: int = 512, ppl_windows: int | None = 16, ppl_stride: int | None = None,
-                   limit: int | None = None, batch_size: int = 8, allow_code_execution: bool = False) -> dict:
-    """One member's results record: parameters, perplexity on each text source, task metrics."""
+def perplexity_record(model, tokenizer, source, config: EvaluateConfig, holdout: float = 0.0,
+                      progress: bool = False) -> dict:
+    """Perplexity of `model` on `source` (its held-out tail when `holdout` > 0), as a result record; the windows
+    are cut by `data.token_windows`, the same for the build, `hf-minitron eval` and the search."""
+    from .data import TextSource, token_windows
+
+    src = TextSource(source) if isinstance(source, str) else source
+    stride = config.stride or config.seq_len
+    ids = token_windows(src, tokenizer, config.seq_len, config.windows or None, stride, holdout)
+    if stride == config.seq_len:
+        value = perplexity(model, ids, progress=progress)
+    else:
+        value = sliding_perplexity(model, ids, config.seq_len, stride, progress=progress)
+    return {"data": src.path, "config": src.config, "split": src.split, "seq_len": config.seq_len, "stride": stride,
+            "tokens": ids.numel(), "heldout_share": holdout or None, "perplexity": value}
+
+
+def evaluate_model(model, tokenizer, name: str, config: EvaluateConfig | None = None, ppl_data=(),
+                   holdout: float = 0.0, out: str | Path | None = None, progress: bool = False) -> dict:
+    """One model's results record: parameters, perplexity on each text source, task metrics; written to `out`.
+
+    The entry point of `hf-minitron eval` and of the build's evaluate stage. `holdout`: score the held-out tail
+    of the sources (the build's, when evaluation reads the distillation text).
+    """
     from .archs import count_parameters
 
+    config = config or EvaluateConfig()
+    config.check()
     try:
         params = count_parameters(model.config)
-    except Exception:  # an architecture we do not know: count the tensors instead
+    except ValueError:  # an architecture we do not know: count the tensors instead
         params = sum(p.numel() for p in model.parameters())
     result = {"model": name, "parameters": params, "perplexity": [], "tasks": {}}
     sources = [ppl_data] if isinstance(ppl_data, str) or hasattr(ppl_data, "path") else list(ppl_data or [])
     for source in sources:
-        result["perplexity"].append(evaluate_perplexity(model, tokenizer, source, ppl_seq_len, ppl_windows,
-                                                        ppl_stride))
-    task_dict = parse_tasks(tasks)
-    if task_dict or local_tasks:
-        result["tasks"] = run_lm_eval(model, tokenizer, task_dict, list(local_tasks), limit=limit,
-                                      batch_size=batch_size, allow_code_execution=allow_code_execution)
-    return result
-
-
-def evaluate_member(folder: str, out: str | None = None, name: str | None = None, dtype: str | None = None,
-                    device: str = "cpu", revision: str | None = None, gguf_file: str | None = None,
-                    trust_remote_code: bool = False, **kwargs) -> dict:
-    """Load a model (folder, Hub id or .gguf), evaluate it and write the record to `out` (default: folder/RESULTS_FILE).
-
-    Keyword arguments go to `evaluate_model` (tasks, local_tasks, ppl_data, ppl_seq_len, ppl_windows, limit, ...).
-    """
-    from .models import load_model, load_tokenizer, resolve_source
-
-    source = resolve_source(folder, revision=revision, gguf_file=gguf_file)
-    model = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    result = evaluate_model(model, load_tokenizer(source, trust_remote_code), name=name or Path(folder).name, **kwargs)
-    if out is None and os.path.isdir(folder):
-        out = os.path.join(folder, RESULTS_FILE)
-    if out:
+        result["perplexity"].append(perplexity_record(model, tokenizer, source, config, holdout, progress))
+    task_dict = parse_tasks(config.tasks)
+    if task_dict or config.choice_files:
+        result["tasks"] = run_lm_eval(model, tokenizer, task_dict, config.local_tasks(), limit=config.limit,
+                                      batch_size=config.batch_size, allow_code_execution=config.allow_code_execution)
+    if out is not None:
         save_results(result, out)
     return result
 
@@ -330,6 +333,6 @@ def load_results(path: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-__all__ = ["perplexity", "sliding_perplexity", "token_stream", "evaluate_perplexity", "LocalChoiceTask",
-           "write_task_yaml", "parse_tasks", "run_lm_eval", "primary_metric", "evaluate_model", "evaluate_member",
-           "save_results", "load_results", "RESULTS_FILE", "PAPER_TASKS", "CODE_TASKS"]
+__all__ = ["perplexity", "sliding_perplexity", "perplexity_record", "EvaluateConfig", "LocalChoiceTask",
+           "write_task_yaml", "parse_tasks", "run_lm_eval", "primary_metric", "evaluate_model", "save_results",
+           "load_results", "RESULTS_FILE", "PAPER_TASKS", "CODE_TASKS"]

@@ -17,31 +17,46 @@ from __future__ import annotations
 import json
 import math
 import os
+import typing
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .archs import get_arch, head_dim
+from .archs import count_parameters, get_arch, head_dim
+from .cost import forward_flops
+from .rundir import StageOutput, hash_folder
 
-AGGREGATIONS = ("mean", "l2", "var")
 DEPTH_METRICS = ("ppl", "bi", "bi-run")
 SCORES_FILE, META_FILE = "importance.safetensors", "importance.json"
 
 
+Aggregation = Literal["mean", "l2", "var"]
+AGGREGATIONS = typing.get_args(Aggregation)
+
+
 @dataclass
 class ImportanceConfig:
-    """How to calibrate: batch size, which depth metrics, over how many samples."""
+    """How to calibrate: how much text, which depth metrics, which aggregation is recorded as the default."""
 
-    batch_size: int = 1
-    depth_ppl_samples: int = 64  # sequences used for the (costly: one pass per layer) perplexity-drop metric; 0 = off
-    depth_ppl_runs: list[int] = field(default_factory=lambda: [1])  # run lengths for the perplexity metric
-    bi_max_run: int | None = None  # longest run for Block Importance (default: half the layers)
-    default_batch_agg: str = "l2"
-    default_seq_agg: str = "mean"
+    samples: int = field(default=1024, metadata={"help": "calibration sequences (paper: 1024)"})
+    seq_len: int = field(default=4096, metadata={"help": "tokens per calibration sequence"})
+    batch_size: int = field(default=1, metadata={"help": "sequences per forward pass"})
+    batch_agg: Aggregation = field(default="l2", metadata={
+        "help": "aggregation over the batch recorded as the default (all nine batch x sequence pairs are stored; "
+                "prune can pick another)"})
+    seq_agg: Aggregation = field(default="mean", metadata={"help": "aggregation over the sequence recorded as the default"})
+    depth_ppl_samples: int = field(default=64, metadata={
+        "help": "sequences for the perplexity-drop layer metric (one extra pass per layer); 0 disables it"})
+    depth_ppl_runs: list[int] = field(default_factory=lambda: [1], metadata={
+        "help": "run lengths of consecutive layers scored by the perplexity-drop metric"})
+    bi_max_run: int | None = field(default=None, metadata={
+        "help": "longest contiguous run scored by Block Importance (none: half the layers)"})
+    seed: int = field(default=0, metadata={"help": "seed for picking calibration windows"})
 
 
 def _moments(a: torch.Tensor) -> torch.Tensor:
@@ -297,7 +312,7 @@ def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig 
                   "ffn_size": tensors["neurons"].shape[-1], "num_hidden_layers": n_layers},
         "samples": samples,
         "seq_len": seq_len,
-        "aggregation": {"batch": config.default_batch_agg, "seq": config.default_seq_agg},
+        "aggregation": {"batch": config.batch_agg, "seq": config.seq_agg},
         "config": asdict(config),
         "depth_ppl_runs": ppl_runs,
         "bi_max_run": max_run,
@@ -306,29 +321,33 @@ def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig 
     return ImportanceScores(tensors, meta)
 
 
-def run_importance(teacher: str, data: str, out: str, samples: int = 1024, seq_len: int = 4096, *,
-                   revision: str | None = None, gguf_file: str | None = None, dtype: str | None = None,
-                   device: str = "cpu", trust_remote_code: bool = False, data_config: str | None = None,
-                   data_split: str = "train", text_column: str = "text", streaming: bool = False, seed: int = 0,
-                   config: ImportanceConfig | None = None, overwrite: bool = False) -> ImportanceScores:
-    """Load the teacher, pack calibration data, score, and write the scores folder (the CLI's `importance`)."""
+def check_output(out: str | Path, overwrite: bool) -> None:
+    if (Path(out) / META_FILE).exists() and not overwrite:
+        raise FileExistsError(f"importance scores already exist in {str(out)!r}; reuse them, or pass --overwrite")
+
+
+def run_importance(model, tokenizer, data, config: ImportanceConfig, out: str | Path, metadata: dict | None = None,
+                   progress: bool = True) -> StageOutput:
+    """Pack calibration text, score `model`, write the scores folder whole (the CLI's `importance` and the build's).
+
+    `data` is a `TextSource` or a path; the scores record it (and `metadata`, e.g. the model's source).
+    """
+    import shutil
+
     from accelerate import PartialState
 
-    from .data import TextSource, pack_tokens
-    from .models import load_model, load_tokenizer, resolve_source
+    from .data import pack_tokens
 
-    config = config or ImportanceConfig()
-    for agg in (config.default_batch_agg, config.default_seq_agg):
-        if agg not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {agg!r}; choose from {', '.join(AGGREGATIONS)}")
-    if (Path(out) / META_FILE).exists() and not overwrite:
-        raise FileExistsError(f"importance scores already exist in {out!r}; reuse them, or pass --overwrite")
-    source = resolve_source(teacher, revision=revision, gguf_file=gguf_file)
-    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    text = TextSource(data, config=data_config, split=data_split, text_column=text_column, streaming=streaming)
-    packed = pack_tokens(text, tokenizer, samples, seq_len, seed=seed)
-    model = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    scores = compute_importance(model, packed.input_ids, config, {"teacher": source.as_dict(), "data": packed.source})
+    packed = pack_tokens(data, tokenizer, config.samples, config.seq_len, seed=config.seed)
+    scores = compute_importance(model, packed.input_ids, config, {**(metadata or {}), "data": packed.source},
+                                progress=progress)
+    out = Path(out)
     if PartialState().is_main_process:  # initialised by compute_importance
-        scores.save(out)
-    return scores
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        scores.save(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    tokens = config.samples * config.seq_len
+    return StageOutput(out, hash_folder(out) if out.exists() else None, tokens={"calibration": tokens},
+                       record={"flops": forward_flops(count_parameters(model.config), tokens)})

@@ -8,6 +8,9 @@ whole gradient-accumulation window.
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import math
 from functools import partial
 
@@ -16,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "mse", "cosine")
-STATE_LOSSES = ("mse", "cosine")
+LogitLoss = Literal["forward_kl", "reverse_kl", "jsd", "mse", "cosine"]
+StateLoss = Literal["mse", "cosine"]
+LOGIT_LOSSES, STATE_LOSSES = typing.get_args(LogitLoss), typing.get_args(StateLoss)
 
 
 def check_loss_name(name: str, allowed: tuple[str, ...], what: str) -> None:

@@ -7,12 +7,42 @@ Hub downloads go through `huggingface_hub.snapshot_download`, so its cache, `HF_
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelArgs:
+    """How to find and load one model (teacher or student): the same flags in every command, the same keys in the
+    recipe's `teacher:` section."""
+
+    source: str | None = field(default=None, metadata={
+        "help": "a Hub repo id, a local folder, a .gguf file, or pkg:<package>/<file> for a file shipped in a wheel"})
+    revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit of the model (default main)"})
+    gguf_file: str | None = field(default=None, metadata={
+        "help": "GGUF file name inside the Hub repo or folder (dequantized on load)"})
+    dtype: Dtype | None = field(default=None, metadata={
+        "help": "dtype to load the weights in (none: the model's own)"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto (cuda when available)"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow model code from the repo to run (never needed for the supported families)"})
+
+    def resolve(self) -> "ModelSource":
+        if not self.source:
+            raise ModelLoadError("no model given: set its source (--teacher, --student or --model)")
+        return resolve_source(self.source, revision=self.revision, gguf_file=self.gguf_file)
+
+    def load(self, source: "ModelSource | None" = None):
+        """(model, tokenizer) on `device` in `dtype`."""
+        source = source or self.resolve()
+        return (load_model(source, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code),
+                load_tokenizer(source, self.trust_remote_code))
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 
@@ -138,12 +168,11 @@ def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(source.folder, **kwargs)
 
 
-def load_generation_config(source: ModelSource):
-    from transformers import GenerationConfig
+def load_config(source: ModelSource | str, trust_remote_code: bool = False):
+    """The model's config alone (no weights): for parameter counts, targets and plans before loading."""
+    from transformers import AutoConfig
 
-    try:
-        if source.gguf_file:
-            return None
-        return GenerationConfig.from_pretrained(source.folder)
-    except OSError:
-        return None
+    if isinstance(source, str):
+        source = resolve_source(source)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    return AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs)

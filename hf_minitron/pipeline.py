@@ -2,40 +2,36 @@
 
 importance of the teacher (once, cached) -> per member: search (when it gives a parameter budget) -> prune ->
 distill -> optional SFT -> evaluate -> member folder; then the family report and, when the recipe asks, publishing
-(family.py). A member with `parent` is pruned from its parent's distilled
-weights (importance is then computed once on the parent) and distilled from the configured teacher, the parent by
-default: the paper's 15B -> 8B -> 4B path. Every stage goes through `RunDir.plan`, so re-running skips finished
-stages and resumes an interrupted one (distillation and SFT from their last checkpoint).
+(report.py). A member with `parent` is pruned from its parent's distilled weights (importance is then computed once
+on the parent) and distilled from the configured teacher, the parent by default: the paper's 15B -> 8B -> 4B path.
 
-Every stage records its tokens and estimated FLOPs in the manifest; `cost.py` adds them up per member against
-training it from scratch, for the summary printed at the end.
+Each stage calls the same entry function as its CLI command (`run_importance`, `run_search`, `run_prune`,
+`distill`, `sft`, `evaluate_model`) with the recipe section as its config, inside `RunDir.stage`: re-running skips
+finished stages and resumes an interrupted one (distillation and SFT from their last checkpoint). Every stage records
+its tokens and FLOPs in the manifest; `cost.py` adds them up per member against training it from scratch.
 
 Run: `hf-minitron build --recipe recipes/quickstart.yaml [--teacher T] [--out RUN] [--force STAGE] [key=value ...]`.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .cost import account, si, summary
-from .data import TextSource
-from .recipe import Recipe
-from .rundir import RunDir, hash_folder, hash_json, open_run
+from .cost import account, si, summary, train_flops
+from .recipe import MemberSection, Recipe
+from .rundir import (EVAL_FILE, INSTRUCT_SUFFIX, PRUNING_FILE, SEARCH_DIR, SEARCH_FILE, TEACHER, MemberRecord,
+                     RunDir, StageOutput, hash_folder, hash_json, open_run)
 
 STAGES = ("importance", "search", "prune", "distill", "sft", "evaluate", "publish")
-
-
-def _same_text(a: TextSource | None, b: TextSource | None) -> bool:
-    keys = ("path", "config", "split", "text_column", "revision")
-    return a is not None and b is not None and all(getattr(a, k) == getattr(b, k) for k in keys)
+WEIGHTS = ("*.safetensors", "config.json")  # what names a trained model's output
 
 
 @dataclass
 class _Build:
-    """What the stages share: the recipe, the run folder, the teacher and cached models, data and scores."""
+    """What the stages share: the recipe, the run folder, the teacher and cached models, tokenizer and documents."""
 
     recipe: Recipe
     run: RunDir
@@ -52,29 +48,29 @@ class _Build:
             self.cache["tokenizer"] = load_tokenizer(self.source, self.recipe.teacher.trust_remote_code)
         return self.cache["tokenizer"]
 
+    def is_member(self, ref: str) -> bool:
+        return any(m.name == ref for m in self.recipe.members)
+
     def model(self, ref: str):
-        """'teacher', a member name (its distilled folder) or another model spec, loaded once."""
+        """The teacher, a member (its distilled folder) or another model spec, loaded once."""
         if ref not in self.models:
             from .models import load_model
 
             t = self.recipe.teacher
-            if ref == "teacher":
+            if ref == TEACHER:
                 self.log(f"loading teacher {t.source}")
                 self.models[ref] = load_model(self.source, dtype=t.dtype, device=t.device,
                                               trust_remote_code=t.trust_remote_code)
             else:
-                path = self.run.member(ref) if self._is_member(ref) else ref
+                path = self.run.member(ref) if self.is_member(ref) else ref
                 self.models[ref] = load_model(str(path), dtype=t.dtype, device=t.device)
         return self.models[ref]
 
-    def _is_member(self, ref: str) -> bool:
-        return any(m.name == ref for m in self.recipe.members)
-
     def identity(self, ref: str) -> str:
         """A hash naming a model's exact weights: the teacher's source, a member's distilled output, a spec."""
-        if ref == "teacher":
+        if ref == TEACHER:
             return hash_json({**self.source.as_dict(), "dtype": self.recipe.teacher.dtype})
-        if self._is_member(ref):
+        if self.is_member(ref):
             return self.run.output_hash(f"{ref}/distill") or "unbuilt"
         return hash_json({"spec": ref})
 
@@ -82,262 +78,178 @@ class _Build:
         from transformers import AutoConfig
 
         from .archs import count_parameters
-        from .prune import load_config
+        from .models import load_config
         from .recipe import teacher_config
 
-        if ref == "teacher":
+        if ref == TEACHER:
             config = teacher_config(self.recipe) if self.recipe.teacher.config else load_config(self.source)
         else:
-            config = AutoConfig.from_pretrained(self.run.member(ref) if self._is_member(ref) else ref)
+            config = AutoConfig.from_pretrained(self.run.member(ref) if self.is_member(ref) else ref)
         return count_parameters(config)
-
-    # ---- data ----
-    def eval_source(self) -> TextSource:
-        return self.recipe.data.evaluation or self.recipe.data.distillation
 
     def train_documents(self):
         """The distillation source, minus its held-out tail when evaluation reads the same source."""
         if "train" not in self.cache:
-            from .data import load_text_dataset
+            from .data import load_text_dataset, split_holdout
 
-            src = self.recipe.data.distillation
-            ds = load_text_dataset(src)
-            k = self._holdout_count(ds, src)
-            self.cache["train"] = ds.select(range(len(ds) - k)) if k else ds
+            ds = load_text_dataset(self.recipe.data.distillation)
+            holdout = self.recipe.data.eval_holdout
+            self.cache["train"] = split_holdout(ds, holdout)[0] if holdout else ds
         return self.cache["train"]
-
-    def _holdout_count(self, ds, src: TextSource) -> int:
-        if src.streaming or not _same_text(src, self.eval_source()) or self.recipe.data.holdout == 0:
-            return 0
-        return max(1, int(len(ds) * self.recipe.data.holdout)) if len(ds) > 1 else 0
-
-    def heldout_windows(self, seq_len: int, windows: int):
-        """Consecutive windows of the evaluation text (its held-out tail when it is also training text)."""
-        import torch
-
-        from .data import DataSourceError, load_text_dataset
-
-        key = ("windows", seq_len, windows)
-        if key not in self.cache:
-            src = self.eval_source()
-            ds = load_text_dataset(src)
-            k = self._holdout_count(ds, src)
-            rows = ds.select(range(len(ds) - k, len(ds))) if k else ds
-            tok, ids = self.tokenizer(), []
-            for row in rows:
-                if row[src.text_column]:
-                    ids += tok(row[src.text_column], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                if len(ids) >= seq_len * windows:
-                    break
-            n = min(windows, len(ids) // seq_len)
-            if n == 0:
-                raise DataSourceError(f"evaluation text {src.path!r} (held-out part) has {len(ids)} tokens, fewer "
-                                      f"than one window of {seq_len}")
-            self.cache[key] = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-        return self.cache[key]
-
-
-def _stage(b: _Build, key: str, settings: dict, parents: dict, fn) -> dict:
-    return b.run.stage(key, settings, parents, fn, log=b.log)
 
 
 def _importance(b: _Build, base: str) -> Path:
-    from .data import pack_tokens
-    from .importance import ImportanceConfig, compute_importance
+    from .importance import run_importance
 
-    imp, folder = b.recipe.importance, b.run.importance(base)
-
-    def fn(action):
-        model = b.model(base)
-        packed = pack_tokens(b.recipe.data.calibration, b.tokenizer(), imp.samples, imp.seq_len,
-                             seed=imp.seed)
-        config = ImportanceConfig(batch_size=imp.batch_size, depth_ppl_samples=imp.depth_ppl_samples,
-                                  default_batch_agg=imp.batch_agg, default_seq_agg=imp.seq_agg)
-        scores = compute_importance(model, packed.input_ids, config, {"base": base, "data": packed.source},
-                                    progress=b.progress)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        scores.save(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        tokens = imp.samples * imp.seq_len
-        return folder, hash_folder(folder), {"calibration": tokens}, {"flops": 2 * b.params_of(base) * tokens}
-
-    settings = {**asdict(imp), "data": asdict(b.recipe.data.calibration)}
-    _stage(b, f"importance/{base}", settings, {"model": b.identity(base)}, fn)
+    folder = b.run.importance(base)
+    settings = {**asdict(b.recipe.importance), "data": asdict(b.recipe.data.calibration)}
+    b.run.stage(f"importance/{base}", settings, {"model": b.identity(base)}, lambda action: run_importance(
+        b.model(base), b.tokenizer(), b.recipe.data.calibration, b.recipe.importance, folder, {"base": base},
+        progress=b.progress), log=b.log)
     return folder
 
 
-def _distill_args(b: _Build) -> dict:
-    d = b.recipe.distill
-    return dict(max_length=d.seq_len, per_device_train_batch_size=d.batch_size, gradient_accumulation_steps=d.grad_accum,
-                learning_rate=d.lr, warmup_steps=d.warmup, logit_loss=d.logit_loss, temperature=d.temperature,
-                top_k=d.top_k, w_clm=d.w_clm, is_layers=d.is_layers, save_steps=d.save_steps,
-                logging_steps=d.logging_steps, seed=d.seed, report_to=[], disable_tqdm=not b.progress,
-                **{"gradient_checkpointing": False, **d.options})
-
-
-def _drop_checkpoints(folder: Path) -> None:
-    for ckpt in folder.glob("checkpoint-*"):
-        shutil.rmtree(ckpt, ignore_errors=True)
-
-
-def build_member(b: _Build, m, until: str | None = None) -> None:
-    """search -> prune -> distill -> SFT -> evaluate for one member, each stage skipped when already done."""
+def _search(b: _Build, m: MemberSection, scores_dir: Path) -> dict:
+    """The search stage of a member with a budget -> the winning shape."""
+    from .data import token_windows
     from .importance import ImportanceScores
-    from .prune import PruneOptions, PruneTarget, plan_summary, prune_model, save_student
+    from .search import run_search
 
-    r, run = b.recipe, b.run
-    base = m.parent or "teacher"
-    scores_dir = _importance(b, base)
-    kd_ref = m.teacher or ("parent" if m.parent else "teacher")
-    kd_ref = m.parent if kd_ref == "parent" else kd_ref
-    options = PruneOptions(depth_metric=r.importance.depth_metric)
-    parents = {"importance": run.output_hash(f"importance/{base}"), "base": b.identity(base)}
-    shape = asdict(m.shape) if m.shape else None
-    search_dir = run.work(m.name) / "search"
+    r, folder = b.recipe, b.run.work(m.name) / SEARCH_DIR
     search = m.search_settings(r.search)
-    if m.params:
-        from .search import run_search
 
-        def search_fn(action):
-            if action == "redo":
-                shutil.rmtree(search_dir, ignore_errors=True)
-            teacher = b.model(kd_ref)
-            windows = b.heldout_windows(search.eval_seq_len, search.eval_windows)
-            res = run_search(b.model(base), ImportanceScores.load(scores_dir), teacher, b.tokenizer(),
-                             b.train_documents(), windows, m.params, search, search_dir, options,
-                             base_path=str(run.pruned(m.name)), seed=r.distill.seed, progress=b.progress, log=b.log)
-            n_kd = b.params_of(kd_ref)
-            flops = sum((6 * c["params"] + 2 * n_kd) * c["tokens"] for c in res["candidates"])
-            return search_dir, hash_folder(search_dir), {"search": res["tokens"]}, {"flops": flops,
-                                                                                   "winner": res["winner"]["shape"]}
-
-        settings = {"budget": m.params, "search": asdict(search), "prune": asdict(options), "kd_teacher": kd_ref,
-                    "data": asdict(r.data.distillation), "eval": asdict(b.eval_source()), "holdout": r.data.holdout}
-        _stage(b, f"{m.name}/search", settings, {**parents, "kd_teacher": b.identity(kd_ref)}, search_fn)
-        shape = json.loads((search_dir / "search.json").read_text())["winner"]["shape"]
-        parents["search"] = run.output_hash(f"{m.name}/search")
-    if until == "search":
-        return
-
-    pruned = run.pruned(m.name)
-
-    def prune_fn(action):
-        base_model = b.model(base)
-        target = PruneTarget(**shape)
-        student, plan = prune_model(base_model, ImportanceScores.load(scores_dir), target, options)
-        merged = bool(m.params) and search.adapter == "merge"
-        if merged:
-            from .search import merge_adapter
-
-            student = merge_adapter(student, search_dir / "adapter")
-        info = {"teacher": b.source.as_dict(), "base": base, "importance": str(scores_dir),
-                "search_adapter_merged": merged, **plan_summary(plan, target, options, base_model.config)}
-        tmp = pruned.with_name(pruned.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_student(student, tmp, b.tokenizer(), info)
-        shutil.rmtree(pruned, ignore_errors=True)
-        tmp.rename(pruned)
-        return pruned, hash_folder(pruned), {}, {"parameters": info["student_parameters"]}
-
-    _stage(b, f"{m.name}/prune", {"shape": shape, "prune": asdict(options),
-                                  "adapter": search.adapter if m.params else None}, parents, prune_fn)
-
-    from .distill import distill
-
-    folder, tokens = run.member(m.name), m.distill_tokens or r.distill.tokens
-
-    def distill_fn(action):
+    def fn(action) -> StageOutput:
         if action == "redo":
             shutil.rmtree(folder, ignore_errors=True)
-        res = distill(b.model(kd_ref), str(pruned), b.train_documents(), str(folder), tokens,
-                      resume=action == "resume", **_distill_args(b))
-        for name in ("pruning.json", "search.json"):
-            src = (search_dir if name == "search.json" else pruned) / name
+        windows = token_windows(r.data.eval_source, b.tokenizer(), search.eval_seq_len, search.eval_windows,
+                                holdout=r.data.eval_holdout)
+        return run_search(b.model(m.base), ImportanceScores.load(scores_dir), b.model(m.kd_teacher), b.tokenizer(),
+                          b.train_documents(), windows, m.params, search, folder, r.prune,
+                          base_path=str(b.run.pruned(m.name)), seed=r.distill.get("seed", 42), progress=b.progress,
+                          log=b.log)
+
+    settings = {"budget": m.params, "search": asdict(search), "prune": asdict(r.prune), "kd_teacher": m.kd_teacher,
+                "data": asdict(r.data.distillation), "eval": asdict(r.data.eval_source), "holdout": r.data.holdout}
+    parents = {"importance": b.run.output_hash(f"importance/{m.base}"), "base": b.identity(m.base),
+               "kd_teacher": b.identity(m.kd_teacher)}
+    b.run.stage(f"{m.name}/search", settings, parents, fn, log=b.log)
+    return b.run.record(f"{m.name}/search")["winner"]
+
+
+def _prune(b: _Build, m: MemberSection, shape: dict, scores_dir: Path) -> None:
+    from .prune import PruneTarget, run_prune
+
+    merge = bool(m.params) and m.search_settings(b.recipe.search).adapter == "merge"
+    adapter = b.run.work(m.name) / SEARCH_DIR / "adapter" if merge else None
+    info = {"teacher": b.source.as_dict(), "base": m.base, "importance": str(scores_dir)}
+    parents = {"importance": b.run.output_hash(f"importance/{m.base}"), "base": b.identity(m.base)}
+    if m.params:
+        parents["search"] = b.run.output_hash(f"{m.name}/search")
+    settings = {"shape": shape, "prune": asdict(b.recipe.prune), "adapter": "merge" if merge else None}
+    b.run.stage(f"{m.name}/prune", settings, parents, lambda action: run_prune(
+        b.model(m.base), b.tokenizer(), scores_dir, PruneTarget(**shape), b.recipe.prune, b.run.pruned(m.name), info,
+        adapter), log=b.log)
+
+
+def _distill(b: _Build, m: MemberSection, shape: dict) -> None:
+    from .distill import DistillConfig, distill
+
+    r, folder, pruned = b.recipe, b.run.member(m.name), b.run.pruned(m.name)
+    tokens = r.distill_tokens(m)
+
+    def fn(action) -> StageOutput:
+        if action == "redo":
+            shutil.rmtree(folder, ignore_errors=True)
+        config = DistillConfig(output_dir=str(folder), **{**r.distill, "tokens": tokens},
+                               disable_tqdm=not b.progress)
+        res = distill(b.model(m.kd_teacher), str(pruned), b.train_documents(), str(folder), config=config,
+                      text_column=r.data.distillation.text_column, resume=action == "resume")
+        search_json = b.run.work(m.name) / SEARCH_DIR / SEARCH_FILE
+        for src in (pruned / PRUNING_FILE, search_json):
             if src.is_file():
-                shutil.copy(src, folder / name)
-        (folder / "member.json").write_text(json.dumps(
-            {"name": m.name, "parent": m.parent, "teacher": r.teacher.source, "distilled_from": kd_ref,
-             "instruct": False, "recipe": r.name}, indent=1) + "\n")
-        if not r.distill.keep_checkpoints:
-            _drop_checkpoints(folder)
+                shutil.copy(src, folder / src.name)
+        MemberRecord(m.name, "base", teacher=r.teacher.source, pruned_from=m.base, distilled_from=m.kd_teacher,
+                     recipe=r.name, shape=shape, tokens={"distillation": res["tokens"]}).write(folder)
         n = b.params_of(m.name)
-        flops = (6 * n + 2 * b.params_of(kd_ref)) * res["tokens"]
-        return folder, hash_folder(folder, ("*.safetensors", "config.json")), {"distillation": res["tokens"]}, \
-            {"flops": flops, "parameters": n, "steps": res["steps"], "train_loss": res["train_loss"]}
+        return StageOutput(folder, hash_folder(folder, WEIGHTS), {"distillation": res["tokens"]},
+                           {"flops": train_flops(n, res["tokens"], b.params_of(m.kd_teacher)), "parameters": n,
+                            "steps": res["steps"], "train_loss": res["train_loss"]})
 
-    distill_settings = {**asdict(r.distill), "tokens": tokens, "kd_teacher": kd_ref,
-                        "data": asdict(r.data.distillation), "holdout": r.data.holdout}
-    distill_settings.pop("keep_checkpoints")
-    _stage(b, f"{m.name}/distill", distill_settings, {"pruned": run.output_hash(f"{m.name}/prune"),
-                                                      "kd_teacher": b.identity(kd_ref)}, distill_fn)
-    eval_parents = {"distill": run.output_hash(f"{m.name}/distill")}
-    folders = [(m.name, folder)]
-    if m.instruct:
-        instruct = run.member(m.name + "-instruct")
-        _sft(b, m, folder, instruct)
-        eval_parents["sft"] = run.output_hash(f"{m.name}/sft")
-        folders.append((m.name + "-instruct", instruct))
-    _evaluate(b, f"{m.name}/evaluate", folders, eval_parents)
+    settings = {**r.distill, "tokens": tokens, "kd_teacher": m.kd_teacher, "data": asdict(r.data.distillation),
+                "holdout": r.data.holdout}
+    settings.pop("keep_checkpoints", None)
+    b.run.stage(f"{m.name}/distill", settings, {"pruned": b.run.output_hash(f"{m.name}/prune"),
+                                                "kd_teacher": b.identity(m.kd_teacher)}, fn, log=b.log)
 
 
-def _sft(b: _Build, m, folder: Path, out: Path) -> None:
-    from .sft import sft
+def _sft(b: _Build, m: MemberSection) -> None:
+    from .sft import InstructConfig, sft
 
-    s, src = b.recipe.sft, b.recipe.data.sft
+    r, base, out = b.recipe, b.run.member(m.name), b.run.member(m.name + INSTRUCT_SUFFIX)
 
-    def fn(action):
+    def fn(action) -> StageOutput:
         if action == "redo":
             shutil.rmtree(out, ignore_errors=True)
-        res = sft(str(folder), src.path, str(out), chat_template=s.chat_template, lora=s.lora, lora_r=s.lora_r,
-                  lora_alpha=2 * s.lora_r, split=src.split, resume=action == "resume", num_train_epochs=s.epochs,
-                  max_steps=s.max_steps, learning_rate=s.lr, per_device_train_batch_size=s.batch_size,
-                  max_length=s.max_length, save_steps=s.save_steps, report_to=[], gradient_checkpointing=False,
-                  disable_tqdm=not b.progress)
-        tokens = max([h.get("num_tokens", 0) for h in res["log_history"]] + [0])
-        (out / "member.json").write_text(json.dumps({"name": out.name, "parent": m.name, "teacher":
-                                                     b.recipe.teacher.source, "instruct": True}, indent=1) + "\n")
-        _drop_checkpoints(out)
-        return out, hash_folder(out, ("*.safetensors", "config.json")), {"sft": int(tokens)}, \
-            {"flops": 6 * b.params_of(m.name) * int(tokens)}
+        config = InstructConfig(output_dir=str(out), **r.sft, disable_tqdm=not b.progress)
+        res = sft(str(base), r.data.sft, str(out), config=config, resume=action == "resume")
+        for name in (PRUNING_FILE, SEARCH_FILE):  # the instruct card shows its base's lineage too
+            if (base / name).is_file():
+                shutil.copy(base / name, out / name)
+        MemberRecord(out.name, "instruct", teacher=r.teacher.source, sft_from=m.name, recipe=r.name,
+                     tokens={"sft": res["tokens"]}).write(out)
+        return StageOutput(out, hash_folder(out, WEIGHTS), {"sft": res["tokens"]},
+                           {"flops": train_flops(b.params_of(m.name), res["tokens"])})
 
-    _stage(b, f"{m.name}/sft", {**asdict(s), "data": asdict(src)}, {"distill": b.run.output_hash(f"{m.name}/distill")},
-           fn)
+    settings = {**r.sft, "data": asdict(r.data.sft)}
+    settings.pop("keep_checkpoints", None)
+    b.run.stage(f"{m.name}/sft", settings, {"distill": b.run.output_hash(f"{m.name}/distill")}, fn, log=b.log)
 
 
-def _evaluate(b: _Build, key: str, folders: list[tuple[str, Path | str]], parents: dict) -> None:
-    """Perplexity on held-out text (and lm-eval tasks when the recipe lists them) -> eval_results.json."""
-    from .archs import count_parameters
-    from .evaluate import perplexity, run_lm_eval, save_results
+def _evaluate(b: _Build, key: str, models: list[tuple[str, object, Path]], parents: dict) -> None:
+    """`evaluate_model` on each (name, model loader, results file): held-out perplexity, the recipe's tasks."""
+    from .evaluate import evaluate_model
+
+    r = b.recipe
+
+    def fn(action) -> StageOutput:
+        results = {}
+        for name, load, out in models:
+            model, tokenizer = load()
+            res = evaluate_model(model, tokenizer, name, r.evaluate, [r.data.eval_source], r.data.eval_holdout,
+                                 out=out, progress=b.progress)
+            ppl = res["perplexity"][0]
+            b.log(f"  {name}: perplexity {ppl['perplexity']:,.2f} on {ppl['tokens']:,} held-out tokens")
+            results[name] = ppl["perplexity"]
+        return StageOutput(models[0][2].parent, hash_json(results), record={"results": results})
+
+    settings = {**asdict(r.evaluate), "data": asdict(r.data.eval_source), "holdout": r.data.holdout}
+    settings.pop("teacher")
+    b.run.stage(key, settings, parents, fn, log=b.log)
+
+
+def _member_loader(b: _Build, folder: Path):
     from .models import load_model, load_tokenizer
 
-    e, src = b.recipe.evaluate, b.eval_source()
+    return lambda: (load_model(str(folder), dtype=b.recipe.teacher.dtype), load_tokenizer(str(folder)))
 
-    def fn(action):
-        results = {}
-        windows = b.heldout_windows(e.seq_len, e.windows)
-        for name, folder in folders:
-            model = b.model("teacher") if folder == "teacher" else load_model(str(folder), dtype=b.recipe.teacher.dtype)
-            record = {"data": src.path, "config": src.config, "split": src.split, "seq_len": e.seq_len,
-                      "stride": e.seq_len, "tokens": windows.numel(), "heldout_share": b.recipe.data.holdout
-                      if _same_text(src, b.recipe.data.distillation) else None,
-                      "perplexity": perplexity(model, windows, progress=b.progress)}
-            result = {"model": name, "parameters": count_parameters(model.config), "perplexity": [record], "tasks": {}}
-            if e.tasks:
-                tok = b.tokenizer() if folder == "teacher" else load_tokenizer(str(folder))
-                result["tasks"] = run_lm_eval(model, tok, {t: None for t in e.tasks}, limit=e.limit)
-            out = b.run.root / "eval" / "teacher.json" if folder == "teacher" else Path(folder) / "eval_results.json"
-            save_results(result, out)
-            results[name] = result
-            b.log(f"  {name}: perplexity {record['perplexity']:,.2f} on {windows.numel():,} held-out tokens")
-        path = b.run.root / "eval" if folders[0][1] == "teacher" else Path(folders[0][1])
-        return path, hash_json(results), {}, {"results": {n: r["perplexity"][0]["perplexity"] for n, r in
-                                                          results.items()}}
 
-    settings = {**asdict(e), "data": asdict(src), "holdout": b.recipe.data.holdout}
-    settings.pop("teacher")
-    _stage(b, key, settings, parents, fn)
+def build_member(b: _Build, m: MemberSection, until: str | None = None) -> None:
+    """search -> prune -> distill -> SFT -> evaluate for one member, each stage skipped when already done."""
+    scores = _importance(b, m.base)
+    shape = _search(b, m, scores) if m.params else asdict(m.shape)
+    if until == "search":
+        return
+    _prune(b, m, shape, scores)
+    _distill(b, m, shape)
+    folder = b.run.member(m.name)
+    models = [(m.name, _member_loader(b, folder), folder / EVAL_FILE)]
+    parents = {"distill": b.run.output_hash(f"{m.name}/distill")}
+    if m.instruct:
+        _sft(b, m)
+        instruct = b.run.member(m.name + INSTRUCT_SUFFIX)
+        models.append((instruct.name, _member_loader(b, instruct), instruct / EVAL_FILE))
+        parents["sft"] = b.run.output_hash(f"{m.name}/sft")
+    _evaluate(b, f"{m.name}/evaluate", models, parents)
 
 
 def _with_ancestors(recipe: Recipe, names) -> list[str]:
@@ -352,10 +264,7 @@ def _with_ancestors(recipe: Recipe, names) -> list[str]:
 
 def _release(b: _Build, remaining) -> None:
     """Drop cached models no remaining member prunes from or distils from (a 15B teacher need not stay for the 4B)."""
-    needed = set()
-    for m in remaining:
-        kd = m.teacher or ("parent" if m.parent else "teacher")
-        needed |= {m.parent or "teacher", m.parent if kd == "parent" else kd}
+    needed = {ref for m in remaining for ref in (m.base, m.kd_teacher)}
     for ref in [r for r in b.models if r not in needed]:
         del b.models[ref]
 
@@ -367,23 +276,19 @@ def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[
     `force`: stages to redo, `stage` or `member:stage` (their downstream stages follow). `members`: build only
     these (and their ancestors). `until='search'`: stop the named members after their search stage.
     """
-    import time
-
-    from .models import resolve_source
-
     for f in force:
         stage = f.rpartition(":")[2]
         if stage not in STAGES:
             raise ValueError(f"--force {f!r}: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    t = recipe.teacher
-    source = resolve_source(t.source, revision=t.revision, gguf_file=t.gguf_file)
+    source = recipe.teacher.resolve()
     run = open_run(out, recipe, source.as_dict(), force)
     b = _Build(recipe, run, source, progress, log)
     started = time.time()
     names = _with_ancestors(recipe, members) if members else [m.name for m in recipe.members]
     targets = set(members or names)
     if recipe.evaluate.teacher and until is None:
-        _evaluate(b, "teacher/evaluate", [("teacher", "teacher")], {"teacher": b.identity("teacher")})
+        teacher = (TEACHER, lambda: (b.model(TEACHER), b.tokenizer()), run.teacher_eval())
+        _evaluate(b, f"{TEACHER}/evaluate", [teacher], {TEACHER: b.identity(TEACHER)})
     for i, name in enumerate(names):
         m = recipe.member(name)
         _release(b, [recipe.member(n) for n in names[i:]])
@@ -391,7 +296,7 @@ def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[
             f"{', from ' + m.parent if m.parent else ''})")
         build_member(b, m, until if name in targets else None)
     if until is None:
-        from .family import publish_stage, report_family
+        from .report import publish_stage, report_family
 
         report_family(recipe, run, log)
         if recipe.publish.org:
@@ -403,5 +308,5 @@ def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[
                                    "seconds": round(time.time() - started), "actions": run.actions})
     run.save()
     if until is None:
-        log(summary(run, recipe, cost, b.params_of("teacher")))
+        log(summary(run, recipe, cost, b.params_of(TEACHER)))
     return {**cost, "actions": run.actions, "run": str(run.root)}

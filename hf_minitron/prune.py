@@ -13,31 +13,47 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from .archs import copy_into, count_parameters, get_arch, head_dim, intermediate_size, num_kv_heads
+from .archs import count_parameters, get_arch, head_dim, intermediate_size, num_kv_heads
 from .importance import DEPTH_METRICS, ImportanceScores
+from .rundir import StageOutput, hash_folder
 
 
 @dataclass
 class PruneTarget:
-    """The student's shape; None keeps the teacher's value on that axis."""
+    """The student's shape; an unset axis keeps the base model's value."""
 
-    hidden_size: int | None = None
-    ffn_size: int | None = None
-    num_heads: int | None = None
-    num_kv_heads: int | None = None
-    num_layers: int | None = None
-    drop_layers: list[int] | None = None
+    hidden_size: int | None = field(default=None, metadata={"help": "embedding channels to keep"})
+    ffn_size: int | None = field(default=None, metadata={"help": "MLP neurons to keep per layer"})
+    num_heads: int | None = field(default=None, metadata={
+        "help": "query heads to keep per layer, the same count in every KV group"})
+    num_kv_heads: int | None = field(default=None, metadata={
+        "help": "KV heads to keep: prunes whole GQA groups (unset: keep them all, except MHA where it follows heads)"})
+    num_layers: int | None = field(default=None, metadata={
+        "help": "layers to keep: drops the least important ones by the depth metric"})
+    drop_layers: list[int] | None = field(default=None, metadata={
+        "help": "layers to drop by index, e.g. 16,17,18 (instead of num_layers)"})
+
+
+AggregationName = Literal["mean", "l2", "var"]
 
 
 @dataclass
-class PruneOptions:
-    batch_agg: str | None = None  # None: the aggregation recorded with the scores (default batch=l2, seq=mean)
-    seq_agg: str | None = None
-    depth_metric: str = "ppl"  # ppl | bi (least important single layers) | bi-run (best contiguous run)
-    merge_heads: bool = True
+class PruneConfig:
+    """How scores turn into a plan: which aggregation, which depth metric, whether pruned heads are merged."""
+
+    batch_agg: AggregationName | None = field(default=None, metadata={
+        "help": "aggregation over the batch (none: the one recorded with the scores, batch=l2 by default)"})
+    seq_agg: AggregationName | None = field(default=None, metadata={
+        "help": "aggregation over the sequence (none: the one recorded with the scores, seq=mean by default)"})
+    depth_metric: Literal["ppl", "bi", "bi-run"] = field(default="ppl", metadata={
+        "help": "how num_layers picks layers: ppl = smallest perplexity increase, bi = lowest Block Importance, "
+                "bi-run = the contiguous run with the lowest BI"})
+    merge_heads: bool = field(default=True, metadata={
+        "help": "merge pruned query heads into kept ones (paper section 2.3) instead of dropping them outright"})
 
 
 @dataclass
@@ -52,6 +68,11 @@ class PrunePlan:
     ffn: list[torch.Tensor] = field(default_factory=list)
     head_merges: list[list[tuple[int, int]]] = field(default_factory=list)  # (kept, pruned) query heads
     group_merges: list[list[tuple[int, int]]] = field(default_factory=list)  # (kept, pruned) KV groups (MHA only)
+
+
+def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(value.to(dtype=param.dtype, device=param.device))
 
 
 def _check(ok: bool, message: str) -> None:
@@ -82,14 +103,14 @@ def resolve_target(config, target: PruneTarget) -> dict:
         new_kv = kv
     _check(0 < new_kv <= kv, f"number of KV heads {new_kv} must be in 1..{kv} (the teacher's)")
     _check(new_heads % new_kv == 0, f"number of heads {new_heads} is not divisible by the {new_kv} KV heads"
-           + ("" if target.num_kv_heads else "; set --num-kv-heads to prune whole KV groups"))
+           + ("" if target.num_kv_heads else "; set num_kv_heads to prune whole KV groups"))
     _check(new_heads // new_kv <= group, f"{new_heads} heads over {new_kv} KV groups is {new_heads // new_kv} "
            f"query heads per group, more than the teacher's {group}")
     _check(not spec.hidden_divisible_by_heads or new_hidden % new_heads == 0,
            f"hidden size {new_hidden} is not a multiple of the {new_heads} attention heads, which "
            f"{type(config).__name__} requires")
     if target.drop_layers is not None:
-        _check(target.num_layers is None, "give either --num-layers or --drop-layers, not both")
+        _check(target.num_layers is None, "give either num_layers or drop_layers, not both")
         bad = [i for i in target.drop_layers if not 0 <= i < layers]
         _check(not bad, f"layers to drop {bad} out of range 0..{layers - 1}")
         _check(len(set(target.drop_layers)) == len(target.drop_layers), f"duplicate layers in {target.drop_layers}")
@@ -173,9 +194,9 @@ def _select_heads(s: torch.Tensor, heads: int, kv: int, new_heads: int, new_kv: 
     return torch.cat(kept), groups, head_pairs, group_pairs
 
 
-def plan_pruning(config, scores: ImportanceScores, target: PruneTarget, options: PruneOptions | None = None) -> PrunePlan:
+def plan_pruning(config, scores: ImportanceScores, target: PruneTarget, options: PruneConfig | None = None) -> PrunePlan:
     """Decide every kept index from the scores; no weights are touched."""
-    options = options or PruneOptions()
+    options = options or PruneConfig()
     shape = resolve_target(config, target)
     expected = scores.meta.get("shape", {})
     actual = {"hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
@@ -275,13 +296,13 @@ def build_student(teacher, plan: PrunePlan):
     return student
 
 
-def prune_model(teacher, scores: ImportanceScores, target: PruneTarget, options: PruneOptions | None = None):
+def prune_model(teacher, scores: ImportanceScores, target: PruneTarget, options: PruneConfig | None = None):
     """Teacher + scores + target shape -> pruned `PreTrainedModel` (in memory) and its plan."""
     plan = plan_pruning(teacher.config, scores, target, options)
     return build_student(teacher, plan), plan
 
 
-def plan_summary(plan: PrunePlan, target: PruneTarget, options: PruneOptions, teacher_config) -> dict:
+def plan_summary(plan: PrunePlan, target: PruneTarget, options: PruneConfig, teacher_config) -> dict:
     """What to record next to the weights: target, kept layers, parameter counts."""
     return {
         "target": asdict(target),
@@ -303,29 +324,34 @@ def save_student(student, out: str | Path, tokenizer=None, info: dict | None = N
         (out / "pruning.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def load_config(source, trust_remote_code: bool = False):
-    from transformers import AutoConfig
+def check_output(out: str | Path, overwrite: bool) -> None:
+    path = Path(out)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {str(out)!r} is not empty; choose another, or pass --overwrite")
 
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    return AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs)
 
+def run_prune(model, tokenizer, scores: ImportanceScores | str | Path, target: PruneTarget, config: PruneConfig,
+              out: str | Path, info: dict | None = None, adapter: str | Path | None = None) -> StageOutput:
+    """Prune `model` to `target` and save it to `out` (written whole, then moved: never half a folder).
 
-def run_prune(teacher: str, importance: str, out: str, target: PruneTarget, options: PruneOptions | None = None, *,
-              revision: str | None = None, gguf_file: str | None = None, dtype: str | None = None,
-              device: str = "cpu", trust_remote_code: bool = False, overwrite: bool = False) -> dict:
-    """The CLI's `prune`: validate everything first, then load, prune, save. Returns the summary."""
-    from .models import load_model, load_tokenizer, resolve_source
+    The entry point of `hf-minitron prune` and the build's prune stage; `adapter`: a search winner's LoRA adapter
+    merged into the pruned weights first. `info` joins the plan in pruning.json.
+    """
+    import shutil
 
-    options = options or PruneOptions()
-    out_path = Path(out)
-    if out_path.exists() and any(out_path.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {out!r} is not empty; choose another, or pass --overwrite")
-    scores = ImportanceScores.load(importance)
-    source = resolve_source(teacher, revision=revision, gguf_file=gguf_file)
-    config = load_config(source, trust_remote_code)
-    student_config(config, target)  # impossible targets fail here, before the teacher is loaded
-    model = load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    student, plan = prune_model(model, scores, target, options)
-    info = {"teacher": source.as_dict(), "importance": str(importance), **plan_summary(plan, target, options, model.config)}
-    save_student(student, out_path, load_tokenizer(source, trust_remote_code), info)
-    return info
+    if not isinstance(scores, ImportanceScores):
+        scores = ImportanceScores.load(scores)
+    student, plan = prune_model(model, scores, target, config)
+    if adapter is not None:
+        from .search import merge_adapter
+
+        student = merge_adapter(student, adapter)
+    info = {**(info or {}), "search_adapter_merged": adapter is not None,
+            **plan_summary(plan, target, config, model.config)}
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_student(student, tmp, tokenizer, info)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return StageOutput(out, hash_folder(out), record={"parameters": info["student_parameters"]})

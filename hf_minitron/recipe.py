@@ -1,8 +1,10 @@
-"""Build recipes: a typed schema (dataclasses), YAML loading and `key.sub=value` overrides.
+"""Build recipes: YAML whose sections are the stages' own configs, plus `key.sub=value` overrides.
 
-A recipe is plain YAML with the sections below; every key is checked against the dataclasses, so an unknown or
-mistyped key fails at load time with its dotted name (`members.1.params: expected an integer ...`), not an hour
-into a build. Token and parameter counts accept suffixes (`100M`, `94B`, `8T`) or scientific notation (`2e12`).
+Each section *is* its stage's config, with the same keys as the stage's CLI flags: `importance:` is
+`ImportanceConfig`, `prune:` `PruneConfig`, `search:` `SearchConfig`, `distill:` `DistillConfig` (TRL's
+`SFTConfig` fields plus the Minitron loss and `tokens`), `sft:` `InstructConfig`, `evaluate:` `EvaluateConfig`,
+`publish:` `PublishConfig`, `teacher:` `ModelArgs`. Every key is checked when the recipe loads, so a mistyped key
+fails with its dotted name (`members.1.params: expected an integer ...`), not an hour into a build.
 
 Load: `load_recipe("recipes/quickstart.yaml", ["distill.tokens=1M", "members.small.params=60M"])`.
 Members are addressed in overrides by index (`members.0.params`) or by name (`members.small.params`).
@@ -10,36 +12,37 @@ Members are addressed in overrides by index (`members.0.params`) or by name (`me
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .data import TextSource
-from .prune import PruneTarget
+from .evaluate import EvaluateConfig
+from .importance import ImportanceConfig
+from .models import ModelArgs
+from .prune import PruneConfig, PruneTarget
+from .publish import PublishConfig
+from .rundir import PARENT, RESERVED_NAMES, TEACHER
+from .schema import SettingError, check_mapping, from_mapping, parse_count  # noqa: F401 (parse_count: public)
+from .search import SearchConfig
 
-
-class RecipeError(ValueError):
-    pass
-
-
-# ---- schema -----------------------------------------------------------------------------------------------
+RecipeError = SettingError
+# keys of earlier recipe versions, pointed at their new names
+RENAMED = {"distill.lr": "learning_rate", "distill.seq_len": "max_length", "distill.batch_size":
+           "per_device_train_batch_size", "distill.grad_accum": "gradient_accumulation_steps", "distill.warmup":
+           "warmup_steps", "distill.options": "(its keys, directly in distill)", "sft.lr": "learning_rate",
+           "sft.epochs": "num_train_epochs", "sft.batch_size": "per_device_train_batch_size",
+           "importance.depth_metric": "prune.depth_metric"}
 
 
 @dataclass
-class TeacherSection:
-    """The model the family is cut from. `config` is optional: a shape block (`model_type` + config fields) so
-    parameter counts and search candidates can be computed offline, without downloading the teacher."""
+class TeacherSection(ModelArgs):
+    """The model the family is cut from; `config`: its shape block (`model_type` + config fields), so parameter
+    counts and search candidates can be computed offline, without downloading the teacher."""
 
-    source: str | None = None
-    revision: str | None = None
-    gguf_file: str | None = None
-    dtype: str | None = None
-    device: str = "cpu"
-    trust_remote_code: bool = False
     config: dict | None = None
 
 
@@ -55,17 +58,17 @@ class DataSection:
     evaluation: TextSource | None = None
     holdout: float = 0.1
 
+    @property
+    def eval_source(self) -> TextSource | None:
+        return self.evaluation or self.distillation
 
-@dataclass
-class ImportanceSection:
-    samples: int = 1024
-    seq_len: int = 4096
-    batch_size: int = 1
-    batch_agg: str = "l2"
-    seq_agg: str = "mean"
-    depth_metric: str = "ppl"  # how layers are dropped: ppl | bi | bi-run
-    depth_ppl_samples: int = 64  # 0 disables the perplexity-drop metric (then use depth_metric bi or bi-run)
-    seed: int = 0
+    @property
+    def eval_holdout(self) -> float:
+        """The held-out share evaluation reads: only when it reads the distillation text itself."""
+        a, b = self.eval_source, self.distillation
+        keys = ("path", "config", "split", "text_column", "revision")
+        same = a is not None and b is not None and all(getattr(a, k) == getattr(b, k) for k in keys)
+        return self.holdout if same and not b.streaming else 0.0
 
 
 @dataclass
@@ -82,84 +85,22 @@ class MemberSection:
     scratch_tokens: int | None = None  # overrides cost.scratch_tokens for this member
     search: dict | None = None  # overrides of the search section for this member, e.g. {min_width: 0.25}
 
-    def search_settings(self, default: "SearchSection", key: str = "members") -> "SearchSection":
+    @property
+    def base(self) -> str:
+        """The model this member is pruned from: its parent member, or the teacher."""
+        return self.parent or TEACHER
+
+    @property
+    def kd_teacher(self) -> str:
+        """The model it is distilled from: `teacher`, a member name, or a model spec."""
+        ref = self.teacher or (PARENT if self.parent else TEACHER)
+        return self.parent if ref == PARENT else ref
+
+    def search_settings(self, default: SearchConfig, key: str = "members") -> SearchConfig:
         """The recipe's search section with this member's overrides, type-checked like the rest."""
-        return build(SearchSection, {**asdict(default), **(self.search or {})}, f"{key}.search") if self.search \
-            else default
-
-
-@dataclass
-class SearchSection:
-    """Candidate shapes near a budget, each pruned, briefly LoRA-retrained by distillation and scored."""
-
-    tolerance: float = 0.05  # candidates within +-5% of the budget
-    multiple: int = 64  # hidden and MLP sizes are multiples of this
-    min_width: float = 0.5  # smallest hidden/MLP/head share of the base model tried
-    depth: bool = False  # also vary the layer count (widths only by default)
-    min_depth: float = 0.5
-    max_candidates: int = 8  # keep the ones nearest to the budget
-    tokens: int = 1_000_000  # LoRA retraining tokens per candidate (paper: rankings settle after ~300 steps)
-    seq_len: int = 512
-    batch_size: int = 4
-    lr: float = 1e-4
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_target: str = "all-linear"
-    eval_windows: int = 8
-    eval_seq_len: int = 512
-    adapter: str = "discard"  # the winner's adapter: merge into the pruned weights, or discard before distillation
-
-
-@dataclass
-class DistillSection:
-    tokens: int = 1_000_000_000
-    seq_len: int = 1024
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup: float = 0.0
-    logit_loss: str = "forward_kl"
-    temperature: float = 1.0
-    top_k: int | None = None
-    w_clm: float = 0.0
-    is_layers: str | None = None
-    save_steps: int = 500
-    logging_steps: int = 10
-    seed: int = 42
-    keep_checkpoints: bool = False  # delete checkpoints once a member is finished
-    options: dict = field(default_factory=dict)  # any other DistillConfig field, passed as it is
-
-
-@dataclass
-class SFTSection:
-    epochs: float = 1.0
-    max_steps: int = -1
-    lr: float = 1e-4
-    lora: bool = True
-    lora_r: int = 16
-    batch_size: int = 8
-    max_length: int = 1024
-    chat_template: str | None = None
-    save_steps: int = 500
-
-
-@dataclass
-class EvaluateSection:
-    seq_len: int = 512
-    windows: int = 16
-    teacher: bool = True  # also score the teacher, for the summary
-    tasks: list[str] = field(default_factory=list)  # lm-eval tasks (need their data sets)
-    limit: int | None = None
-
-
-@dataclass
-class PublishSection:
-    """Where the build pushes the family (nothing is pushed unless `org` is set)."""
-
-    org: str | None = None  # Hub user or organization: one model repo per member, ORG/<member name>
-    private: bool = False
-    collection: str | None = None  # also gather the members in a collection with this title
-    space: str | None = None  # also push the comparison Space as ORG/<space>
+        if not self.search:
+            return default
+        return from_mapping(SearchConfig, {**asdict(default), **self.search}, f"{key}.search")
 
 
 @dataclass
@@ -175,12 +116,13 @@ class Recipe:
     teacher: TeacherSection
     members: list[MemberSection]
     data: DataSection = field(default_factory=DataSection)
-    importance: ImportanceSection = field(default_factory=ImportanceSection)
-    search: SearchSection = field(default_factory=SearchSection)
-    distill: DistillSection = field(default_factory=DistillSection)
-    sft: SFTSection = field(default_factory=SFTSection)
-    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
-    publish: PublishSection = field(default_factory=PublishSection)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    distill: dict = field(default_factory=dict)  # DistillConfig fields (checked by `validate`)
+    sft: dict = field(default_factory=dict)  # InstructConfig fields (checked by `validate`)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     cost: CostSection = field(default_factory=CostSection)
 
     def member(self, name: str) -> MemberSection:
@@ -189,97 +131,15 @@ class Recipe:
                 return m
         raise RecipeError(f"no member {name!r}; members: {', '.join(m.name for m in self.members)}")
 
+    def distill_tokens(self, m: MemberSection) -> int:
+        return m.distill_tokens or self.distill["tokens"]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
-
-
-# ---- typed construction -------------------------------------------------------------------------------------
-
-_SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-
-
-def parse_count(value, key: str = "value") -> int:
-    """100M, 1.5B, 8T, 2e12, 1_000 -> int; a one-line error naming `key` otherwise."""
-    if isinstance(value, bool):
-        raise RecipeError(f"{key}: expected an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", value)
-        if m:
-            number = float(m.group(1).replace("_", "")) * _SUFFIX.get(m.group(2).lower(), 1)
-            if number.is_integer():
-                return int(number)
-    raise RecipeError(f"{key}: expected an integer (e.g. 512, 100M, 94B, 2e12), got {value!r}")
-
-
-def _coerce(tp, value, key: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(args[0], value, key)
-    if value is None:
-        raise RecipeError(f"{key}: a value is required")
-    if origin is list:
-        if not isinstance(value, list):
-            raise RecipeError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(item, v, f"{key}.{i}") for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if is_dataclass(tp):
-        if tp is TextSource and isinstance(value, str):
-            value = {"path": value}
-        return build(tp, value, key)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        return parse_count(value, key)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise RecipeError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise RecipeError(f"{key}: expected a number, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise RecipeError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover - schema bug
-
-
-def build(cls, data, key: str = ""):
-    """A dataclass instance from a mapping, checking every key and value type; errors name the dotted key."""
-    where = key or "recipe"
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    unknown = [k for k in data if k not in known]
-    if unknown:
-        raise RecipeError(f"unknown key {(key + '.' if key else '') + str(unknown[0])!r}; "
-                          f"{where} accepts: {', '.join(known)}")
-    values = {}
-    for name, f in known.items():
-        dotted = f"{key}.{name}" if key else name
-        if name in data:
-            values[name] = _coerce(hints[name], data[name], dotted)
-        elif f.default is MISSING and f.default_factory is MISSING:
-            raise RecipeError(f"{dotted}: missing (required)")
-    return cls(**values)
 
 
 # ---- overrides ------------------------------------------------------------------------------------------------
@@ -327,54 +187,74 @@ def _list_index(items: list, part: str, key: str) -> int:
 
 # ---- loading and semantic checks ---------------------------------------------------------------------------------
 
-AGGREGATIONS = ("mean", "l2", "var")
-DEPTH_METRICS = ("ppl", "bi", "bi-run")
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise RecipeError(message)
 
 
+HARDWARE_KEYS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval", "use_cpu", "torch_compile")
+
+
+def _trainer_section(cls, values: dict, key: str, exclude) -> dict:
+    """A trainer section: its keys checked against `cls`, then the whole config built once (with a throwaway
+    output folder) so cross-field errors (a bad `is_layers`, a loss name) surface at load time."""
+    values = check_mapping(cls, values, key, exclude)
+    here = {k: v for k, v in values.items() if k not in HARDWARE_KEYS}  # checked where the build runs
+    try:
+        cls(output_dir="recipe-check", **here)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{key}: {str(e).splitlines()[0]}") from None
+    return values
+
+
+def _check_member(recipe: Recipe, i: int, m: MemberSection, seen: list[str]) -> None:
+    key = f"members.{i}"
+    _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", m.name)),
+           f"{key}.name: {m.name!r} must be a folder name (letters, digits, . _ -)")
+    _check(m.name not in RESERVED_NAMES, f"{key}.name: {m.name!r} is reserved (run-folder entries and model "
+           f"references: {', '.join(sorted(RESERVED_NAMES))})")
+    _check(not m.name.endswith("-instruct"), f"{key}.name: {m.name!r} ends in -instruct, the name of SFT variants")
+    _check(m.name not in seen, f"{key}.name: {m.name!r} appears twice")
+    _check((m.shape is None) != (m.params is None), f"{key}: give either shape or params (a parameter budget)"
+           f", not {'both' if m.shape else 'neither'}")
+    _check(m.params is None or m.params > 0, f"{key}.params: must be positive, got {m.params}")
+    _check(m.parent is None or m.parent in seen, f"{key}.parent: {m.parent!r} is not an earlier member; "
+           f"earlier: {', '.join(seen) or 'none'}")
+    _check(not (m.teacher == PARENT and m.parent is None), f"{key}.teacher: 'parent' needs a parent")
+    if m.shape and m.shape.drop_layers is not None:
+        _check(m.shape.num_layers is None, f"{key}.shape: give num_layers or drop_layers, not both")
+    _check(bool(recipe.distill.get("tokens") or m.distill_tokens),
+           f"{key}: no distillation budget; set distill.tokens (or {key}.distill_tokens)")
+    try:
+        m.search_settings(recipe.search, key).check(f"{key}.search" if m.search else "search")
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+
+
 def validate(recipe: Recipe) -> Recipe:
-    """Checks across keys: member names, parents, budgets, choices, the data each stage needs."""
-    from .losses import LOGIT_LOSSES
+    """Checks across keys: member names, parents, budgets, the trainer sections, the data each stage needs."""
+    from .distill import EXCLUDED as DISTILL_EXCLUDED
+    from .distill import DistillConfig
+    from .sft import EXCLUDED as SFT_EXCLUDED
+    from .sft import InstructConfig
 
     _check(bool(recipe.teacher.source), "teacher.source: missing; give it in the recipe or with --teacher")
-    _check(recipe.teacher.dtype in (None, *DTYPES), f"teacher.dtype: {recipe.teacher.dtype!r} is not one of "
-           f"{', '.join(DTYPES)}")
     _check(bool(recipe.members), "members: the recipe builds no member")
+    recipe.distill = _trainer_section(DistillConfig, recipe.distill, "distill", DISTILL_EXCLUDED)
+    recipe.sft = _trainer_section(InstructConfig, recipe.sft, "sft", SFT_EXCLUDED)
     seen: list[str] = []
     for i, m in enumerate(recipe.members):
-        key = f"members.{i}"
-        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", m.name)),
-               f"{key}.name: {m.name!r} must be a folder name (letters, digits, . _ -)")
-        _check(m.name not in seen, f"{key}.name: {m.name!r} appears twice")
-        _check((m.shape is None) != (m.params is None), f"{key}: give either shape or params (a parameter budget)"
-               f", not {'both' if m.shape else 'neither'}")
-        _check(m.params is None or m.params > 0, f"{key}.params: must be positive, got {m.params}")
-        _check(m.parent is None or m.parent in seen, f"{key}.parent: {m.parent!r} is not an earlier member; "
-               f"earlier: {', '.join(seen) or 'none'}")
-        _check(not (m.teacher == "parent" and m.parent is None), f"{key}.teacher: 'parent' needs a parent")
-        if m.shape and m.shape.drop_layers is not None:
-            _check(m.shape.num_layers is None, f"{key}.shape: give num_layers or drop_layers, not both")
+        _check_member(recipe, i, m, seen)
         seen.append(m.name)
-    imp = recipe.importance
-    for k in ("batch_agg", "seq_agg"):
-        _check(getattr(imp, k) in AGGREGATIONS, f"importance.{k}: {getattr(imp, k)!r} is not one of "
-               f"{', '.join(AGGREGATIONS)}")
-    _check(imp.depth_metric in DEPTH_METRICS, f"importance.depth_metric: {imp.depth_metric!r} is not one of "
-           f"{', '.join(DEPTH_METRICS)}")
     uses_depth = recipe.search.depth or any(m.shape and m.shape.num_layers for m in recipe.members)
-    _check(not (uses_depth and imp.depth_metric == "ppl" and imp.depth_ppl_samples == 0),
+    _check(not (uses_depth and recipe.prune.depth_metric == "ppl" and recipe.importance.depth_ppl_samples == 0),
            "importance.depth_ppl_samples: 0 disables the 'ppl' depth metric that layer pruning uses; set it > 0 "
-           "or importance.depth_metric: bi")
-    for i, m in enumerate(recipe.members):
-        _check_search(m.search_settings(recipe.search, f"members.{i}"), f"members.{i}.search" if m.search else "search")
-    _check(recipe.distill.logit_loss in LOGIT_LOSSES, f"distill.logit_loss: {recipe.distill.logit_loss!r} is not "
-           f"one of {', '.join(LOGIT_LOSSES)}")
-    _check(recipe.distill.tokens > 0, f"distill.tokens: must be positive, got {recipe.distill.tokens}")
+           "or prune.depth_metric: bi")
+    try:
+        recipe.evaluate.check()
+    except ValueError as e:
+        raise RecipeError(f"evaluate.tasks: {e}") from None
     _check(0 <= recipe.data.holdout < 1, f"data.holdout: must be in [0, 1), got {recipe.data.holdout}")
     _check(recipe.data.calibration is not None, "data.calibration: missing (text for importance scoring)")
     _check(recipe.data.distillation is not None, "data.distillation: missing (text for distillation)")
@@ -385,21 +265,20 @@ def validate(recipe: Recipe) -> Recipe:
     return recipe
 
 
-def _check_search(s: SearchSection, key: str) -> None:
-    _check(0 < s.tolerance < 1, f"{key}.tolerance: must be in (0, 1), got {s.tolerance}")
-    _check(s.multiple >= 1, f"{key}.multiple: must be >= 1, got {s.multiple}")
-    _check(0 < s.min_width <= 1 and 0 < s.min_depth <= 1, f"{key}.min_width and min_depth must be in (0, 1]")
-    _check(s.max_candidates >= 1, f"{key}.max_candidates: must be >= 1, got {s.max_candidates}")
-    _check(s.adapter in ("merge", "discard"), f"{key}.adapter: {s.adapter!r} is not one of merge, discard")
+def _renamed(raw: dict) -> None:
+    for dotted, new in RENAMED.items():
+        section, _, key = dotted.partition(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise RecipeError(f"{dotted} is now {new if '.' in new or '(' in new else section + '.' + new} "
+                              f"(recipe keys are the stage config's field names, as its CLI flags)")
 
 
 def from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
-    import copy
-
     raw = copy.deepcopy(raw)
     for assignment in overrides:
         apply_override(raw, assignment)
-    return validate(build(Recipe, raw))
+    _renamed(raw)
+    return validate(from_mapping(Recipe, raw))
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -431,8 +310,6 @@ def teacher_config(recipe: Recipe):
             return AutoConfig.for_model(model_type, **block)
         except ValueError as e:
             raise RecipeError(f"teacher.config: {str(e).splitlines()[0]}") from None
-    from .models import resolve_source
-    from .prune import load_config
+    from .models import load_config
 
-    t = recipe.teacher
-    return load_config(resolve_source(t.source, revision=t.revision, gguf_file=t.gguf_file), t.trust_remote_code)
+    return load_config(recipe.teacher.resolve(), recipe.teacher.trust_remote_code)

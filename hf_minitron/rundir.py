@@ -1,14 +1,16 @@
-"""The run folder of a build: fixed artefact paths and a manifest that makes a build resumable.
+"""The run folder of a build: every artefact name, the member record, and a manifest that makes a build resumable.
 
-Layout (`RUN` = `--out`):
+Layout (`RUN` = `--out`; the names are the constants below, which every reader and writer imports):
 
     RUN/manifest.json          every stage: status, inputs (recipe hash, settings, parent hashes), outputs, tokens
     RUN/recipe.yaml            the recipe as resolved (overrides applied)
     RUN/importance/<base>/     cached importance scores of the teacher (`teacher`) or of a parent member
-    RUN/<member>/              a finished member: loads with from_pretrained; pruning/search/distill/eval JSON
+    RUN/<member>/              a finished member: loads with from_pretrained; member.json (`MemberRecord`) says what
+                               it is, pruning/search/distill/eval JSON say how it was made
     RUN/<member>-instruct/     its SFT variant, when the recipe asks for one
-    RUN/work/<member>/         search candidates and the pruned start point (`checkpoint-pruned`, so that
-                               `publish` and `space`, which skip checkpoint-* folders, never take it for a member)
+    RUN/work/<member>/         search candidates and the pruned start point (no member.json: not a member)
+    RUN/eval/teacher.json      the teacher's evaluation
+    RUN/family/                the family report (results, table, plot, card)
 
 A stage is skipped when its record is `done` with the same settings and parent hashes, resumed when it is
 `running` (interrupted) with the same inputs, and redone when an upstream stage was redone or `--force` names it.
@@ -21,27 +23,61 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from .utils import first_line, sha256_file
+
+# ---- run folder entries ----
 MANIFEST = "manifest.json"
-MODEL_FILES = ("*.safetensors", "config.json", "importance.json", "search.json", "eval_results.json")
+RECIPE_FILE = "recipe.yaml"
+IMPORTANCE_DIR = "importance"
+WORK_DIR = "work"
+EVAL_DIR = "eval"
+FAMILY_DIR = "family"
+TEACHER = "teacher"  # the teacher as a model reference, and its file names (importance/teacher, eval/teacher.json)
+PARENT = "parent"  # a member's parent, as a recipe's distillation teacher reference
+TEACHER_EVAL = TEACHER + ".json"  # in EVAL_DIR
+INSTRUCT_SUFFIX = "-instruct"  # <member>-instruct: the member's SFT variant
+PRUNED_DIR = "checkpoint-pruned"  # in WORK_DIR/<member>: the pruned start point of distillation
+SEARCH_DIR = "search"  # in WORK_DIR/<member>: the architecture search's candidates
+# ---- member folder files ----
+CONFIG_FILE = "config.json"
+MEMBER_FILE = "member.json"
+PRUNING_FILE = "pruning.json"
+SEARCH_FILE = "search.json"  # as search.SEARCH_FILE
+DISTILL_FILE = "distill_result.json"  # as distill.RESULT_FILE
+SFT_FILE = "sft_result.json"  # as sft.RESULT_FILE
+EVAL_FILE = "eval_results.json"  # as evaluate.RESULTS_FILE
+CARD_FILE = "README.md"
+# ---- family report files (in FAMILY_DIR) ----
+FAMILY_RESULTS_FILE = "family_results.json"
+FAMILY_TABLE_FILE = "family.md"
+FAMILY_PLOT = "family.png"
+
+# member names that would collide with a run-folder entry or a model reference
+RESERVED_NAMES = frozenset({TEACHER, PARENT, IMPORTANCE_DIR, WORK_DIR, EVAL_DIR, FAMILY_DIR, MANIFEST, RECIPE_FILE})
+IMPORTANCE_FILE = "importance.json"  # in IMPORTANCE_DIR/<base>, as importance.META_FILE
+MODEL_FILES = ("*.safetensors", CONFIG_FILE, IMPORTANCE_FILE, SEARCH_FILE, EVAL_FILE)
 
 
 class StaleStageError(ValueError):
     pass
 
 
+@dataclass
+class StageOutput:
+    """What a stage made: its folder, a hash naming its content, tokens by kind, other fields for its record."""
+
+    path: Path | None
+    sha256: str | None
+    tokens: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
+
+
 def hash_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def hash_file(path: Path, h=None) -> str:
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hash_folder(folder: str | Path, patterns: tuple[str, ...] = MODEL_FILES) -> str:
@@ -52,8 +88,89 @@ def hash_folder(folder: str | Path, patterns: tuple[str, ...] = MODEL_FILES) -> 
         raise FileNotFoundError(f"nothing to hash in {str(folder)!r} (expected {', '.join(patterns)})")
     h = hashlib.sha256()
     for p in files:
-        h.update(p.name.encode() + b"\0" + hash_file(p).encode() + b"\n")
+        h.update(p.name.encode() + b"\0" + sha256_file(p).encode() + b"\n")
     return h.hexdigest()
+
+
+class MemberRecordError(ValueError):
+    pass
+
+
+@dataclass
+class MemberRecord:
+    """What a member folder is (member.json): which kind, and what it was made from. Cards, the Space and the member
+    finder read it; the build writes it once the member's weights are final."""
+
+    name: str
+    kind: Literal["base", "instruct"] = "base"
+    teacher: str | None = None  # the family's root teacher, as the recipe gave it
+    pruned_from: str | None = None  # TEACHER or a member name; None for an instruct variant
+    distilled_from: str | None = None  # TEACHER, a member name, or a model spec; None for an instruct variant
+    sft_from: str | None = None  # the base member an instruct variant was fine-tuned from
+    recipe: str | None = None  # the recipe's name
+    shape: dict | None = None  # the pruning target (PruneTarget fields)
+    tokens: dict = field(default_factory=dict)  # stage -> tokens, e.g. {"distillation": N} or {"sft": N}
+
+    def __post_init__(self):
+        if self.kind not in ("base", "instruct"):
+            raise MemberRecordError(f"member {self.name!r}: kind must be 'base' or 'instruct', not {self.kind!r}")
+
+    def write(self, folder: str | Path) -> Path:
+        """folder/member.json, replaced atomically so that a reader never sees half a record."""
+        path = Path(folder) / MEMBER_FILE
+        tmp = path.with_name(MEMBER_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, folder: str | Path) -> MemberRecord | None:
+        """folder/member.json (this schema or the two older ones), or None when the folder has none."""
+        path = Path(folder) / MEMBER_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise MemberRecordError(f"{str(path)!r} is not valid JSON: {first_line(e)}") from e
+        if not isinstance(data, dict) or not data.get("name"):
+            raise MemberRecordError(f"{str(path)!r} is not a member record (no 'name')")
+        if "kind" not in data:
+            data = _from_old_schema(data)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise MemberRecordError(f"{str(path)!r} has unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+
+def _from_old_schema(data: dict) -> dict:
+    """The member.json of earlier builds: "parent" was the member pruned from (base) or fine-tuned from (instruct)."""
+    common = {"name": data["name"], "teacher": data.get("teacher"), "recipe": data.get("recipe")}
+    if data.get("instruct"):
+        return {**common, "kind": "instruct", "sft_from": data.get("parent")}
+    return {**common, "kind": "base", "pruned_from": data.get("parent") or TEACHER,
+            "distilled_from": data.get("distilled_from")}
+
+
+def find_member_folders(path: str | Path) -> list[Path]:
+    """A member folder itself, or the member folders (config.json and weights) under a run folder, sorted.
+
+    Folders with a member.json are members; when none has one (folders made by hand or by the single-stage
+    commands), every model folder is, except those inside another one (trainer checkpoints) and, in a run folder,
+    those in its work and importance folders.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run or member folder {str(path)!r} does not exist")
+    if (path / CONFIG_FILE).is_file():
+        return [path]
+    models = sorted({p.parent for p in path.glob(f"**/{CONFIG_FILE}") if any(p.parent.glob("*.safetensors"))})
+    recorded = [f for f in models if MemberRecord.read(f) is not None]
+    if recorded:
+        return recorded
+    skip = [path / WORK_DIR, path / IMPORTANCE_DIR] if (path / MANIFEST).is_file() else []
+    return [f for f in models if not any(f != other and f.is_relative_to(other) for other in models)
+            and not any(f.is_relative_to(s) for s in skip)]
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -81,16 +198,25 @@ class RunDir:
 
     # ---- paths ----
     def importance(self, base: str) -> Path:
-        return self.root / "importance" / base
+        return self.root / IMPORTANCE_DIR / base
 
     def member(self, name: str) -> Path:
         return self.root / name
 
     def work(self, member: str) -> Path:
-        return self.root / "work" / member
+        return self.root / WORK_DIR / member
 
     def pruned(self, member: str) -> Path:
-        return self.work(member) / "checkpoint-pruned"
+        return self.work(member) / PRUNED_DIR
+
+    def search(self, member: str) -> Path:
+        return self.work(member) / SEARCH_DIR
+
+    def teacher_eval(self) -> Path:
+        return self.root / EVAL_DIR / TEACHER_EVAL
+
+    def family(self) -> Path:
+        return self.root / FAMILY_DIR
 
     # ---- manifest ----
     def record(self, key: str) -> dict | None:
@@ -146,8 +272,8 @@ class RunDir:
         self.actions.append((key, "skipped"))
 
     def stage(self, key: str, settings: dict, parents: dict, fn, log=print) -> dict:
-        """Skip, resume or run one stage; `fn(action)` does the work and returns (output path, sha256, tokens,
-        extra fields for the record). A stage whose `fn` raises stays unfinished, so the next build retries it."""
+        """Skip, resume or run one stage; `fn(action)` does the work and returns a `StageOutput`.
+        A stage whose `fn` raises stays unfinished, so the next build retries it."""
         action = self.plan(key, settings, parents)
         if action == "skip":
             self.skip(key)
@@ -155,8 +281,8 @@ class RunDir:
             return self.record(key)
         log(f"[{key}] {action}")
         self.start(key, settings, parents, action)
-        path, sha, tokens, extra = fn(action)
-        self.finish(key, path, sha, tokens, **extra)
+        out = fn(action)
+        self.finish(key, out.path, out.sha256, out.tokens, **out.record)
         return self.record(key)
 
     def save(self) -> None:
@@ -176,7 +302,7 @@ def open_run(root: str | Path, recipe, teacher: dict, force: list[str] = ()) -> 
     manifest = json.loads(path.read_text()) if path.is_file() else {"version": 1, "stages": {}}
     manifest.update(recipe_sha256=recipe.sha256, recipe=recipe.to_dict(), teacher=teacher)
     manifest.setdefault("builds", [])
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (root / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     run = RunDir(root, manifest, list(force))
     run.save()
     return run

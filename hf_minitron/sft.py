@@ -1,7 +1,7 @@
 """Supervised fine-tuning for instruct variants on TRL's `SFTTrainer`, loss on the answers only.
 
 Conversational (`messages`) and prompt/completion datasets are accepted, plus the Alpaca seed-task format (converted
-to conversations). The model's own chat template is kept unless another is given; LoRA adapters (peft) are merged
+to conversations by `data.load_sft_dataset`). The model's own chat template is kept unless another is given; LoRA adapters (peft) are merged
 into the weights before saving, so the output loads with `from_pretrained` and never needs the pre-LoRA base.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 
 import torch
 from transformers.trainer_utils import get_last_checkpoint
@@ -16,19 +17,33 @@ from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 
 RESULT_FILE = "sft_result.json"
+EXCLUDED = ("output_dir", "trust_remote_code")  # the stage's --out; models load through ModelArgs
 
 
-def alpaca_to_conversations(rows) -> list[dict]:
-    """Alpaca seed tasks -> one conversation per (task, instance): user = instruction (+ input), assistant = output."""
-    convs = []
-    for row in rows:
-        for inst in row["instances"]:
-            user = row["instruction"].strip()
-            if inst.get("input", "").strip():
-                user += "\n\n" + inst["input"].strip()
-            convs.append({"messages": [{"role": "user", "content": user},
-                                       {"role": "assistant", "content": inst["output"].strip()}]})
-    return convs
+@dataclass
+class InstructConfig(SFTConfig):
+    """`SFTConfig` plus LoRA and chat-template settings; the recipe's `sft:` section and `hf-minitron sft`'s flags."""
+
+    lora: bool = field(default=True, metadata={"help": "train LoRA adapters (peft), merged into the weights on save"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_target: str = field(default="all-linear", metadata={"help": "modules given adapters (not lm_head)"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "chat template instead of the model's: a .jinja file, a tokenizer folder or the template text"})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "keep the checkpoint-* folders once the model is saved (default: delete them)"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "passes over the data (max_steps overrides it)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "learning rate (~1e-4 with LoRA, ~2e-5 without)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass (less memory, slower)"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 mixed precision (default: on when a bf16-capable CUDA device is present)"})
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        super().__post_init__()
 
 
 def last_turn_as_completion(example: dict) -> dict:
@@ -43,36 +58,6 @@ def last_turn_as_completion(example: dict) -> dict:
     return {"prompt": msgs[:-1], "completion": msgs[-1:]}
 
 
-def load_sft_dataset(data, split: str = "train"):
-    """A `datasets.Dataset` with `messages` or `prompt`+`completion` columns from a file, Hub id or dataset."""
-    import datasets
-
-    if isinstance(data, str):
-        ext = os.path.splitext(data)[1]
-        if os.path.exists(data) and ext in (".jsonl", ".json"):
-            if ext == ".jsonl":
-                with open(data) as f:
-                    rows = [json.loads(line) for line in f if line.strip()]
-            else:
-                with open(data) as f:
-                    rows = json.load(f)
-            if rows and "instances" in rows[0] and "instruction" in rows[0]:
-                rows = alpaca_to_conversations(rows)
-            data = datasets.Dataset.from_list(rows)
-        elif os.path.exists(data):
-            builder = {".parquet": "parquet", ".csv": "csv"}.get(ext)
-            if builder is None:
-                raise ValueError(f"SFT data file {data!r} must be .jsonl, .json, .parquet or .csv")
-            data = datasets.load_dataset(builder, data_files=data, split="train")
-        else:
-            data = datasets.load_dataset(data, split=split)
-    cols = set(data.column_names or [])
-    if "messages" not in cols and not {"prompt", "completion"} <= cols:
-        raise ValueError(f"SFT dataset needs a 'messages' column or 'prompt' and 'completion' columns; "
-                         f"columns: {', '.join(sorted(cols))}")
-    return data
-
-
 def _read_template(chat_template: str) -> str:
     if os.path.isfile(chat_template):
         with open(chat_template) as f:
@@ -84,14 +69,13 @@ def _read_template(chat_template: str) -> str:
     return chat_template  # the template text itself
 
 
-def sft(model, data, out: str, *, tokenizer=None, chat_template: str | None = None, lora: bool = False,
-        lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0, lora_target: str = "all-linear",
-        config: SFTConfig | None = None, dtype: str | None = None, split: str = "train", resume: bool = False,
-        overwrite: bool = False, **overrides) -> dict:
+def sft(model, data, out: str, *, tokenizer=None, config: InstructConfig | None = None, dtype: str | None = None,
+        resume: bool = False, overwrite: bool = False, **overrides) -> dict:
     """Fine-tune `model` (spec or loaded model) on chat data; save the full (LoRA-merged) model to `out`.
 
-    The loss covers only the assistant answers. `chat_template` (a .jinja file, a tokenizer folder or the template
-    text) replaces the tokenizer's own. Keyword `overrides` set `SFTConfig` fields.
+    `data`: a `TextSource`, a path or Hub id (`data.load_sft_dataset`), or a `datasets` dataset. The loss covers
+    only the assistant answers. Keyword `overrides` set `InstructConfig` fields. The entry point of
+    `hf-minitron sft` and of the build's SFT stage.
     """
     if resume and os.path.isfile(os.path.join(out, RESULT_FILE)):
         with open(os.path.join(out, RESULT_FILE)) as f:
@@ -111,47 +95,55 @@ def sft(model, data, out: str, *, tokenizer=None, chat_template: str | None = No
         spec = model.name_or_path
     if tokenizer is None:
         raise ValueError("no tokenizer: pass tokenizer= when giving a loaded model")
-    if chat_template:
-        tokenizer.chat_template = _read_template(chat_template)
+    if config is None:
+        config = InstructConfig(output_dir=out, **overrides)
+    else:  # set, not dataclasses.replace: TrainingArguments' __post_init__ does not re-run cleanly
+        for key, value in {**overrides, "output_dir": out}.items():
+            setattr(config, key, value)
+    if config.chat_template:
+        tokenizer.chat_template = _read_template(config.chat_template)
     if not tokenizer.chat_template:
-        raise ValueError(f"tokenizer of {spec!r} has no chat template; pass chat_template= (a .jinja file, "
+        raise ValueError(f"tokenizer of {spec!r} has no chat template; pass chat_template (a .jinja file, "
                          f"a tokenizer folder or the template text)")
 
-    dataset = load_sft_dataset(data, split)
+    from .data import load_sft_dataset
+
+    dataset = load_sft_dataset(data)
     assistant_masks = "messages" in dataset.column_names and has_generation_markers(tokenizer.chat_template)
     if "messages" in dataset.column_names and not assistant_masks:
         dataset = dataset.map(last_turn_as_completion, remove_columns=dataset.column_names)
-    defaults = {"output_dir": out, "assistant_only_loss": assistant_masks,
-                "completion_only_loss": None if assistant_masks else True,
-                "bf16": bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())}
-    if config is None:
-        config = SFTConfig(**{**defaults, **overrides})
-    else:
-        for key, value in {**defaults, **overrides}.items():
-            setattr(config, key, value)
+    config.assistant_only_loss = assistant_masks
+    config.completion_only_loss = None if assistant_masks else True
 
     peft_config = None
-    if lora:
+    if config.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                 target_modules=lora_target, task_type="CAUSAL_LM")
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                 target_modules=config.lora_target, task_type="CAUSAL_LM")
     model.train()
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
     train_out = trainer.train(resume_from_checkpoint=last if resume and last else None)
-    if lora:  # adapters folded in: the output never depends on a base model
+    if config.lora:  # adapters folded in: the output never depends on a base model
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         if trainer.accelerator.is_main_process:
             merged.save_pretrained(out)
             tokenizer.save_pretrained(out)
     else:
         trainer.save_model(out)
+    tokens = max([h.get("num_tokens", 0) for h in trainer.state.log_history] + [0])
     result = {"out": out, "model": spec, "steps": trainer.state.global_step, "train_loss": train_out.training_loss,
-              "lora": {"r": lora_r, "alpha": lora_alpha, "target": lora_target} if lora else None,
+              "tokens": int(tokens),
+              "lora": {"r": config.lora_r, "alpha": config.lora_alpha, "target": config.lora_target}
+              if config.lora else None,
               "loss_on": "assistant turns" if assistant_masks else "completions", "examples": len(dataset),
               "log_history": trainer.state.log_history}
     if trainer.accelerator.is_main_process:
         with open(os.path.join(out, RESULT_FILE), "w") as f:
             json.dump(result, f, indent=1)
+        if not config.keep_checkpoints:
+            from .distill import drop_checkpoints
+
+            drop_checkpoints(out)
     return result

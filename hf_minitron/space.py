@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 from .resources import shipped
+from .rundir import (CONFIG_FILE, EVAL_FILE, FAMILY_PLOT, FAMILY_RESULTS_FILE, MANIFEST, PRUNING_FILE, SFT_FILE,
+                     MemberRecord, find_member_folders)
+from .utils import read_json
 
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")
 FAMILY_SUFFIXES = (".json", ".yaml", ".yml")
-RESULTS_FILE = "eval_results.json"  # as hf_minitron.evaluate.RESULTS_FILE
-FAMILY_RESULTS_FILE = "family_results.json"  # as hf_minitron.cards.write_family_report
-FAMILY_PLOT = "family.png"
+FAMILY_FILE = "family.json"  # the Space's family file, the first the app looks for
 
 
 class SpaceError(ValueError):
@@ -44,22 +45,6 @@ def load_app(space_dir: str | Path | None = None):
     sys.modules[name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        return None
-
-
-def _member_folders(run: Path) -> list[Path]:
-    """Folders holding config.json and weights (checkpoints excluded), as hf_minitron.publish.find_members."""
-    if (run / "config.json").is_file():
-        return [run]
-    return sorted({p.parent for p in run.glob("**/config.json")
-                   if any(p.parent.glob("*.safetensors")) and not any(part.startswith("checkpoint-")
-                                                                      for part in p.relative_to(run).parts)})
 
 
 def _count_parameters(folder: Path) -> int | None:
@@ -87,15 +72,15 @@ def member_entry(spec: str | Path) -> dict:
         if str(spec).count("/") != 1 or str(spec).startswith((".", "/")):
             raise SpaceError(f"{str(spec)!r} is neither a member folder nor a Hub id (owner/name)")
         return {"name": str(spec).split("/")[-1], "model": str(spec), "instruct": "instruct" in str(spec).lower()}
-    if not (path / "config.json").is_file():
-        raise SpaceError(f"{str(path)!r} is not a member folder (no config.json)")
+    if not (path / CONFIG_FILE).is_file():
+        raise SpaceError(f"{str(path)!r} is not a member folder (no {CONFIG_FILE})")
     entry = {"name": path.name, "model": str(path.resolve())}
-    # instruct: the member went through SFT (sft_result.json), or its manifest/recipe said so
-    meta = _read_json(path / "member.json") or {}
-    entry["instruct"] = bool(meta.get("instruct", (path / "sft_result.json").is_file()
-                                      or "instruct" in path.name.lower()))
-    results = _read_json(path / RESULTS_FILE)
-    pruning = _read_json(path / "pruning.json") or {}
+    # instruct: its member.json says so; without one, it went through SFT (sft_result.json) or is named so
+    record = MemberRecord.read(path)
+    entry["instruct"] = (record.kind == "instruct" if record else
+                         (path / SFT_FILE).is_file() or "instruct" in path.name.lower())
+    results = read_json(path / EVAL_FILE)
+    pruning = read_json(path / PRUNING_FILE) or {}
     params = (results or {}).get("parameters") or pruning.get("student_parameters") or _count_parameters(path)
     if params:
         entry["params"] = int(params)
@@ -110,7 +95,7 @@ def family_from_run(run: str | Path, name: str | None = None) -> dict:
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {str(run)!r} does not exist")
-    folders = _member_folders(run)
+    folders = find_member_folders(run)
     if not folders:
         raise SpaceError(f"no member folders (config.json + .safetensors) under {str(run)!r}")
     members = [member_entry(f) for f in folders]
@@ -122,7 +107,7 @@ def family_from_run(run: str | Path, name: str | None = None) -> dict:
             m["name"] = "/".join(folder.relative_to(run).parts) or run.name
     members.sort(key=lambda m: -(m.get("params") or 0))
     family: dict = {"name": name or run.resolve().name, "members": members}
-    teacher = (_read_json(run / "manifest.json") or {}).get("teacher")
+    teacher = (read_json(run / MANIFEST) or {}).get("teacher")
     if isinstance(teacher, dict):
         teacher = teacher.get("source")
     if teacher:
@@ -147,7 +132,7 @@ def build_family(source, name: str | None = None) -> dict:
         if path.suffix not in FAMILY_SUFFIXES:
             raise SpaceError(f"{str(path)!r} is not a family file ({', '.join(FAMILY_SUFFIXES)})")
         app = load_app()
-        data = app._read_structured(path)
+        data = app.read_structured(path)
         app.family_from_dict(data, base=path.resolve().parent)  # validate now, with the file named in the error
         base = path.resolve().parent
         data = dict(data)
@@ -225,5 +210,5 @@ def write_space_folder(source, out: str | Path, repo_ids: dict[str, str] | None 
                 family[key] = target
             else:
                 family.pop(key)
-    write_family_file(family, out / "family.json")
+    write_family_file(family, out / FAMILY_FILE)
     return out

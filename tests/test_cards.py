@@ -1,15 +1,17 @@
 """Model cards: front matter parses with huggingface_hub and carries the required fields and model-index; body tables
-come from the configs and metadata; the family table and plot."""
+come from the configs and metadata; the lineage follows member.json (base, chained, instruct)."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from helpers import (distill_record, pruning_record, tiny_config, write_base_member, write_instruct_member,
+                     write_member_folder)
 
 from conftest import tiny_model
-from hf_minitron.cards import (CardError, collect_member, family_table, plot_family, render_family_card,
-                               render_member_card, write_family_report, write_member_card)
+from hf_minitron.cards import CardError, collect_member, render_member_card, write_member_card
+from hf_minitron.rundir import DISTILL_FILE, EVAL_FILE, MEMBER_FILE, PRUNING_FILE
 
 RESULTS = {
     "model": "tiny-50M", "parameters": 52_000,
@@ -28,18 +30,9 @@ def member(tmp_path):
     teacher_dir = tmp_path / "teacher"
     teacher.save_pretrained(teacher_dir)
     (teacher_dir / "README.md").write_text("---\nlicense: apache-2.0\n---\n# teacher\n")
-    student = tiny_model("llama")
-    student.config.intermediate_size = 48  # only the config matters for the card
-    folder = tmp_path / "tiny-50M"
-    student.config.save_pretrained(folder)
-    (folder / "pruning.json").write_text(json.dumps({
-        "teacher": {"source": str(teacher_dir)}, "target": {"ffn_size": 48, "hidden_size": None, "num_layers": None},
-        "options": {"batch_agg": None, "seq_agg": None, "depth_metric": "ppl", "merge_heads": True},
-        "kept_layers": [0, 1, 2, 3], "teacher_parameters": 70_000, "student_parameters": 52_000}))
-    (folder / "distill_result.json").write_text(json.dumps({
-        "tokens": 2_000_000, "steps": 100, "train_loss": 1.23, "max_tokens": 2_000_000, "teacher": str(teacher_dir),
-        "losses": {"logit_loss": "forward_kl", "temperature": 1.0, "top_k": None, "w_logit": 1.0}}))
-    (folder / "eval_results.json").write_text(json.dumps(RESULTS))
+    folder = write_member_folder(tmp_path / "tiny-50M", config=tiny_config(intermediate_size=48), weights=False,
+                                 files={PRUNING_FILE: pruning_record(teacher=str(teacher_dir)),
+                                        DISTILL_FILE: distill_record(teacher=str(teacher_dir)), EVAL_FILE: RESULTS})
     return folder, teacher_dir
 
 
@@ -87,31 +80,6 @@ def test_card_without_metadata_and_errors(tmp_path):
         collect_member(folder, colour="red")
 
 
-def test_family_table_plot_and_card(tmp_path):
-    teacher = {"model": "teacher", "parameters": 135_000_000,
-               "perplexity": [{"data": "w.txt", "seq_len": 512, "perplexity": 26.1}],
-               "tasks": {"hs": {"metrics": {"acc": 0.377, "acc_norm": 0.44}}}}
-    small = {"model": "m-90M", "parameters": 90_000_000,
-             "perplexity": [{"data": "w.txt", "seq_len": 512, "perplexity": 40.0}],
-             "tasks": {"hs": {"metrics": {"acc": 0.3, "acc_norm": 0.35}}}}
-    table = family_table([small, teacher])
-    lines = table.splitlines()
-    assert lines[0] == "| model | parameters | size | ppl w | hs acc_norm |"
-    assert lines[2].startswith("| teacher | 135M | 100% | 26.1 | 0.44 |") and lines[3].startswith("| m-90M | 90M | 67%")
-    png = plot_family([teacher, small], tmp_path / "family.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    text = render_family_card([teacher, small], "tiny family", teacher="HuggingFaceTB/SmolLM2-135M-Instruct",
-                              members={"m-90M": "https://hf.co/org/m-90M"}, plot="family.png", license="apache-2.0")
-    assert "![quality vs parameters](family.png)" in text and "[m-90M](https://hf.co/org/m-90M)" in text
-    assert table in text
-    paths = write_family_report([teacher, small], tmp_path / "family", "tiny family", teacher="teacher")
-    assert json.loads(paths["results"].read_text())[0]["model"] == "teacher"
-    assert paths["table"].read_text() == table and paths["plot"].is_file()
-    assert "![quality vs parameters](family.png)" in paths["card"].read_text()
-    with pytest.raises(CardError, match="no evaluation results"):
-        family_table([])
-
-
 def test_render_uses_given_template_dir(member, tmp_path):
     folder, _ = member
     (tmp_path / "tpl").mkdir()
@@ -120,3 +88,77 @@ def test_render_uses_given_template_dir(member, tmp_path):
     assert text.endswith("short card for org/x\n")
     with pytest.raises(CardError, match="does not exist"):
         render_member_card(collect_member(folder), template_dir=tmp_path / "missing")
+
+
+def test_card_of_an_unsupported_architecture_names_it(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4}))
+    with pytest.raises(CardError, match="cannot read the member's architecture.*unsupported architecture"):
+        write_member_card(folder)
+
+
+def test_card_table_takes_head_dim_from_the_arch_helpers(tmp_path):
+    folder = write_member_folder(tmp_path / "m", config=tiny_config(head_dim=None), weights=False)
+    text = write_member_card(folder).read_text()
+    assert "| head dim | 16 |" in text, "hidden 64 / 4 heads"
+
+
+# ---- lineage ----
+
+
+@pytest.fixture()
+def family(tmp_path):
+    """A run's members: m-90M pruned from the teacher, its instruct variant, and m-45M pruned from m-90M."""
+    write_base_member(tmp_path / "m-90M")
+    write_instruct_member(tmp_path / "m-90M-instruct", base="m-90M")
+    write_base_member(tmp_path / "m-45M", pruned_from="m-90M", distilled_from="m-90M")
+    return tmp_path
+
+
+def _card(folder) -> str:
+    return write_member_card(folder).read_text()
+
+
+def test_instruct_card_says_it_was_fine_tuned_from_its_base(family):
+    text = _card(family / "m-90M-instruct")
+    assert "**Fine-tuned (SFT) from** `m-90M`" in text, text
+    assert "Supervised fine-tuning** of `m-90M`: 20 steps on 64 examples" in text
+
+
+def test_instruct_card_does_not_call_its_base_an_earlier_pruning_step(family):
+    text = _card(family / "m-90M-instruct")
+    assert "an earlier member of the family" not in text, "the SFT base is not a pruning parent"
+
+
+def test_instruct_card_shows_how_its_base_was_made(family):
+    text = _card(family / "m-90M-instruct")
+    assert "**Pruned** from the teacher to ffn_size=48" in text, "the base's pruning.json, from the sibling folder"
+    assert "**Distilled** from the teacher on 2,000,000 tokens" in text, "the base's distill_result.json"
+
+
+def test_instruct_card_prefers_its_own_copy_of_the_base_metadata(family):
+    folder = family / "m-90M-instruct"
+    (folder / PRUNING_FILE).write_text(json.dumps(pruning_record(ffn_size=40)))
+    assert "to ffn_size=40" in _card(folder)
+
+
+def test_instruct_card_from_the_old_member_schema(family):
+    folder = family / "m-90M-instruct"
+    (folder / MEMBER_FILE).write_text(json.dumps({"name": folder.name, "parent": "m-90M", "teacher": "org/t",
+                                                  "instruct": True}))
+    text = _card(folder)
+    assert "**Fine-tuned (SFT) from** `m-90M`" in text
+    assert "an earlier member of the family" not in text
+
+
+def test_chained_member_card_names_the_member_it_was_pruned_from(family):
+    text = _card(family / "m-45M")
+    assert "**Pruned** from `m-90M`, an earlier member of the family" in text, text
+    assert "**Distilled** from `m-90M`" in text
+
+
+def test_base_member_card_says_pruned_from_the_teacher(family):
+    text = _card(family / "m-90M")
+    assert "**Pruned** from the teacher to ffn_size=48" in text
+    assert "Fine-tuned" not in text

@@ -1,10 +1,12 @@
-"""Calibration data from local files of every kind, CPython's built-in text, packing and clear errors."""
+"""Data sources of every kind, one token convention (EOS after every document), held-out tails, SFT data."""
 
 import json
 
 import pytest
+import torch
 
-from hf_minitron.data import BUILTIN_PYDOC, DataSourceError, TextSource, load_text_dataset, pack_tokens, text_windows
+from hf_minitron.data import (BUILTIN_PYDOC, DataSourceError, TextSource, holdout_count, load_sft_dataset,
+                               load_text_dataset, pack_tokens, split_holdout, token_ids, token_windows)
 
 
 @pytest.fixture
@@ -49,7 +51,7 @@ def test_packing_and_hash(corpus, smollm2_tokenizer):
 def test_builtin_python_reference(smollm2_tokenizer):
     packed = pack_tokens(BUILTIN_PYDOC, smollm2_tokenizer, samples=8, seq_len=128)
     assert packed.source["corpus_tokens"] > 50_000
-    windows = text_windows(BUILTIN_PYDOC, smollm2_tokenizer, 64, max_windows=3)
+    windows = token_windows(BUILTIN_PYDOC, smollm2_tokenizer, 64, windows=3)
     assert windows.shape == (3, 64)
 
 
@@ -94,3 +96,136 @@ def test_streaming_takes_first_windows(corpus, smollm2_tokenizer):
     assert packed.input_ids.shape == (2, 32)
     first = smollm2_tokenizer("Document 0.", add_special_tokens=False)["input_ids"]
     assert packed.input_ids[0, : len(first)].tolist() == first
+
+
+# ---- one token stream for packing, perplexity and search -------------------------------------------------------------
+def _docs(tmp_path, texts, name="docs.jsonl") -> TextSource:
+    (tmp_path / name).write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    return TextSource(str(tmp_path / name), text_column="body")
+
+
+def test_eos_after_every_document(tmp_path, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    texts = ["First document.", "", "Second one.", "Third and last."]
+    ids = token_ids(_docs(tmp_path, texts), tok)
+    expected = [i for t in texts if t for i in tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert ids.dtype == torch.long and ids.tolist() == expected  # the empty text is skipped, the last one ends in EOS
+    assert token_ids(_docs(tmp_path, texts), tok, max_tokens=5).tolist() == expected[:5]
+
+
+def test_packing_uses_the_same_stream(corpus, smollm2_tokenizer):
+    src = TextSource(str(corpus / "c.jsonl"), text_column="body")
+    ids = token_ids(src, smollm2_tokenizer)
+    n = len(ids) // 32
+    packed = pack_tokens(src, smollm2_tokenizer, samples=n, seq_len=32)
+    assert torch.equal(packed.input_ids, ids[: n * 32].view(n, 32)) and packed.source["corpus_tokens"] == len(ids)
+
+
+def test_holdout_takes_the_tail_documents():
+    from datasets import Dataset
+
+    counts = [holdout_count(10, 0.2), holdout_count(10, 0.01), holdout_count(10, 0.0), holdout_count(1, 0.5)]
+    assert counts == [2, 1, 0, 0]
+    ds = Dataset.from_dict({"text": [f"doc {i}" for i in range(10)]})
+    train, heldout = split_holdout(ds, 0.2)
+    assert train["text"] == [f"doc {i}" for i in range(8)] and heldout["text"] == ["doc 8", "doc 9"]
+    assert split_holdout(ds, 0.0) == (ds, None)
+    stream = ds.to_iterable_dataset()
+    assert split_holdout(stream, 0.2) == (stream, None)  # no length: never split
+
+
+def test_token_windows_read_the_heldout_tail(tmp_path, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    texts = [f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * 10 for i in range(10)]
+    windows = token_windows(_docs(tmp_path, texts), tok, 16, holdout=0.2)
+    tail = [i for t in texts[8:] for i in tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert windows.flatten().tolist() == tail[: windows.numel()] and windows.numel() > len(tail) - 16
+
+
+def test_token_windows_count_is_capped(tmp_path, smollm2_tokenizer):
+    src = _docs(tmp_path, ["The quick brown fox jumps over the lazy dog. " * 20] * 3)
+    available = len(token_ids(src, smollm2_tokenizer)) // 16
+    assert token_windows(src, smollm2_tokenizer, 16, windows=3).shape == (3, 16)
+    assert token_windows(src, smollm2_tokenizer, 16).shape == (available, 16)
+    assert token_windows(src, smollm2_tokenizer, 16, windows=10 * available).shape == (available, 16)
+
+
+def test_token_windows_with_stride_give_the_sliding_stream(tmp_path, smollm2_tokenizer):
+    src = _docs(tmp_path, ["The quick brown fox jumps over the lazy dog. " * 20] * 3)
+    ids = token_windows(src, smollm2_tokenizer, 16, windows=4, stride=8)
+    assert ids.tolist() == token_ids(src, smollm2_tokenizer)[: 3 * 8 + 16].tolist()
+
+
+def test_token_windows_too_short_is_one_named_line(tmp_path, smollm2_tokenizer):
+    src = _docs(tmp_path, ["Too short."], name="short.jsonl")
+    with pytest.raises(DataSourceError) as err:
+        token_windows(src, smollm2_tokenizer, 64)
+    message = str(err.value)
+    assert "\n" not in message and "short.jsonl" in message and "has 4 tokens" in message
+
+
+# ---- SFT data through the same source handling -------------------------------------------------------------------
+SEED_TASKS = [{"instruction": "Name a colour. ", "instances": [{"input": "", "output": "Blue."}]},
+              {"instruction": "Add the numbers.", "instances": [{"input": "2 3", "output": "5"},
+                                                                {"input": "1 1", "output": " 2 "}]}]
+CONVERSATIONS = [[{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+                 [{"role": "user", "content": "Add the numbers.\n\n2 3"}, {"role": "assistant", "content": "5"}],
+                 [{"role": "user", "content": "Add the numbers.\n\n1 1"}, {"role": "assistant", "content": "2"}]]
+
+
+def test_sft_alpaca_jsonl_becomes_conversations(tmp_path):
+    (tmp_path / "seed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SEED_TASKS))
+    ds = load_sft_dataset(str(tmp_path / "seed.jsonl"))
+    assert ds.column_names == ["messages"] and ds["messages"] == CONVERSATIONS
+
+
+def test_sft_alpaca_json_list_becomes_conversations(tmp_path):
+    (tmp_path / "seed.json").write_text(json.dumps(SEED_TASKS))
+    assert load_sft_dataset(str(tmp_path / "seed.json"))["messages"] == CONVERSATIONS
+
+
+def test_sft_text_column_holds_the_conversations(tmp_path):
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"id": i, "dialog": c}) + "\n"
+                                                 for i, c in enumerate(CONVERSATIONS)))
+    ds = load_sft_dataset(TextSource(str(tmp_path / "chat.jsonl"), text_column="dialog"))
+    assert sorted(ds.column_names) == ["id", "messages"] and ds["messages"] == CONVERSATIONS
+
+
+def test_sft_prompt_completion_parquet(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"prompt": ["2+2=", "1+1="], "completion": ["4", "2"]}).to_parquet(tmp_path / "pc.parquet")
+    ds = load_sft_dataset(str(tmp_path / "pc.parquet"))
+    assert ds["completion"] == ["4", "2"]
+
+
+def test_sft_without_chat_columns_lists_them(tmp_path):
+    (tmp_path / "q.csv").write_text("question,answer\nhi,hello\n")
+    with pytest.raises(DataSourceError, match=r"q\.csv.*columns: question, answer$"):
+        load_sft_dataset(str(tmp_path / "q.csv"))
+
+
+def test_sft_hub_id_honours_config_and_split(tmp_path, monkeypatch):
+    """Offline, from the huggingface_hub cache: the config and split of the `TextSource` pick the file."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "datasets--acme--tiny-chat"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    for config in ("short", "long"):
+        (snap / config).mkdir(parents=True)
+        for split in ("train", "validation"):
+            rows = [{"prompt": f"{config} {split} {i}", "completion": "ok"} for i in range(2)]
+            (snap / config / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card = ["---", "configs:"]
+    for config in ("short", "long"):
+        card += [f"- config_name: {config}", "  data_files:"]
+        card += [line for split in ("train", "validation")
+                 for line in (f"  - split: {split}", f"    path: {config}/{split}.jsonl")]
+    (snap / "README.md").write_text("\n".join(card + ["---", ""]))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    ds = load_sft_dataset(TextSource("acme/tiny-chat", config="long", split="validation"))
+    assert ds["prompt"] == ["long validation 0", "long validation 1"]

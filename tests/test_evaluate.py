@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from hf_minitron.evaluate import (EvalError, LocalChoiceTask, check_local_task, evaluate_model, parse_tasks,
-                                  perplexity, primary_metric, run_lm_eval, sliding_perplexity, token_stream)
+from hf_minitron.evaluate import (EvalError, EvaluateConfig, LocalChoiceTask, check_local_task, evaluate_model,
+                                  parse_tasks, perplexity, primary_metric, run_lm_eval, sliding_perplexity)
 
 
 def tiny_vocab_model(vocab: int = 49152, seed: int = 0):
@@ -54,18 +54,6 @@ def test_sliding_perplexity_matches_direct_and_windows(small_model):
     assert sliding_perplexity(small_model, ids[:32], 16, 16) == pytest.approx(perplexity(small_model, windows), rel=1e-5)
     with pytest.raises(EvalError, match="stride 17"):
         sliding_perplexity(small_model, ids, 16, 17)
-
-
-def test_token_stream_reads_any_text_source(tmp_path, smollm2_tokenizer):
-    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "hello world"}) + "\n" + json.dumps({"body": "again"}) + "\n")
-    from hf_minitron.data import DataSourceError, TextSource
-
-    ids = token_stream(TextSource(str(tmp_path / "a.jsonl"), text_column="body"), smollm2_tokenizer)
-    expected = (smollm2_tokenizer("hello world", add_special_tokens=False)["input_ids"]
-                + [smollm2_tokenizer.eos_token_id] + smollm2_tokenizer("again", add_special_tokens=False)["input_ids"])
-    assert ids.tolist() == expected
-    with pytest.raises(DataSourceError, match="no column 'text'"):
-        token_stream(str(tmp_path / "a.jsonl"), smollm2_tokenizer)
 
 
 def test_parse_tasks():
@@ -128,23 +116,18 @@ def test_evaluate_model_and_cli(tmp_path, smollm2_tokenizer, shared_data):
     folder = tmp_path / "member"
     model.save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
-    result = evaluate_model(model, smollm2_tokenizer, name="m", ppl_data=str(shared_data / "wikitext2_test.txt"),
-                            ppl_seq_len=32, ppl_windows=2)
+    config = EvaluateConfig(seq_len=32, windows=2)
+    result = evaluate_model(model, smollm2_tokenizer, "m", config, str(shared_data / "wikitext2_test.txt"))
     ppl = result["perplexity"][0]
     assert ppl["tokens"] == 64 and ppl["perplexity"] > 1000  # random weights: near-uniform over 49K tokens
     assert result["parameters"] == sum(p.numel() for p in model.parameters())
 
-    import argparse
+    from hf_minitron.cli import main
 
-    from hf_minitron.cli_family import add_eval as _add_eval
-
-    parser = argparse.ArgumentParser()
-    _add_eval(parser.add_subparsers())
     out = tmp_path / "r.json"
-    args = parser.parse_args(["eval", "--model", str(folder), "--ppl-data", str(shared_data / "wikitext2_test.txt"),
-               "--ppl-seq-len", "32", "--ppl-windows", "2", "--hellaswag-file",
-               str(shared_data / "hellaswag_val_dev.jsonl"), "--limit", "4", "--out", str(out)])
-    assert args.func(args) == 0
+    assert main(["eval", "--model", str(folder), "--data", str(shared_data / "wikitext2_test.txt"), "--seq-len", "32",
+                 "--windows", "2", "--choice-files", str(shared_data / "hellaswag_val_dev.jsonl"), "--limit", "4",
+                 "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["perplexity"][0]["perplexity"] == pytest.approx(ppl["perplexity"], rel=1e-4)
     assert set(saved["tasks"]["local_hellaswag_val_dev"]["metrics"]) >= {"acc", "acc_norm"}

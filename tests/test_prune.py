@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_model
 from hf_minitron.archs import count_parameters
 from hf_minitron.importance import ImportanceConfig, compute_importance
-from hf_minitron.prune import PruneOptions, PruneTarget, parameter_count, plan_pruning, prune_model, save_student
+from hf_minitron.prune import PruneConfig, PruneTarget, parameter_count, plan_pruning, prune_model, save_student
 
 IDS = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
 
@@ -80,7 +80,7 @@ def test_head_merging_changes_only_kept_query_heads():
     scores = _scores(teacher)
     target = PruneTarget(num_heads=2)
     merged, plan = prune_model(teacher, scores, target)
-    plain, _ = prune_model(teacher, scores, target, PruneOptions(merge_heads=False))
+    plain, _ = prune_model(teacher, scores, target, PruneConfig(merge_heads=False))
     q_m, q_p = merged.model.layers[0].self_attn.q_proj.weight, plain.model.layers[0].self_attn.q_proj.weight
     (k, p), = plan.head_merges[0][:1]
     pos = plan.heads[0].tolist().index(k)
@@ -109,9 +109,9 @@ def test_depth_metrics_pick_layers():
     teacher = tiny_model("mistral")
     scores = _scores(teacher)
     for metric in ("ppl", "bi", "bi-run"):
-        plan = plan_pruning(teacher.config, scores, PruneTarget(num_layers=2), PruneOptions(depth_metric=metric))
+        plan = plan_pruning(teacher.config, scores, PruneTarget(num_layers=2), PruneConfig(depth_metric=metric))
         assert len(plan.layers) == 2
-    run_plan = plan_pruning(teacher.config, scores, PruneTarget(num_layers=2), PruneOptions(depth_metric="bi-run"))
+    run_plan = plan_pruning(teacher.config, scores, PruneTarget(num_layers=2), PruneConfig(depth_metric="bi-run"))
     dropped = sorted(set(range(4)) - set(run_plan.layers))
     assert dropped[1] - dropped[0] == 1
     assert dropped[0] == int(scores.block_importance(2).argmin())

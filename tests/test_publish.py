@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from hf_minitron.publish import (PublishError, files_to_publish, find_members, publish_family, publish_member,
-                                 publish_run)
+from hf_minitron.publish import (PublishConfig, PublishError, files_to_publish, find_members, publish_family,
+                                 publish_member, publish_run)
 
 LOAD_BACK = r"""
 import sys, torch
@@ -47,8 +47,8 @@ def test_publish_load_back_and_republish(hub, tmp_path, smollm2_tokenizer):
     plot = tmp_path / "family.png"
     plot.write_bytes(b"\x89PNG fake")
 
-    report = publish_member(folder, "org/tiny-member", endpoint=hub.url, extra_files=[plot],
-                            card_fields={"license": "apache-2.0"})
+    config = PublishConfig(endpoint=hub.url, extra_files=[str(plot)], license="apache-2.0")
+    report = publish_member(folder, "org/tiny-member", config)
     assert report.ok and report.commit and not report.unchanged
     pushed = set(report.uploaded)
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "eval_results.json", "family.png",
@@ -74,25 +74,25 @@ def test_publish_load_back_and_republish(hub, tmp_path, smollm2_tokenizer):
 
     # publishing again: nothing uploaded, no new commit
     commits = len(hub.state.commits)
-    again = publish_member(folder, "org/tiny-member", endpoint=hub.url, extra_files=[plot],
-                           card_fields={"license": "apache-2.0"})
+    again = publish_member(folder, "org/tiny-member", config)
     assert again.uploaded == [] and again.commit == report.commit and len(hub.state.commits) == commits
     assert "up to date" in again.line()
 
     # one changed file: only it is uploaded
     (folder / "eval_results.json").write_text(json.dumps({"model": "x", "parameters": 1, "perplexity": [],
                                                           "tasks": {}}))
-    third = publish_member(folder, "org/tiny-member", endpoint=hub.url, extra_files=[plot], card=False)
+    third = publish_member(folder, "org/tiny-member", PublishConfig(endpoint=hub.url, extra_files=[str(plot)],
+                                                                    card=False))
     assert third.uploaded == ["eval_results.json"] and hub.state.commits[-1]["paths"] == ["eval_results.json"]
 
 
 def test_branch_and_pull_request(hub, tmp_path, smollm2_tokenizer):
     folder = tmp_path / "m"
     make_member(folder, smollm2_tokenizer)
-    on_branch = publish_member(folder, "org/m", endpoint=hub.url, revision="v1")
+    on_branch = publish_member(folder, "org/m", PublishConfig(endpoint=hub.url, revision="v1"))
     repo = hub.state.repos["org/m"]
     assert repo.refs["v1"] == on_branch.commit and "model.safetensors" not in repo.snapshots[repo.refs["main"]]
-    pr = publish_member(folder, "org/m", endpoint=hub.url, create_pr=True)
+    pr = publish_member(folder, "org/m", PublishConfig(endpoint=hub.url, create_pr=True))
     assert pr.pr_url and pr.pr_url.endswith("/discussions/1") and "refs/pr/1" in repo.refs
     assert "model.safetensors" not in repo.snapshots[repo.refs["main"]]  # main untouched until the PR is merged
 
@@ -106,9 +106,10 @@ def test_family_failure_part_way_then_rerun(hub, tmp_path, smollm2_tokenizer):
         folders.append(folder)
     assert find_members(run) == folders and find_members(folders[0]) == [folders[0]]
 
+    config = PublishConfig(org="org", endpoint=hub.url, collection="tiny family")
     hub.state.fail_commits.add("org/small")
     with pytest.raises(PublishError) as failure:
-        publish_family(folders, "org", endpoint=hub.url, collection="tiny family")
+        publish_family(folders, config)
     report = failure.value.report
     assert [m.ok for m in report.members] == [True, False]
     text = str(failure.value)
@@ -117,7 +118,7 @@ def test_family_failure_part_way_then_rerun(hub, tmp_path, smollm2_tokenizer):
 
     hub.state.fail_commits.clear()
     commits = len(hub.state.commits)
-    done = publish_family(folders, "org", endpoint=hub.url, collection="tiny family")
+    done = publish_family(folders, config)
     assert done.ok and done.members[0].uploaded == [] and done.members[1].uploaded
     assert [c["repo"] for c in hub.state.commits[commits:]] == ["org/small"]  # only the missing member
     items = [i["id"] for i in hub.state.collections[done.collection]["items"]]
@@ -132,36 +133,42 @@ def test_publish_errors(tmp_path, smollm2_tokenizer):
         files_to_publish(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_members(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no member folders"):
+        find_members(tmp_path / "empty")
 
 
 def test_publish_cli(hub, tmp_path, smollm2_tokenizer, capsys):
-    import argparse
-
-    from hf_minitron.cli_family import add_publish as _add_publish
+    from hf_minitron.cli import main
 
     run = tmp_path / "run"
     for i, name in enumerate(["a", "b"]):
         make_member(run / name, smollm2_tokenizer, seed=i)
-    parser = argparse.ArgumentParser()
-    _add_publish(parser.add_subparsers())
-    args = parser.parse_args(["publish", str(run), "--org", "me", "--endpoint", hub.url, "--collection", "fam",
-                              "--license", "apache-2.0"])
-    assert args.func(args) == 0
+    code = main(["publish", str(run), "--org", "me", "--endpoint", hub.url, "--collection", "fam",
+                 "--license", "apache-2.0"])
+    assert code == 0
     assert "pushed      me/a" in capsys.readouterr().out
     assert set(hub.state.repos) == {"me/a", "me/b"}
     readme = hub.state.repos["me/a"].snapshots[hub.state.repos["me/a"].refs["main"]]["README.md"].decode()
-    assert "license: apache-2.0" in readme and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in readme
+    assert "license: apache-2.0" in readme
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in readme
+
+
+def test_publish_cli_failure_exits_1_and_says_what_was_not_pushed(hub, tmp_path, smollm2_tokenizer, capsys):
+    from hf_minitron.cli import main
+
+    make_member(tmp_path / "a", smollm2_tokenizer)
     hub.state.fail_commits.add("me/x")
-    args = parser.parse_args(["publish", str(run / "a"), "--org", "me", "--name", "x", "--endpoint", hub.url])
-    assert args.func(args) == 1 and "NOT pushed  me/x" in capsys.readouterr().out
+    code = main(["publish", str(tmp_path / "a"), "--org", "me", "--name", "x", "--endpoint", hub.url])
+    assert code == 1
+    out = capsys.readouterr()
+    assert "NOT pushed  me/x" in out.out + out.err
 
 
 def test_publish_run_with_space(hub, tmp_path, smollm2_tokenizer, capsys):
     """Members, then the comparison Space pointing at them; publishing again changes nothing."""
-    import argparse
-
-    from hf_minitron.cards import write_family_report
-    from hf_minitron.cli_family import add_publish as _add_publish
+    from hf_minitron.cli import main
+    from hf_minitron.report import write_family_report
 
     run = tmp_path / "run"
     for i, name in enumerate(["a", "b"]):
@@ -169,10 +176,7 @@ def test_publish_run_with_space(hub, tmp_path, smollm2_tokenizer, capsys):
     results = [{"model": n, "parameters": p, "perplexity": [{"data": "text", "perplexity": q}], "tasks": {}}
                for n, p, q in [("a", 200_000, 12.0), ("b", 141_632, 15.0)]]
     write_family_report(results, run / "family", "tiny family")
-    parser = argparse.ArgumentParser()
-    _add_publish(parser.add_subparsers())
-    args = parser.parse_args(["publish", str(run), "--org", "me", "--endpoint", hub.url, "--space", "tiny-compare"])
-    assert args.func(args) == 0
+    assert main(["publish", str(run), "--org", "me", "--endpoint", hub.url, "--space", "tiny-compare"]) == 0
     out = capsys.readouterr().out
     assert "Space me/tiny-compare" in out and "NOT pushed" not in out
     space = hub.state.repos["spaces/me/tiny-compare"]
@@ -185,9 +189,9 @@ def test_publish_run_with_space(hub, tmp_path, smollm2_tokenizer, capsys):
     assert "family.png" in member and "![quality vs parameters" in member["README.md"].decode()
 
     commits = len(hub.state.commits)
-    again = publish_run(run, "me", endpoint=hub.url, space="tiny-compare")
+    again = publish_run(run, PublishConfig(org="me", endpoint=hub.url, space="tiny-compare"))
     assert again.ok and again.space.uploaded == [] and len(hub.state.commits) == commits
 
     hub.state.fail_commits.add("spaces/me/broken")
     with pytest.raises(PublishError, match="NOT pushed  Space me/broken"):
-        publish_run(run, "me", endpoint=hub.url, space="broken")
+        publish_run(run, PublishConfig(org="me", endpoint=hub.url, space="broken"))

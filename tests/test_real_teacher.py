@@ -6,7 +6,7 @@ Reference (../shared/data/README.md): teacher 29.6, importance-pruned 74, random
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_minitron.data import TextSource, pack_tokens, text_windows
+from hf_minitron.data import TextSource, pack_tokens, token_windows
 from hf_minitron.evaluate import perplexity
 from hf_minitron.importance import ImportanceConfig, ImportanceScores, compute_importance
 from hf_minitron.models import load_model, load_tokenizer, resolve_source
@@ -35,7 +35,7 @@ def test_smollm2_mlp_pruning_beats_random(smollm2_path, shared_data, tmp_path):
                                                   generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     random_student, _ = prune_model(teacher, random_scores, PruneTarget(ffn_size=1024))
 
-    windows = text_windows(f"{shared_data}/wikitext2_test.txt", tokenizer, 512, 16)
+    windows = token_windows(f"{shared_data}/wikitext2_test.txt", tokenizer, 512, 16)
     ppl_teacher = perplexity(teacher, windows)
     ppl_pruned = perplexity(reloaded, windows)
     ppl_random = perplexity(random_student, windows)

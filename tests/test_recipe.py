@@ -16,7 +16,7 @@ PUBLISHED = {"minitron-8b": 8.27, "minitron-4b": 4.19, "llama-3.1-minitron-4b-wi
 
 def minimal(**extra) -> dict:
     raw = {"name": "t", "teacher": {"source": "some/model"},
-           "data": {"calibration": "pydoc-topics", "distillation": "pydoc-topics"},
+           "data": {"calibration": "pydoc-topics", "distillation": "pydoc-topics"}, "distill": {"tokens": "1M"},
            "members": [{"name": "a", "params": "100M"}, {"name": "b", "parent": "a", "shape": {"ffn_size": 512}}]}
     raw.update(extra)
     return raw
@@ -41,7 +41,7 @@ def test_recipe_loads_and_every_member_has_a_parameter_count(path):
     for m in recipe.members:
         base = configs[m.parent or "teacher"]
         if m.shape:
-            target = PruneTarget(**{k: v for k, v in vars(m.shape).items()})
+            target = m.shape
             count = parameter_count(base, target)
             configs[m.name] = student_config(base, target)
         else:  # a budget: the search must find shapes within tolerance, each counted exactly
@@ -58,7 +58,7 @@ def test_recipe_loads_and_every_member_has_a_parameter_count(path):
 def test_overrides_by_index_and_name():
     r = from_dict(minimal(), ["distill.tokens=2M", "members.a.params=90M", "members.1.instruct=true",
                               "data.sft=alpaca.jsonl", "search.tolerance=0.1", "teacher.source=other/model"])
-    assert r.distill.tokens == 2_000_000 and r.members[0].params == 90_000_000 and r.members[1].instruct
+    assert r.distill["tokens"] == 2_000_000 and r.members[0].params == 90_000_000 and r.members[1].instruct
     assert r.data.sft.path == "alpaca.jsonl" and r.search.tolerance == 0.1 and r.teacher.source == "other/model"
     assert r.sha256 != from_dict(minimal()).sha256
 
@@ -69,7 +69,17 @@ def test_overrides_by_index_and_name():
     ("members.1.parent=zz", "members.1.parent: 'zz' is not an earlier member"),
     ("members.0.shape={ffn_size: 64}", "members.0: give either shape or params"),
     ("search.depth=maybe", "search.depth: expected true or false"),
-    ("importance.depth_metric=random", "importance.depth_metric: 'random' is not one of"),
+    ("prune.depth_metric=random", "prune.depth_metric: 'random' is not one of"),
+    ("importance.depth_metric=bi", "importance.depth_metric is now prune.depth_metric"),
+    ("distill.lr=1e-4", "distill.lr is now distill.learning_rate"),
+    ("distill.learning_rate=fast", "distill.learning_rate: expected a number"),
+    ("distill.logit_loss=kl2", "distill.logit_loss: 'kl2' is not one of"),
+    ("distill.is_layers=3-1", "distill: bad is_layers entry '3-1'"),
+    ("distill.output_dir=x", "unknown key 'distill.output_dir'"),
+    ("sft.lora_r=big", "sft.lora_r: expected an integer"),
+    ("evaluate.tasks=[mmlu:x]", "evaluate.tasks: bad few-shot count"),
+    ("members.0.name=teacher", "members.0.name: 'teacher' is reserved"),
+    ("members.0.name=work", "members.0.name: 'work' is reserved"),
     ("members.c.params=1", "no entry named 'c'"),
     ("teacher.source=", "teacher.source: missing"),
     ("members.1.instruct=true", "data.sft: missing"),
@@ -89,3 +99,18 @@ def test_counts_and_missing_file():
         parse_count("1.5", "x")
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe("no/such/recipe.yaml")
+
+
+@pytest.mark.parametrize("tasks", ["[paper]", "['mmlu:5']", "[code, hellaswag]"])
+def test_task_presets_and_shots_are_accepted(tasks):
+    assert from_dict(minimal(), [f"evaluate.tasks={tasks}"]).evaluate.tasks
+
+
+@pytest.mark.parametrize("name", ["teacher", "family", "importance", "work", "eval", "parent"])
+def test_reserved_member_names_are_refused(name):
+    with pytest.raises(RecipeError, match=f"'{name}' is reserved"):
+        from_dict(minimal(), [f"members.0.name={name}", f"members.1.parent={name}"])
+
+
+def test_gpu_settings_load_on_a_cpu_machine():
+    assert from_dict(minimal(), ["distill.bf16=true"]).distill["bf16"] is True

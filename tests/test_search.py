@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 from hf_minitron.archs import count_parameters
 from hf_minitron.importance import compute_importance
 from hf_minitron.prune import PruneTarget, parameter_count, prune_model
-from hf_minitron.recipe import SearchSection
+from hf_minitron.search import SearchConfig as SearchSection
 from hf_minitron.search import candidates_for, enumerate_candidates, merge_adapter, run_search
 
 LLAMA_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,

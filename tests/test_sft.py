@@ -24,7 +24,7 @@ def small_seed_file(tmp_path: Path, n: int = 12) -> str:
 
 
 def test_alpaca_converter():
-    from hf_minitron.sft import alpaca_to_conversations
+    from hf_minitron.data import alpaca_to_conversations
 
     rows = [json.loads(line) for line in SEED_TASKS.read_text().splitlines()]
     convs = alpaca_to_conversations(rows)
@@ -39,7 +39,7 @@ def test_alpaca_converter():
 def test_missing_columns_refused():
     from datasets import Dataset
 
-    from hf_minitron.sft import load_sft_dataset
+    from hf_minitron.data import load_sft_dataset
 
     with pytest.raises(ValueError, match="columns: question"):
         load_sft_dataset(Dataset.from_dict({"question": ["hi"]}))
@@ -68,7 +68,7 @@ def test_loss_only_on_answers(tmp_path, template, monkeypatch):
 
     monkeypatch.setattr(SFTTrainer, "train", capture)
     out = str(tmp_path / "out")
-    result = sft_mod.sft(tiny_llama(len(tok)), small_seed_file(tmp_path), out, tokenizer=tok, max_steps=2,
+    result = sft_mod.sft(tiny_llama(len(tok)), small_seed_file(tmp_path), out, tokenizer=tok, lora=False, max_steps=2,
                          per_device_train_batch_size=2, max_length=512, report_to=[], gradient_checkpointing=False,
                          save_strategy="no", learning_rate=1e-3)
     first = json.loads(SEED_TASKS.read_text().splitlines()[0])

@@ -6,7 +6,6 @@ not skips, when they are missing. Its screenshots go to test-artifacts/space/ in
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -17,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_member_folder
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from hf_minitron.rundir import MemberRecord
 from hf_minitron.space import (SpaceError, app_dir, build_family, family_from_run, launch_space, load_app, member_entry,
                                write_space_folder)
 
@@ -40,7 +41,7 @@ def _member(folder: Path, tokenizer, hidden: int, layers: int, seed: int) -> Pat
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, smollm2_tokenizer):
     """A run folder as a build leaves it: two members (the small one instruct), eval JSON each, and a family plot."""
-    from hf_minitron.cards import write_family_report
+    from hf_minitron.report import write_family_report
 
     run = tmp_path_factory.mktemp("run")
     big = _member(run / "members" / "tiny-big", smollm2_tokenizer, 64, 4, 0)
@@ -76,6 +77,16 @@ def test_member_without_metadata(run_dir, tmp_path):
                                                         "model": "org/Some-Model-Instruct", "instruct": True}
     with pytest.raises(SpaceError, match="neither a member folder nor a Hub id"):
         member_entry(tmp_path / "nothing-here")
+
+
+def test_member_entry_takes_instruct_from_the_member_record(tmp_path):
+    folder = write_member_folder(tmp_path / "chat", MemberRecord("chat", "instruct", sft_from="base"))
+    assert member_entry(folder)["instruct"], "kind instruct in member.json, whatever the folder's name"
+
+
+def test_member_entry_record_overrides_the_folder_name(tmp_path):
+    folder = write_member_folder(tmp_path / "base-instruct", MemberRecord("base-instruct", "base"))
+    assert not member_entry(folder)["instruct"], "kind base in member.json"
 
 
 def test_family_from_run(run_dir, app):
@@ -222,15 +233,13 @@ def test_compare_runs_members_together(run_dir, app):
 
 
 def test_cli_space_flags():
-    from hf_minitron import cli_family
+    from hf_minitron.cli import build_parser
+    from hf_minitron.cli.family import run_space
 
-    parser = argparse.ArgumentParser()
-    cli_family.add_space(parser.add_subparsers(dest="command"))  # until build_parser calls it
-    sub = parser._subparsers._group_actions[0].choices["space"]
-    assert all(a.help for a in sub._actions)
-    args = parser.parse_args(["space", "runs/x", "--port", "7999", "--share"])
-    assert args.source == ["runs/x"] and args.port == 7999 and args.share and args.host == "127.0.0.1"
-    assert args.func is cli_family._run_space
+    args = build_parser().parse_args(["space", "runs/x", "--port", "7999", "--share"])
+    assert args.source == ["runs/x"]
+    assert (args.port, args.share, args.host) == (7999, True, "127.0.0.1")
+    assert args.func is run_space
 
 
 # ---- the app in a real browser ----

@@ -83,7 +83,8 @@ class Family:
         raise FamilyError(f"no member named {name!r} in the family (members: {[m.name for m in self.members]})")
 
 
-def _read_structured(path: Path):
+def read_structured(path: Path):
+    """A family file's data: YAML for .yaml/.yml, else JSON (hf_minitron.space reads family files through it)."""
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
         import yaml
@@ -140,7 +141,7 @@ def load_family(path: str | Path) -> Family:
     path = Path(path)
     if not path.is_file():
         raise FamilyError(f"family file {str(path)!r} does not exist")
-    family = family_from_dict(_read_structured(path), base=path.resolve().parent)
+    family = family_from_dict(read_structured(path), base=path.resolve().parent)
     family.source = path.resolve()
     return family
 

@@ -1,0 +1,76 @@
+"""Retraining commands: distill (Minitron KD into a pruned student) and sft (an instruct variant)."""
+
+from __future__ import annotations
+
+import json
+
+from ..schema import add_flags, given
+from .args import add_data, add_model, add_output, data_source, model_args
+
+
+def _trainer_flags(p, cls, section: str, exclude) -> None:
+    """The config's own fields first, then TRL's and the Trainer's, each group under its title."""
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    own = [n for n in cls.__dataclass_fields__ if n in vars(cls).get("__annotations__", {})]
+    trl_own = [n for n in SFTConfig.__dataclass_fields__ if n not in TrainingArguments.__dataclass_fields__]
+    groups = ((f"{section} ({cls.__name__}, recipe section {section}:)", own),
+              ("TRL SFTConfig", [n for n in trl_own if n not in own]),
+              ("transformers TrainingArguments", [n for n in TrainingArguments.__dataclass_fields__ if n not in own]))
+    every = set(cls.__dataclass_fields__)
+    for title, names in groups:
+        add_flags(p, cls, section, exclude=(*exclude, *(every - set(names))), title=title)
+
+
+def add_commands(sub) -> None:
+    from ..distill import EXCLUDED as DISTILL_EXCLUDED
+    from ..distill import DistillConfig
+    from ..sft import EXCLUDED as SFT_EXCLUDED
+    from ..sft import InstructConfig
+
+    p = sub.add_parser("distill", help="recover a pruned student by distilling the teacher into it (Minitron KD)",
+                       description="Off-policy knowledge distillation on packed plain text, on TRL's SFTTrainer. "
+                                   "Every DistillConfig field is a flag of the same name as its recipe key.")
+    add_model(p, "teacher")
+    add_model(p, "student", prefix="student")
+    add_data(p)
+    add_output(p, "checkpoints, then the distilled student", resume=True)
+    _trainer_flags(p, DistillConfig, "distill", DISTILL_EXCLUDED)
+    p.set_defaults(func=run_distill)
+
+    p = sub.add_parser("sft", help="make an instruct variant: supervised fine-tuning on chat data (TRL SFTTrainer)",
+                       description="SFT with the loss on the assistant answers only; LoRA by default, merged on save.")
+    add_model(p, "model")
+    add_data(p, "chat data: .jsonl/.json/.parquet/.csv with 'messages' or 'prompt'+'completion' columns, Alpaca "
+                "seed tasks (instruction + instances), or a Hub dataset id")
+    add_output(p, "checkpoints, then the fine-tuned (merged) model", resume=True)
+    _trainer_flags(p, InstructConfig, "sft", SFT_EXCLUDED)
+    p.set_defaults(func=run_sft)
+
+
+def run_distill(args) -> int:
+    from ..distill import DistillConfig, distill
+
+    data = data_source(args)
+    config = DistillConfig(output_dir=args.out, **given(args, "distill", DistillConfig))
+    teacher, student = model_args(args, "teacher"), model_args(args, "student")
+    if "device" not in given(args, "teacher"):  # unless told otherwise, the teacher runs where training does
+        teacher.device = str(config.device)
+    t_model, t_tok = teacher.load()
+    s_model, s_tok = student.load()
+    result = distill(t_model, s_model, data, args.out, config=config, tokenizer=s_tok, teacher_tokenizer=t_tok,
+                     text_column=data.text_column, resume=args.resume, overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in result.items() if k != "log_history"}, indent=1))
+    return 0
+
+
+def run_sft(args) -> int:
+    from ..sft import InstructConfig, sft
+
+    config = InstructConfig(output_dir=args.out, **given(args, "sft", InstructConfig))
+    model, tokenizer = model_args(args, "model").load()
+    result = sft(model, data_source(args), args.out, tokenizer=tokenizer, config=config, resume=args.resume,
+                 overwrite=args.overwrite)
+    print(json.dumps({k: v for k, v in result.items() if k != "log_history"}, indent=1))
+    return 0

@@ -1,0 +1,215 @@
+"""Typed settings: one dataclass per stage is at once its recipe section, its CLI flags and its input.
+
+`from_mapping(cls, data, key)` builds a dataclass from a recipe mapping and checks every key and value; errors name
+the dotted key (`distill.learning_rate: expected a number, got 'fast'`). `add_flags(parser, cls, section)` makes one
+flag per field (help from `metadata["help"]`, choices from `Literal[...]`) whose value goes through the very same
+checks (`given(args, section)` collects them), so `--tokens 100M` and `tokens: 100M` mean one thing, with one default.
+Counts accept suffixes (`100M`, `94B`, `8T`) or scientific notation (`2e12`); lists accept `1,2,3` or `[1, 2, 3]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import re
+import types
+import typing
+from dataclasses import MISSING, Field, fields, is_dataclass
+
+
+class SettingError(ValueError):
+    """A bad setting, named by its dotted recipe key or its flag."""
+
+
+_SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_count(value, key: str = "value") -> int:
+    """100M, 1.5B, 8T, 2e12, 1_000 -> int; a one-line error naming `key` otherwise."""
+    if isinstance(value, bool):
+        raise SettingError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(-?[0-9][0-9_]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", value)
+        if m:
+            number = float(m.group(1).replace("_", "")) * _SUFFIX.get(m.group(2).lower(), 1)
+            if number.is_integer():
+                return int(number)
+    raise SettingError(f"{key}: expected an integer (e.g. 512, 100M, 94B, 2e12), got {value!r}")
+
+
+def _is_optional(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def coerce(tp, value, key: str):
+    """`value` checked (and converted where unambiguous) against the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if tp is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and _is_optional(tp):
+            return None
+        errors = []
+        for arg in (a for a in typing.get_args(tp) if a is not type(None)):
+            try:
+                return coerce(arg, value, key)
+            except SettingError as e:
+                errors.append(str(e))
+        raise SettingError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is none of the accepted kinds")
+    if value is None:
+        raise SettingError(f"{key}: a value is required")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise SettingError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list or tp is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise SettingError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (typing.Any,)
+        return [coerce(item, v, f"{key}.{i}") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise SettingError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if is_dataclass(tp):
+        text_field = getattr(tp, "from_string", None)
+        if isinstance(value, str) and text_field:
+            return text_field(value)
+        return from_mapping(tp, value, key)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [m.value for m in tp]
+        if value not in allowed and not isinstance(value, tp):
+            raise SettingError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SettingError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        return parse_count(value, key)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise SettingError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise SettingError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise SettingError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value  # a library type we do not model (e.g. a trainer's callable): the library checks it
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def settable(cls, exclude=()) -> dict[str, Field]:
+    """The fields of `cls` a recipe or a flag may set (init fields, not private, not excluded)."""
+    return {f.name: f for f in fields(cls) if f.init and not f.name.startswith("_") and f.name not in exclude}
+
+
+def check_mapping(cls, data, key: str = "", exclude=()) -> dict:
+    """The given keys of `data`, each checked against `cls`'s field of that name; nothing else filled in."""
+    where = key or "recipe"
+    if not isinstance(data, dict):
+        raise SettingError(f"{where}: expected a mapping, got {data!r}")
+    known, hints = settable(cls, exclude), _hints(cls)
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        listed = ", ".join(list(known)[:40]) + (", ..." if len(known) > 40 else "")
+        raise SettingError(f"unknown key {(key + '.' if key else '') + str(unknown[0])!r}; {where} accepts: {listed}")
+    return {name: coerce(hints[name], value, f"{key}.{name}" if key else name) for name, value in data.items()}
+
+
+def from_mapping(cls, data, key: str = "", exclude=()):
+    """A dataclass instance from a mapping, checking every key and value type; errors name the dotted key."""
+    values = check_mapping(cls, data, key, exclude)
+    for name, f in settable(cls, exclude).items():
+        if name not in values and f.default is MISSING and f.default_factory is MISSING:
+            raise SettingError(f"{key + '.' if key else ''}{name}: missing (required)")
+    return cls(**values)
+
+
+# ---- command-line flags generated from the same fields -------------------------------------------------------
+
+
+def default_of(f: Field):
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def _flag(name: str, prefix: str) -> str:
+    return "--" + (f"{prefix}-" if prefix else "") + name.replace("_", "-")
+
+
+def _takes_text(tp) -> bool:
+    """Fields whose flag value is kept as typed (a string), not read as YAML."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if _is_optional(tp) else [tp]
+    return len(args) == 1 and (args[0] is str or typing.get_origin(args[0]) is typing.Literal)
+
+
+def _show(value) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def add_flags(parser, cls, section: str, *, prefix: str = "", rename: dict | None = None, exclude=(),
+              required=(), title: str | None = None) -> None:
+    """One flag per settable field of `cls` (`--prefix-field-name`, or the full flag `rename` gives); parsed
+    values land in `args` under `section.field` (see `given`). Fields marked `build_only` have no flag."""
+    group = parser.add_argument_group(title) if title else parser
+    hints, rename = _hints(cls), rename or {}
+    for name, f in settable(cls, exclude).items():
+        if f.metadata.get("build_only"):
+            continue
+        tp = hints[name]
+        flags = [rename[name] if name in rename else _flag(name, prefix)]
+        help_text = str(f.metadata.get("help", "")).replace("%", "%%").strip()
+        kwargs = {"dest": f"{section}.{name}", "default": argparse.SUPPRESS}
+        parser.set_defaults(**{f"_flag.{section}.{name}": flags[0]})  # for errors that name the flag
+        if name in required:
+            kwargs["required"] = True
+        else:
+            help_text += f" (default: {_show(default_of(f))})"
+        base = [a for a in typing.get_args(tp) if a is not type(None)] if _is_optional(tp) else [tp]
+        if base == [bool]:
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text, **kwargs)
+            continue
+        choices = f.metadata.get("choices")
+        if typing.get_origin(base[0]) is typing.Literal and len(base) == 1:
+            choices = list(typing.get_args(base[0]))
+        meta = "N" if base[0] in (int, float) else name.split("_")[-1].upper()
+        group.add_argument(*flags, help=help_text, choices=choices, metavar=None if choices else meta, **kwargs)
+
+
+def given(args: argparse.Namespace, section: str, cls=None) -> dict:
+    """The flags of `section` that were given on the command line, as a recipe-style mapping (values as typed,
+    read as YAML where the field is not plain text), checked against `cls` when given."""
+    import yaml
+
+    prefix = section + "."
+    raw = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    if cls is None:
+        return raw
+    hints, values = _hints(cls), {}
+    for name, value in raw.items():
+        if isinstance(value, str) and not _takes_text(hints[name]):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        values[name] = coerce(hints[name], value, getattr(args, f"_flag.{section}.{name}", name))
+    return values
