@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .rundir import MANIFEST
+from .rundir import INSTRUCT_SUFFIX, MANIFEST, TEACHER
 from .utils import si  # noqa: F401 (pipeline imports it from here)
 
 
@@ -75,7 +75,7 @@ def summary(run, recipe, cost: dict, teacher_params: int | None = None) -> str:
 
     from .archs import intermediate_size, num_kv_heads
 
-    teacher_ppl = _done(run, "teacher/evaluate").get("results", {}).get("teacher")
+    teacher_ppl = _done(run, f"{TEACHER}/evaluate").get("results", {}).get(TEACHER)
     lines = [f"family {recipe.name!r} from {recipe.teacher.source} -> {run.root}",
              f"{'member':<24}{'params':>8}{'hidden/ffn/heads/kv/layers':>28}{'ppl':>9}{'tokens':>9}{'FLOPs':>9}"
              f"{'vs scratch':>14}"]
@@ -83,8 +83,10 @@ def summary(run, recipe, cost: dict, teacher_params: int | None = None) -> str:
         lines.append(f"{'teacher':<24}{si(teacher_params):>8}{'':>28}{teacher_ppl:>9.2f}")
     for name, v in cost["members"].items():
         c = AutoConfig.from_pretrained(Path(run.member(name)))
-        shape = f"{c.hidden_size}/{intermediate_size(c)}/{c.num_attention_heads}/{num_kv_heads(c)}/{c.num_hidden_layers}"
-        for variant in [name] + ([name + "-instruct"] if name + "-instruct" in v["perplexity"] else []):
+        shape = "/".join(str(n) for n in (c.hidden_size, intermediate_size(c), c.num_attention_heads, num_kv_heads(c),
+                                          c.num_hidden_layers))
+        instruct = name + INSTRUCT_SUFFIX
+        for variant in [name] + ([instruct] if instruct in v["perplexity"] else []):
             ppl = v["perplexity"].get(variant) or float("nan")
             ratio = f"{si(v['fewer_tokens'])}x fewer" if v["fewer_tokens"] else "-"
             lines.append(f"{variant:<24}{si(v['parameters']):>8}{shape:>28}{ppl:>9.2f}{si(v['lineage_tokens']):>9}"

@@ -97,7 +97,8 @@ class RepoReport:
         if not self.uploaded:
             return f"up to date  {self.repo_id} ({len(self.unchanged)} files unchanged)"
         where = f" (PR {self.pr_url})" if self.pr_url else ""
-        return f"pushed      {self.repo_id}: {len(self.uploaded)} file(s) uploaded, {len(self.unchanged)} unchanged{where}"
+        return (f"pushed      {self.repo_id}: {len(self.uploaded)} file(s) uploaded, {len(self.unchanged)} "
+                f"unchanged{where}")
 
 
 @dataclass

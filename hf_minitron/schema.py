@@ -213,3 +213,46 @@ def given(args: argparse.Namespace, section: str, cls=None) -> dict:
                 pass
         values[name] = coerce(hints[name], value, getattr(args, f"_flag.{section}.{name}", name))
     return values
+
+
+# ---- `key.sub=value` overrides of a raw mapping (a recipe's, before it is checked) -----------------------
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Set `a.b.c=value` in the raw recipe mapping; the value is read as YAML (`true`, `3`, `[1, 2]`, `100M`)."""
+    import yaml
+
+    dotted, sep, text = assignment.partition("=")
+    if not sep or not dotted.strip():
+        raise SettingError(f"override {assignment!r} is not key.sub=value")
+    parts = dotted.strip().split(".")
+    value = yaml.safe_load(text) if text.strip() else None
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, here)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise SettingError(f"override {dotted}: {here} is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, dotted)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(items: list, part: str, key: str) -> int:
+    if part.lstrip("-").isdigit():
+        i = int(part)
+        if not -len(items) <= i < len(items):
+            raise SettingError(f"override {key}: index {i} out of range (0..{len(items) - 1})")
+        return i
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    names = [str(item.get("name")) for item in items if isinstance(item, dict)]
+    raise SettingError(f"override {key}: no entry named {part!r}; names: {', '.join(names)}")

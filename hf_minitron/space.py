@@ -100,9 +100,9 @@ def family_from_run(run: str | Path, name: str | None = None) -> dict:
         raise SpaceError(f"no member folders (config.json + .safetensors) under {str(run)!r}")
     members = [member_entry(f) for f in folders]
     seen: dict[str, int] = {}
-    for m, folder in zip(members, folders):  # folders with the same name in different places: name by the path
+    for m in members:  # folders with the same name in different places: name them by their path
         seen[m["name"]] = seen.get(m["name"], 0) + 1
-    for m, folder in zip(members, folders):
+    for m, folder in zip(members, folders, strict=True):
         if seen[m["name"]] > 1:
             m["name"] = "/".join(folder.relative_to(run).parts) or run.name
     members.sort(key=lambda m: -(m.get("params") or 0))

@@ -208,7 +208,7 @@ def test_distill_end_to_end_saves_student_without_projections(tmp_path):
     out = str(tmp_path / "run")
     kw = dict(max_length=32, per_device_train_batch_size=2, gradient_checkpointing=False, report_to=[],
               kd_chunk_tokens=16, is_layers="0:0,3:2", w_clm=0.1, logit_loss="reverse_kl", top_k=20,
-              save_steps=2, logging_steps=1)
+              save_steps=2, logging_steps=1, keep_checkpoints=True)
     result = distill(teacher, student, write_corpus(tmp_path), out, max_tokens=4 * 2 * 32, **kw)
     assert result["steps"] == 4 and result["tokens"] == 256
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
@@ -220,6 +220,17 @@ def test_distill_end_to_end_saves_student_without_projections(tmp_path):
     with pytest.raises(FileExistsError):
         distill(teacher, student, write_corpus(tmp_path), out, max_tokens=256, **kw)
     assert distill(teacher, student, write_corpus(tmp_path), out, max_tokens=256, resume=True, **kw)["steps"] == 4
+
+
+def test_distill_drops_checkpoints_once_the_student_is_saved(tmp_path):
+    from hf_minitron.distill import distill
+
+    teacher, student = save_pair(tmp_path)
+    out = tmp_path / "run"
+    distill(teacher, student, write_corpus(tmp_path), str(out), max_tokens=2 * 2 * 32, max_length=32,
+            per_device_train_batch_size=2, save_steps=1, report_to=[])
+    assert (out / "model.safetensors").is_file()
+    assert not list(out.glob("checkpoint-*"))
 
 
 SCRIPT = textwrap.dedent("""

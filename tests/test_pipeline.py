@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from hf_minitron.pipeline import build
 from hf_minitron.publish import PublishError
+from hf_minitron.cli import main
 from hf_minitron.recipe import from_dict
+from hf_minitron.rundir import MemberRecord
 from hf_minitron.rundir import StaleStageError
 
 
@@ -39,8 +41,8 @@ def files(tmp_path_factory, smollm2_tokenizer):
             f.write(json.dumps({"text": topics[key][:2000]}) + "\n")
     with open(root / "chat.jsonl", "w") as f:
         for i in range(8):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
-                                             {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]}) + "\n")
+            f.write(json.dumps({"dialog": [{"role": "user", "content": f"What is {i} + {i}?"},
+                                           {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]}) + "\n")
     return root
 
 
@@ -48,7 +50,8 @@ def tiny_recipe(files, **sections) -> dict:
     corpus = str(files / "corpus.jsonl")
     raw = {
         "name": "tiny", "teacher": {"source": str(files / "teacher")},
-        "data": {"calibration": corpus, "distillation": corpus, "sft": str(files / "chat.jsonl"), "holdout": 0.2},
+        "data": {"calibration": corpus, "distillation": corpus, "holdout": 0.2,
+                 "sft": {"path": str(files / "chat.jsonl"), "text_column": "dialog"}},  # the build honours the column
         "importance": {"samples": 4, "seq_len": 32, "depth_ppl_samples": 0},
         "prune": {"depth_metric": "bi"},
         "members": [{"name": "small", "params": 2_950_000},
@@ -70,22 +73,29 @@ def actions(result) -> dict:
     return dict(result["actions"])
 
 
-def test_chain_with_instruct_variant_then_skip_force_and_stale(files, tmp_path):
+def test_chain_with_instruct_variant_then_skip_force_and_stale(files, tmp_path, shared_data):
     out, lines = tmp_path / "run", []
-    result = build(from_dict(tiny_recipe(files)), out, progress=False, log=lines.append)
+    tasks = {"seq_len": 32, "windows": 2, "choice_files": [str(shared_data / "hellaswag_val_dev.jsonl")], "limit": 2}
+    result = build(from_dict(tiny_recipe(files, evaluate=tasks)), out, progress=False, log=lines.append)
     assert set(actions(result).values()) == {"run"}
     tok = AutoTokenizer.from_pretrained(out / "smaller-instruct")
     for name in ("small", "smaller", "smaller-instruct"):
         model = AutoModelForCausalLM.from_pretrained(out / name)
         ids = model.generate(**tok("def f(x):", return_tensors="pt"), max_new_tokens=4, do_sample=False)
         assert ids.shape[1] > 4
-        assert json.loads((out / name / "eval_results.json").read_text())["perplexity"][0]["perplexity"] > 1
+        evaluated = json.loads((out / name / "eval_results.json").read_text())
+        assert evaluated["perplexity"][0]["perplexity"] > 1
+        assert "acc_norm" in evaluated["tasks"]["local_hellaswag_val_dev"]["metrics"]  # the recipe's tasks ran
     small = AutoModelForCausalLM.from_pretrained(out / "small").config
     smaller = AutoModelForCausalLM.from_pretrained(out / "smaller").config
     assert smaller.intermediate_size == 64 and smaller.hidden_size == small.hidden_size < 64  # pruned from small
     assert json.loads((out / "smaller" / "pruning.json").read_text())["base"] == "small"
     assert json.loads((out / "small" / "search.json").read_text())["winner"]["rank"] == 1
-    assert json.loads((out / "smaller-instruct" / "member.json").read_text())["instruct"]
+    instruct = MemberRecord.read(out / "smaller-instruct")
+    assert (instruct.kind, instruct.sft_from, instruct.pruned_from) == ("instruct", "smaller", None)
+    smaller_record = MemberRecord.read(out / "smaller")
+    assert (smaller_record.pruned_from, smaller_record.distilled_from) == ("small", "small")
+    assert (out / "smaller-instruct" / "pruning.json").is_file()  # the instruct card shows its base's pruning
     assert not list(out.glob("*/checkpoint-[0-9]*"))  # checkpoints dropped once a member is finished
     cost = json.loads((out / "manifest.json").read_text())["cost"]
     s, t = cost["members"]["small"], cost["members"]["smaller"]
@@ -101,19 +111,19 @@ def test_chain_with_instruct_variant_then_skip_force_and_stale(files, tmp_path):
     card = (out / "smaller" / "README.md").read_text()
     assert "hf-minitron" in card and "](family.png)" in card and (out / "smaller" / "family.png").is_file()
 
-    again = build(from_dict(tiny_recipe(files)), out, progress=False, log=lines.append)
+    again = build(from_dict(tiny_recipe(files, evaluate=tasks)), out, progress=False, log=lines.append)
     assert set(actions(again).values()) == {"skipped"}
 
-    forced = actions(build(from_dict(tiny_recipe(files)), out, force=["smaller:distill"], progress=False,
+    forced = actions(build(from_dict(tiny_recipe(files, evaluate=tasks)), out, force=["smaller:distill"], progress=False,
                            log=lines.append))
     # distillation is seeded: the same weights again (same hash), so what follows has nothing to redo
     assert forced["smaller/distill"] == "redo" and forced["smaller/sft"] == forced["smaller/evaluate"] == "skipped"
     assert forced["small/distill"] == forced["small/search"] == "skipped"
-    forced = actions(build(from_dict(tiny_recipe(files, distill=dict(tiny_recipe(files)["distill"], seed=7))), out,
+    forced = actions(build(from_dict(tiny_recipe(files, evaluate=tasks, distill=dict(tiny_recipe(files)["distill"], seed=7))), out,
                            force=["distill"], progress=False, log=lines.append))
     assert forced["small/distill"] == forced["smaller/prune"] == forced["smaller/sft"] == "redo"  # new weights
 
-    changed = tiny_recipe(files)
+    changed = tiny_recipe(files, evaluate=tasks)
     changed["distill"]["tokens"] = 512
     with pytest.raises(StaleStageError, match=r"small/distill finished with other settings \(.*tokens changed\)"):
         build(from_dict(changed), out, progress=False, log=lines.append)
@@ -143,9 +153,10 @@ def test_build_publishes_members_and_space_and_completes_a_failed_publish(files,
 
 
 DRIVER = textwrap.dedent("""
-    import argparse, os, signal, sys
+    import os, signal, sys
     from transformers import TrainerCallback
-    from hf_minitron import cli_family, distill
+    from hf_minitron import distill
+    from hf_minitron.cli import main
 
     class Kill(TrainerCallback):
         def on_save(self, args, state, control, **kw):
@@ -157,11 +168,7 @@ DRIVER = textwrap.dedent("""
         if self.args.save_strategy != "no":  # the distillation stage, not the search's LoRA retraining
             self.add_callback(Kill())
     distill.MinitronDistillTrainer.__init__ = patched
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    cli_family.add_build(sub)
-    args = parser.parse_args(sys.argv[1:])
-    sys.exit(args.func(args))
+    sys.exit(main(sys.argv[1:]))
 """)
 
 
@@ -190,22 +197,16 @@ def test_kill_during_distillation_then_resume_skips_every_earlier_stage(files, t
     assert AutoModelForCausalLM.from_pretrained(out / "small").num_parameters() == result["members"]["small"]["parameters"]
 
 
-def test_cli_build_dry_run_and_flags(capsys):
-    from hf_minitron import cli_family
-
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    cli_family.add_build(sub)
-    cli_family.add_search(sub)
-    for name, p in sub.choices.items():
-        assert all(a.help for a in p._actions), name
+def test_cli_build_dry_run(capsys):
     recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "llama-3.1-minitron-4b-width.yaml")
-    args = parser.parse_args(["build", "--recipe", recipe, "--dry-run", "distill.tokens=1B", "--force", "distill"])
-    assert args.func(args) == 0
+    assert main(["build", "--recipe", recipe, "--dry-run", "distill.tokens=1B", "--force", "distill"]) == 0
     assert "llama-3.1-minitron-4b-width: 4.51B parameters" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="unknown key 'distill.tokenz'"):
-        args = parser.parse_args(["build", "--recipe", recipe, "--dry-run", "distill.tokenz=1"])
-        args.func(args)
+
+
+def test_cli_build_names_a_mistyped_key(capsys):
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "llama-3.1-minitron-4b-width.yaml")
+    assert main(["build", "--recipe", recipe, "--dry-run", "distill.tokenz=1"]) == 2
+    assert "unknown key 'distill.tokenz'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -195,3 +195,8 @@ def test_publish_run_with_space(hub, tmp_path, smollm2_tokenizer, capsys):
     hub.state.fail_commits.add("spaces/me/broken")
     with pytest.raises(PublishError, match="NOT pushed  Space me/broken"):
         publish_run(run, PublishConfig(org="me", endpoint=hub.url, space="broken"))
+
+
+def test_publishing_a_family_needs_an_org(tmp_path):
+    with pytest.raises(ValueError, match="publish.org is not set"):
+        publish_family([tmp_path], PublishConfig())

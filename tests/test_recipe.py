@@ -48,6 +48,7 @@ def test_recipe_loads_and_every_member_has_a_parameter_count(path):
             search = m.search_settings(recipe.search)
             found = candidates_for(base, m.params, search)
             assert all(abs(c.params / m.params - 1) <= search.tolerance for c in found)
+            assert all(c.params == parameter_count(base, c.target()) for c in found)  # fast count == exact
             count = found[0].params
             configs[m.name] = student_config(base, found[0].target())
         assert 0 < count < parameter_count(base, PruneTarget())

@@ -51,8 +51,10 @@ def test_search_ranks_candidates_and_binds_the_adapter_to_its_base(tmp_path):
     ids = tok("\n".join(text_dataset(4)["text"]))["input_ids"]
     windows = torch.tensor(ids[:64]).view(2, 32)
     lines = []
-    result = run_search(teacher, scores, teacher, tok, text_dataset(), windows, budget, search, tmp_path / "s",
+    output = run_search(teacher, scores, teacher, tok, text_dataset(), windows, budget, search, tmp_path / "s",
                         progress=False, log=lines.append)
+    result = json.loads((output.path / "search.json").read_text())
+    assert output.record["winner"] == result["winner"]["shape"]
     cands = result["candidates"]
     assert len(cands) == 3 and sorted(c["rank"] for c in cands) == [1, 2, 3], cands
     assert all(c["score_before"] > 0 and c["score_after"] > 0 and c["tokens"] == 128 for c in cands)

@@ -1,7 +1,7 @@
 """Every per-architecture fact in one place.
 
 Stages ask `get_arch(config)` for an `ArchSpec` and work through its names; they never branch on `model_type`.
-To add a family, add one `ArchSpec` to `families.py`.
+To add a family, add one `ArchSpec` to `specs.py`.
 """
 
 from __future__ import annotations
@@ -108,14 +108,14 @@ class UnsupportedArchitectureError(ValueError):
 
 
 def supported_model_types() -> list[str]:
-    from .families import FAMILIES
+    from .specs import FAMILIES
 
     return sorted(t for spec in FAMILIES for t in spec.model_types)
 
 
 def get_arch(config) -> ArchSpec:
     """The spec for a config's `model_type`; a one-line error listing the supported ones otherwise."""
-    from .families import FAMILIES
+    from .specs import FAMILIES
 
     model_type = getattr(config, "model_type", None)
     for spec in FAMILIES:
@@ -160,13 +160,3 @@ def count_parameters(config) -> int:
     embed = vocab * hidden
     head = 0 if getattr(config, "tie_word_embeddings", False) else vocab * hidden
     return embed + head + norm + layers * per_layer
-
-
-def embedding_scale(config) -> float:
-    """The factor the model multiplies embeddings by (sqrt(hidden) for Gemma, 1 elsewhere)."""
-    return config.hidden_size**0.5 if get_arch(config).scaled_embedding else 1.0
-
-
-def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
-    with torch.no_grad():
-        param.copy_(value.to(dtype=param.dtype, device=param.device))

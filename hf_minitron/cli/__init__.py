@@ -1,8 +1,8 @@
 """`hf-minitron` command line. Flags are generated from the stages' configs (`schema.add_flags`), so every flag is
 a recipe key of the same name and default; a command only resolves its inputs and calls the stage's entry function.
 
-Modules by meaning: `model` (importance, prune, params: one model's weights), `train` (distill, sft), `evaluate`
-(eval), `family` (build, search, publish, space: a whole family or run folder).
+Modules by meaning: `model` (importance, prune, params, eval: one model), `train` (distill, sft), `family` (build,
+search, publish, space: a whole family or run folder); the flags they share are below.
 """
 
 from __future__ import annotations
@@ -10,9 +10,39 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data import TextSource
+from ..models import ModelArgs
+from ..schema import add_flags, given
+
+
+def add_model(p: argparse.ArgumentParser, role: str = "teacher", prefix: str = "", required: bool = True) -> None:
+    """`--ROLE` plus ModelArgs' flags (`--revision`, `--gguf-file`, ...; `--PREFIX-revision` with a prefix)."""
+    add_flags(p, ModelArgs, role, prefix=prefix, rename={"source": f"--{role}"},
+              required=("source",) if required else (), title=f"{role} model")
+
+
+def model_args(args, role: str = "teacher") -> ModelArgs:
+    return ModelArgs(**given(args, role, ModelArgs))
+
+
+def add_data(p: argparse.ArgumentParser, title: str = "data", required: bool = True, exclude=()) -> None:
+    add_flags(p, TextSource, "data", prefix="data", required=("path",) if required else (), exclude=exclude,
+              rename={"path": "--data", "text_column": "--text-column", "streaming": "--streaming"}, title=title)
+
+
+def data_source(args) -> TextSource:
+    return TextSource(**given(args, "data", TextSource))
+
+
+def add_output(p: argparse.ArgumentParser, what: str, resume: bool = False) -> None:
+    p.add_argument("--out", required=True, help=f"output folder: {what}")
+    p.add_argument("--overwrite", action="store_true", help="start again even if --out holds finished work")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, family, model, train
+    from . import family, model, train
 
     parser = argparse.ArgumentParser(
         prog="hf-minitron",
@@ -20,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "importance scoring, pruning, architecture search, distillation, SFT, evaluation, publishing "
                     "and a comparison Space. Each subcommand has its own --help.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (model, train, family, evaluate):
+    for module in (model, train, family):
         module.add_commands(sub)
     return parser
 

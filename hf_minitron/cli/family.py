@@ -26,12 +26,9 @@ def _recipe(args):
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("build", help="build a whole family from a recipe: importance, search, prune, distill, SFT, "
-                                     "evaluate, family report, publish; resumable",
-                       description="Runs every stage of the recipe into a run folder with a manifest, then writes the "
-                                   "family report (family/: table, plot, card; a model card per member) and, when "
-                                   "the recipe sets publish.org, pushes the members (and publish.space) to the Hub. "
-                                   "Running it again skips finished stages and resumes an interrupted one.")
+    p = sub.add_parser("build", help="build a whole family from a recipe, resumably", description="Every stage of "
+                       "the recipe into a run folder with a manifest, then the family report and (publish.org) the "
+                       "Hub. Running it again skips finished stages and resumes an interrupted one.")
     _add_recipe(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo a finished stage (the stages after it follow when its output changes): importance, "
@@ -46,8 +43,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=run_build)
 
     p = sub.add_parser("search", help="architecture search for members with a parameter budget (LoRA-ranked)",
-                       description="The build's importance and search stages only, in the same run folder: a later "
-                                   "`build` reuses them. Writes search.json and search.md per member.")
+                       description="The build's importance and search stages only; a later `build` reuses them.")
     _add_recipe(p)
     p.add_argument("--member", action="append", default=None,
                    help="search for this member only; repeatable (default: every member with params)")
@@ -55,9 +51,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=run_search)
 
     p = sub.add_parser("publish", help="push family members to the Hugging Face Hub with generated model cards",
-                       description="One model repo per member (ORG/<member folder name>); only changed files are "
-                                   "uploaded, so running it again completes a publish that failed part-way. The "
-                                   "token comes from HF_TOKEN or `hf auth login`.")
+                       description="One model repo per member; only changed files are uploaded, so a rerun completes "
+                                   "a part-way publish. The token comes from HF_TOKEN or `hf auth login`.")
     p.add_argument("path", metavar="RUN_OR_FOLDER",
                    help="a member folder (config.json + .safetensors) or a run folder holding member folders")
     p.add_argument("--name", default=None, help="repo name when publishing one member folder (default: its name)")
@@ -65,9 +60,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=run_publish)
 
     p = sub.add_parser("space", help="compare a family's members side by side in the Gradio app, locally",
-                       description="Launches spaces/compare/app.py on a family: one prompt, each picked member "
-                                   "streaming its answer with latency and tokens/s, and the evaluation table and "
-                                   "plot. Models load on first use.")
+                       description="spaces/compare/app.py on a family: each member's streamed answer, latency and "
+                                   "tokens/s, and the evaluation table and plot.")
     p.add_argument("source", metavar="RUN_OR_FAMILY_FILE", nargs="+",
                    help="a run folder (member folders, eval JSON and family.png are found in it), a family file "
                         "(.json/.yaml), or member folders / Hub ids")

@@ -1,11 +1,16 @@
-"""Commands on one model's weights: importance, prune, params."""
+"""Commands on one model: importance, prune, params, eval."""
 
 from __future__ import annotations
 
+import json
+import os
+
+from ..data import TextSource
+from ..evaluate import EvaluateConfig
 from ..importance import ImportanceConfig
 from ..prune import PruneConfig, PruneTarget
 from ..schema import add_flags, given
-from .args import add_data, add_model, add_output, data_source, model_args
+from . import add_data, add_model, add_output, data_source, model_args
 
 
 def add_commands(sub) -> None:
@@ -30,6 +35,21 @@ def add_commands(sub) -> None:
     add_model(p)
     add_flags(p, PruneTarget, "target", title="target shape (recipe: members.N.shape)")
     p.set_defaults(func=run_params)
+
+    p = sub.add_parser("eval", help="evaluate a model: perplexity on any text source, lm-eval benchmark tasks",
+                       description="Writes one results JSON (perplexity records and task metrics). Benchmarks run "
+                                   "through lm-eval on the loaded model; local multiple-choice JSONL files run as "
+                                   "lm-eval custom tasks, offline. Perplexity windows are cut as the build cuts them.")
+    add_model(p, "model")
+    p.add_argument("--name", default=None, help="name recorded in the results (default: the model folder's name)")
+    p.add_argument("--data", action="append", default=[], metavar="PATH",
+                   help="text source for perplexity: local .txt/.jsonl/.json/.parquet/.csv, 'pydoc-topics', or a Hub "
+                        "dataset id; repeatable (the other --data-* flags apply to each)")
+    add_data(p, "perplexity data", required=False, exclude=("path",))
+    add_flags(p, EvaluateConfig, "evaluate", title="evaluation (recipe section evaluate:)")
+    p.add_argument("--out", default=None,
+                   help="results JSON to write (default: eval_results.json in the model folder, when it is a folder)")
+    p.set_defaults(func=run_eval)
 
 
 def run_importance(args) -> None:
@@ -72,3 +92,23 @@ def run_params(args) -> None:
     config = load_config(teacher.resolve(), teacher.trust_remote_code)
     print(f"teacher: {count_parameters(config):,}")
     print(f"target:  {parameter_count(config, PruneTarget(**given(args, 'target', PruneTarget))):,}")
+
+
+def run_eval(args) -> int:
+    from ..evaluate import RESULTS_FILE, evaluate_model
+
+    config = EvaluateConfig(**given(args, "evaluate", EvaluateConfig))
+    if not (config.tasks or config.choice_files or args.data):
+        raise ValueError("nothing to evaluate: give --tasks, --choice-files or --data")
+    model_spec = model_args(args, "model")
+    if args.out is None and not os.path.isdir(model_spec.source):
+        raise ValueError(f"--out is needed when --model ({model_spec.source!r}) is not a local folder")
+    config.check()  # bad task names fail before the model loads
+    shared = given(args, "data", TextSource)  # --data-split, --text-column, ... for every --data
+    sources = [TextSource(path, **shared) for path in args.data]
+    model, tokenizer = model_spec.load()
+    out = args.out or os.path.join(model_spec.source, RESULTS_FILE)
+    result = evaluate_model(model, tokenizer, args.name or os.path.basename(os.path.normpath(model_spec.source)),
+                            config, sources, out=out)
+    print(json.dumps(result, indent=1))
+    return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..schema import add_flags, given
-from .args import add_data, add_model, add_output, data_source, model_args
+from . import add_data, add_model, add_output, data_source, model_args
 
 
 def _trainer_flags(p, cls, section: str, exclude) -> None:
