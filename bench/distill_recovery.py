@@ -214,12 +214,14 @@ def run_distill(name: str, teacher, student, tokenizer, data: str, out: str, max
 
 
 def fmt_row(r: dict, teacher_ppl: float) -> str:
-    return (f"| {r['model']:<32} | {r['params'] / 1e6:7.2f}M | {r.get('tokens', 0):>9,} | {r['ppl_wikitext2_16x512']:9.3f} | "
-            f"{r['ppl_wikitext2_16x512'] / teacher_ppl:6.3f}x | {r['hellaswag_acc']:.4f} | {r['hellaswag_acc_norm']:.4f} |")
+    ppl = r['ppl_wikitext2_16x512']
+    return (f"| {r['model']:<32} | {r['params'] / 1e6:7.2f}M | {r.get('tokens', 0):>9,} | {ppl:9.3f} | "
+            f"{ppl / teacher_ppl:6.3f}x | {r['hellaswag_acc']:.4f} | {r['hellaswag_acc_norm']:.4f} |")
 
 
 def table(rows: list[dict], teacher_ppl: float) -> str:
-    head = ("| model                            |  params  | KD tokens |       ppl | /teach  |  HS acc | HS acc_norm |\n"
+    head = ("| model                            |  params  | KD tokens |       ppl | /teach  |  HS acc | HS acc_norm |"
+            "\n"
             "|---|---|---|---|---|---|---|")
     return "\n".join([head] + [fmt_row(r, teacher_ppl) for r in rows])
 

@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3,
                    help="repetitions; each runs every variant once over all samples, order rotating (default: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the loader's, float32 for GGUF)")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the loader's; GGUF: float32)")
     p.add_argument("--no-bi-split", action="store_true",
                    help="skip the 'width' variant (width hooks without Block-Importance capture)")
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of hooked vs plain")
@@ -318,7 +318,8 @@ def main(argv=None) -> int:
     p.add_argument("--score-seq-len", type=int, default=64, help="tokens per score sample (default: 64)")
     p.add_argument("--hidden-size", type=int, default=432,
                    help="student hidden size (default: 432 = 9 heads x 48; 448 is rejected by transformers 5.x "
-                        "LlamaConfig, which wants hidden_size %% num_attention_heads == 0 even with an explicit head_dim)")
+                        "LlamaConfig, which wants hidden_size %% num_attention_heads == 0 even with an explicit "
+                        "head_dim)")
     p.add_argument("--ffn-size", type=int, default=1024, help="student MLP size (default: 1024)")
     p.add_argument("--num-heads", type=int, default=None, help="student query heads (default: the teacher's)")
     p.add_argument("--num-kv-heads", type=int, default=None, help="student KV heads (default: the teacher's)")
@@ -416,11 +417,14 @@ def main(argv=None) -> int:
             "process_peak_prune_over_load_only": prune["peak_process_mb"] / load["peak_process_mb"],
         }
         print("  ratios:")
-        print(f"    (peak during prune - RSS before prune) / student size     = {ratios['prune_extra_over_student']:.2f}"
+        print(f"    (peak during prune - RSS before prune) / student size     = "
+              f"{ratios['prune_extra_over_student']:.2f}"
               "   (memory prune_model adds, in students; ideal ~1)")
-        print(f"    (peak during prune - RSS before prune) / teacher size     = {ratios['prune_extra_over_teacher']:.2f}"
+        print(f"    (peak during prune - RSS before prune) / teacher size     = "
+              f"{ratios['prune_extra_over_teacher']:.2f}"
               "   (extra teacher copies; 'several copies' would be >= 2)")
-        print(f"    peak during prune / (RSS after imports + teacher + student) = {ratios['prune_peak_over_budget']:.2f}"
+        print(f"    peak during prune / (RSS after imports + teacher + student) = "
+              f"{ratios['prune_peak_over_budget']:.2f}"
               "   (ideal ~1; > 1 includes load leftovers and transients)")
         print(f"    whole-process peak, load+prune / load only                = "
               f"{ratios['process_peak_prune_over_load_only']:.2f}   (> 1: pruning raises the process's peak)")

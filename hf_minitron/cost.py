@@ -108,12 +108,10 @@ def describe(recipe) -> str:
     from dataclasses import asdict
 
     from .archs import count_parameters
-    from .prune import PruneTarget, parameter_count, student_config
+    from .prune import parameter_count, student_config
     from .search import candidates_for
 
-    from .recipe import teacher_config
-
-    configs = {"teacher": teacher_config(recipe)}
+    configs = {"teacher": recipe.teacher.model_config()}
     lines = [f"recipe {recipe.name!r}: teacher {recipe.teacher.source} ({si(count_parameters(configs['teacher']))})"]
     for m in recipe.members:
         base = configs[m.parent or "teacher"]

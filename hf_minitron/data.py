@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .schema import SettingError
+
 BUILTIN_PYDOC = "pydoc-topics"
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -48,6 +50,40 @@ class TextSource:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class DataSources:
+    """Sources per stage; `holdout` is the share of documents (from the end) kept out of training whenever the
+    evaluation source is the same as the distillation source, so search and evaluation score unseen text
+    (calibration reads the whole source: forward passes only, nothing is fitted to it)."""
+
+    calibration: TextSource | None = None  # each a `datasets` source; a plain string is its path
+    distillation: TextSource | None = None
+    sft: TextSource | None = None
+    evaluation: TextSource | None = None
+    holdout: float = 0.1
+
+    def check(self, needs_sft: bool) -> None:
+        """What each stage needs is there; a one-line error naming the recipe key otherwise."""
+        for ok, message in ((0 <= self.holdout < 1, f"data.holdout: must be in [0, 1), got {self.holdout}"),
+                            (self.calibration is not None, "data.calibration: missing (text for importance scoring)"),
+                            (self.distillation is not None, "data.distillation: missing (text for distillation)"),
+                            (self.sft is not None or not needs_sft, "data.sft: missing, but a member is instruct")):
+            if not ok:
+                raise SettingError(message)
+
+    @property
+    def eval_source(self) -> TextSource | None:
+        return self.evaluation or self.distillation
+
+    @property
+    def eval_holdout(self) -> float:
+        """The held-out share evaluation reads: only when it reads the distillation text itself."""
+        a, b = self.eval_source, self.distillation
+        keys = ("path", "config", "split", "text_column", "revision")
+        same = a is not None and b is not None and all(getattr(a, k) == getattr(b, k) for k in keys)
+        return self.holdout if same and not b.streaming else 0.0
 
 
 def _local_files(path: str) -> list[str] | None:

@@ -17,7 +17,8 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from .losses import LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_loss_name, chunked_logit_losses, intermediate_losses
+from .losses import (LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_loss_name, chunked_logit_losses,
+                      intermediate_losses)
 
 PROJ_ATTR = "minitron_is_projections"  # student submodule holding the L_is projections during training
 PROJ_FILE = "is_projections.safetensors"  # where checkpoints keep them (never in the student's weights)
@@ -92,7 +93,8 @@ def parse_layer_map(spec: str | None) -> list[tuple[int, int]]:
         try:
             t, s = (int(x) for x in part.split(":"))
         except ValueError:
-            raise ValueError(f"bad is_layers entry {part!r}; expected 'teacher:student' integers, e.g. '0:0,8:4'") from None
+            raise ValueError(f"bad is_layers entry {part!r}; expected 'teacher:student' integers, e.g. '0:0,8:4'"
+                             ) from None
         pairs.append((t, s))
     return pairs
 

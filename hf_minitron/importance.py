@@ -49,7 +49,8 @@ class ImportanceConfig:
     batch_agg: Aggregation = field(default="l2", metadata={
         "help": "aggregation over the batch recorded as the default (all nine batch x sequence pairs are stored; "
                 "prune can pick another)"})
-    seq_agg: Aggregation = field(default="mean", metadata={"help": "aggregation over the sequence recorded as the default"})
+    seq_agg: Aggregation = field(default="mean", metadata={
+        "help": "aggregation over the sequence recorded as the default"})
     depth_ppl_samples: int = field(default=64, metadata={
         "help": "sequences for the perplexity-drop layer metric (one extra pass per layer); 0 disables it"})
     depth_ppl_runs: list[int] = field(default_factory=lambda: [1], metadata={

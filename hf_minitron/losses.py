@@ -8,11 +8,10 @@ whole gradient-accumulation window.
 
 from __future__ import annotations
 
-import typing
-from typing import Literal
-
 import math
+import typing
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -24,7 +24,7 @@ class ModelArgs:
 
     source: str | None = field(default=None, metadata={
         "help": "a Hub repo id, a local folder, a .gguf file, or pkg:<package>/<file> for a file shipped in a wheel"})
-    revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit of the model (default main)"})
+    revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit (none: main)"})
     gguf_file: str | None = field(default=None, metadata={
         "help": "GGUF file name inside the Hub repo or folder (dequantized on load)"})
     dtype: Dtype | None = field(default=None, metadata={
@@ -64,6 +64,29 @@ class ModelLoadError(ValueError):
     pass
 
 
+@dataclass
+class TeacherArgs(ModelArgs):
+    """A recipe's `teacher:` section: the model flags plus `config`, its shape block (`model_type` + config
+    fields), so parameter counts and search candidates can be computed offline, without the teacher's files."""
+
+    config: dict | None = None
+
+    def model_config(self):
+        """From the shape block when given, else from the model's files."""
+        if not self.config:
+            return load_config(self.resolve(), self.trust_remote_code)
+        from transformers import AutoConfig
+
+        block = dict(self.config)
+        model_type = block.pop("model_type", None)
+        if not model_type:
+            raise ModelLoadError("teacher.config: needs model_type (e.g. llama, nemotron, qwen2, mistral)")
+        try:
+            return AutoConfig.for_model(model_type, **block)
+        except ValueError as e:
+            raise ModelLoadError(f"teacher.config: {str(e).splitlines()[0]}") from None
+
+
 def resolve_source(spec: str, revision: str | None = None, gguf_file: str | None = None) -> ModelSource:
     """Turn a repo id / folder / .gguf path into a local folder (downloading from the Hub if needed).
 
@@ -75,7 +98,7 @@ def resolve_source(spec: str, revision: str | None = None, gguf_file: str | None
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelLoadError(f"model file {spec!r} is not a .gguf file; give a folder, a Hub repo id or a .gguf file")
+            raise ModelLoadError(f"model file {spec!r} is not a .gguf file; give a folder, a Hub repo id or a .gguf")
         return ModelSource(spec, str(path.parent), gguf_file=path.name)
     if path.is_dir():
         if gguf_file and not (path / gguf_file).is_file():

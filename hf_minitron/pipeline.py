@@ -22,8 +22,8 @@ from pathlib import Path
 
 from .cost import account, si, summary, train_flops
 from .recipe import MemberSection, Recipe
-from .rundir import (EVAL_FILE, INSTRUCT_SUFFIX, PRUNING_FILE, SEARCH_DIR, SEARCH_FILE, TEACHER, MemberRecord,
-                     RunDir, StageOutput, hash_folder, hash_json, open_run)
+from .rundir import (EVAL_FILE, INSTRUCT_SUFFIX, PRUNING_FILE, SEARCH_DIR, SEARCH_FILE, TEACHER, MemberRecord, RunDir,
+                     StageOutput, hash_folder, hash_json, open_run)
 
 STAGES = ("importance", "search", "prune", "distill", "sft", "evaluate", "publish")
 WEIGHTS = ("*.safetensors", "config.json")  # what names a trained model's output
@@ -75,17 +75,12 @@ class _Build:
         return hash_json({"spec": ref})
 
     def params_of(self, ref: str) -> int:
-        from transformers import AutoConfig
-
         from .archs import count_parameters
         from .models import load_config
-        from .recipe import teacher_config
 
         if ref == TEACHER:
-            config = teacher_config(self.recipe) if self.recipe.teacher.config else load_config(self.source)
-        else:
-            config = AutoConfig.from_pretrained(self.run.member(ref) if self.is_member(ref) else ref)
-        return count_parameters(config)
+            return count_parameters(self.recipe.teacher.model_config())
+        return count_parameters(load_config(str(self.run.member(ref)) if self.is_member(ref) else ref))
 
     def train_documents(self):
         """The distillation source, minus its held-out tail when evaluation reads the same source."""

@@ -194,7 +194,8 @@ def _select_heads(s: torch.Tensor, heads: int, kv: int, new_heads: int, new_kv: 
     return torch.cat(kept), groups, head_pairs, group_pairs
 
 
-def plan_pruning(config, scores: ImportanceScores, target: PruneTarget, options: PruneConfig | None = None) -> PrunePlan:
+def plan_pruning(config, scores: ImportanceScores, target: PruneTarget,
+                 options: PruneConfig | None = None) -> PrunePlan:
     """Decide every kept index from the scores; no weights are touched."""
     options = options or PruneConfig()
     shape = resolve_target(config, target)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .rundir import (CARD_FILE, CONFIG_FILE, DISTILL_FILE, EVAL_FILE, FAMILY_PLOT, PRUNING_FILE, SEARCH_FILE,
-                     SFT_FILE, find_member_folders)
+from .rundir import (CARD_FILE, CONFIG_FILE, DISTILL_FILE, EVAL_FILE, FAMILY_PLOT, PRUNING_FILE, SEARCH_FILE, SFT_FILE,
+                      find_member_folders)
 from .utils import first_line, sha256_file
 
 # top-level files of a member folder that go to the Hub; checkpoints, optimizer states and logs stay local

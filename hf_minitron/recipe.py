@@ -19,10 +19,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .data import TextSource
+from .data import DataSources
 from .evaluate import EvaluateConfig
 from .importance import ImportanceConfig
-from .models import ModelArgs
+from .models import TeacherArgs
 from .prune import PruneConfig, PruneTarget
 from .publish import PublishConfig
 from .rundir import PARENT, RESERVED_NAMES, TEACHER
@@ -31,44 +31,11 @@ from .search import SearchConfig
 
 RecipeError = SettingError
 # keys of earlier recipe versions, pointed at their new names
-RENAMED = {"distill.lr": "learning_rate", "distill.seq_len": "max_length", "distill.batch_size":
-           "per_device_train_batch_size", "distill.grad_accum": "gradient_accumulation_steps", "distill.warmup":
-           "warmup_steps", "distill.options": "(its keys, directly in distill)", "sft.lr": "learning_rate",
-           "sft.epochs": "num_train_epochs", "sft.batch_size": "per_device_train_batch_size",
-           "importance.depth_metric": "prune.depth_metric"}
-
-
-@dataclass
-class TeacherSection(ModelArgs):
-    """The model the family is cut from; `config`: its shape block (`model_type` + config fields), so parameter
-    counts and search candidates can be computed offline, without downloading the teacher."""
-
-    config: dict | None = None
-
-
-@dataclass
-class DataSection:
-    """Sources per stage; `holdout` is the share of documents (from the end) kept out of training whenever the
-    evaluation source is the same as the distillation source, so search and evaluation score unseen text
-    (calibration reads the whole source: forward passes only, nothing is fitted to it)."""
-
-    calibration: TextSource | None = None  # each a `datasets` source; a plain string is its path
-    distillation: TextSource | None = None
-    sft: TextSource | None = None
-    evaluation: TextSource | None = None
-    holdout: float = 0.1
-
-    @property
-    def eval_source(self) -> TextSource | None:
-        return self.evaluation or self.distillation
-
-    @property
-    def eval_holdout(self) -> float:
-        """The held-out share evaluation reads: only when it reads the distillation text itself."""
-        a, b = self.eval_source, self.distillation
-        keys = ("path", "config", "split", "text_column", "revision")
-        same = a is not None and b is not None and all(getattr(a, k) == getattr(b, k) for k in keys)
-        return self.holdout if same and not b.streaming else 0.0
+RENAMED = {"distill.lr": "distill.learning_rate", "distill.seq_len": "distill.max_length", "distill.batch_size":
+           "distill.per_device_train_batch_size", "distill.grad_accum": "distill.gradient_accumulation_steps",
+           "distill.warmup": "distill.warmup_steps", "distill.options": "its keys, directly in distill", "sft.lr":
+           "sft.learning_rate", "sft.epochs": "sft.num_train_epochs", "sft.batch_size":
+           "sft.per_device_train_batch_size", "importance.depth_metric": "prune.depth_metric"}
 
 
 @dataclass
@@ -79,7 +46,7 @@ class MemberSection:
     shape: PruneTarget | None = None  # explicit shape; unset axes keep the base model's value
     params: int | None = None
     parent: str | None = None  # prune from this earlier member's distilled weights (the paper's 15B -> 8B -> 4B)
-    teacher: str | None = None  # distillation teacher: "teacher", "parent" or a model spec (default: parent, else teacher)
+    teacher: str | None = None  # distillation teacher: "teacher", "parent" or a model spec (default: parent/teacher)
     instruct: bool = False  # also build `<name>-instruct` by SFT on data.sft
     distill_tokens: int | None = None  # overrides distill.tokens for this member
     scratch_tokens: int | None = None  # overrides cost.scratch_tokens for this member
@@ -113,9 +80,9 @@ class CostSection:
 @dataclass
 class Recipe:
     name: str
-    teacher: TeacherSection
+    teacher: TeacherArgs
     members: list[MemberSection]
-    data: DataSection = field(default_factory=DataSection)
+    data: DataSources = field(default_factory=DataSources)
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -212,11 +179,7 @@ def validate(recipe: Recipe) -> Recipe:
         recipe.evaluate.check()
     except ValueError as e:
         raise RecipeError(f"evaluate.tasks: {e}") from None
-    _check(0 <= recipe.data.holdout < 1, f"data.holdout: must be in [0, 1), got {recipe.data.holdout}")
-    _check(recipe.data.calibration is not None, "data.calibration: missing (text for importance scoring)")
-    _check(recipe.data.distillation is not None, "data.distillation: missing (text for distillation)")
-    _check(recipe.data.sft is not None or not any(m.instruct for m in recipe.members),
-           "data.sft: missing, but a member has instruct: true")
+    recipe.data.check(needs_sft=any(m.instruct for m in recipe.members))
     _check(recipe.publish.org is not None or not (recipe.publish.space or recipe.publish.collection),
            "publish.org: missing, but publish.space or publish.collection is set")
     return recipe
@@ -226,8 +189,7 @@ def _renamed(raw: dict) -> None:
     for dotted, new in RENAMED.items():
         section, _, key = dotted.partition(".")
         if isinstance(raw.get(section), dict) and key in raw[section]:
-            raise RecipeError(f"{dotted} is now {new if '.' in new or '(' in new else section + '.' + new} "
-                              f"(recipe keys are the stage config's field names, as its CLI flags)")
+            raise RecipeError(f"{dotted} is now {new} (recipe keys are the stage config's fields, as its flags)")
 
 
 def from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
@@ -253,20 +215,3 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"recipe {str(path)!r} must be a mapping of sections")
     raw.setdefault("name", path.stem)
     return from_dict(raw, overrides)
-
-
-def teacher_config(recipe: Recipe):
-    """The teacher's config: from the recipe's `teacher.config` shape block when given (offline), else its files."""
-    if recipe.teacher.config:
-        from transformers import AutoConfig
-
-        block = dict(recipe.teacher.config)
-        model_type = block.pop("model_type", None)
-        _check(bool(model_type), "teacher.config: needs model_type (e.g. llama, nemotron, qwen2, mistral)")
-        try:
-            return AutoConfig.for_model(model_type, **block)
-        except ValueError as e:
-            raise RecipeError(f"teacher.config: {str(e).splitlines()[0]}") from None
-    from .models import load_config
-
-    return load_config(recipe.teacher.resolve(), recipe.teacher.trust_remote_code)

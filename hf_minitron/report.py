@@ -25,7 +25,6 @@ from .rundir import (CARD_FILE, CONFIG_FILE, EVAL_FILE, FAMILY_PLOT, FAMILY_RESU
                      INSTRUCT_SUFFIX, RECIPE_FILE, TEACHER, StageOutput, hash_json)
 from .utils import read_json, si
 
-
 # ---- the family: table, plot, card ----
 
 

@@ -161,7 +161,7 @@ def fingerprint(model) -> str:
 
 
 def lora_retrain(student, teacher, tokenizer, dataset, search, out: Path, seed: int = 0, progress: bool = True):
-    """Wrap `student` in LoRA adapters and distil `teacher` into them for `search.tokens` tokens -> (peft model, tokens)."""
+    """Wrap `student` in LoRA adapters, distil `teacher` into them for search.tokens tokens -> (peft model, tokens)."""
     from peft import LoraConfig, get_peft_model
 
     from .distill import DistillConfig, MinitronDistillTrainer
@@ -171,7 +171,8 @@ def lora_retrain(student, teacher, tokenizer, dataset, search, out: Path, seed: 
     lora = LoraConfig(r=search.lora_r, lora_alpha=search.lora_alpha, target_modules=search.lora_target,
                       lora_dropout=0.0, task_type="CAUSAL_LM")
     model = get_peft_model(student, lora)
-    args = DistillConfig(output_dir=str(out / "trainer"), max_steps=steps, per_device_train_batch_size=search.batch_size,
+    args = DistillConfig(output_dir=str(out / "trainer"), max_steps=steps,
+                         per_device_train_batch_size=search.batch_size,
                          max_length=search.seq_len, learning_rate=search.lr, save_strategy="no", report_to=[],
                          logging_steps=max(1, steps // 5), gradient_checkpointing=False, seed=seed,
                          disable_tqdm=not progress, kd_chunk_tokens=1024)
@@ -239,7 +240,8 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows: torch.T
         prior = done.get(json.dumps(cand.shape, sort_keys=True))
         if prior and prior.get("score_after") is not None and (search.adapter == "discard"
                                                                or (out / f"candidate-{i}").is_dir()):
-            cand.score_before, cand.score_after, cand.tokens = prior["score_before"], prior["score_after"], prior["tokens"]
+            cand.score_before, cand.score_after = prior["score_before"], prior["score_after"]
+            cand.tokens = prior["tokens"]
             continue
         student, _ = prune_model(base_model, scores, cand.target(), prune_options)
         base_fp = fingerprint(student)
@@ -247,7 +249,8 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows: torch.T
         peft_model, cand.tokens = lora_retrain(student, teacher, tokenizer, dataset, search, out, seed, progress)
         cand.score_after = perplexity(peft_model, windows)
         save_adapter(peft_model, out / f"candidate-{i}", base_fp, base_path, cand.shape)
-        log(f"  candidate {i}: {cand.params / 1e6:.2f}M params, ppl {cand.score_before:,.2f} -> {cand.score_after:,.2f}")
+        log(f"  candidate {i}: {cand.params / 1e6:.2f}M params, "
+            f"ppl {cand.score_before:,.2f} -> {cand.score_after:,.2f}")
         _write(state_path, candidates, budget, search, None)
         del student, peft_model
     order = sorted(range(len(candidates)), key=lambda i: (candidates[i].score_after, candidates[i].score_before))

@@ -1,7 +1,8 @@
 """Supervised fine-tuning for instruct variants on TRL's `SFTTrainer`, loss on the answers only.
 
 Conversational (`messages`) and prompt/completion datasets are accepted, plus the Alpaca seed-task format (converted
-to conversations by `data.load_sft_dataset`). The model's own chat template is kept unless another is given; LoRA adapters (peft) are merged
+to conversations by `data.load_sft_dataset`). The model's own chat template is kept unless another is given; LoRA
+adapters (peft) are merged
 into the weights before saving, so the output loads with `from_pretrained` and never needs the pre-LoRA base.
 """
 

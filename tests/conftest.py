@@ -46,7 +46,7 @@ def tiny_model(name: str, seed: int = 0):
     config = _tiny_configs()[name]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random norms/biases so that slicing errors cannot hide behind ones and zeros
-        for pname, p in model.named_parameters():
+        for _pname, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
@@ -108,7 +108,6 @@ def one_thread():
 def hub(monkeypatch):
     """A local Hub-protocol server (tests/hub_server.py), also the default endpoint of `HfApi()` in the test."""
     import huggingface_hub.constants as constants
-
     from hub_server import HubServer
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

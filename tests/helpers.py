@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hf_minitron.rundir import (CONFIG_FILE, DISTILL_FILE, EVAL_FILE, PRUNING_FILE, SFT_FILE, TEACHER,
-                                MemberRecord)
+from hf_minitron.rundir import CONFIG_FILE, DISTILL_FILE, EVAL_FILE, PRUNING_FILE, SFT_FILE, TEACHER, MemberRecord
 
 TEACHER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

@@ -210,7 +210,8 @@ class Handler(BaseHTTPRequestHandler):
         if snapshot is None:
             return None
         public_id = repo_id.removeprefix("spaces/")
-        self._send(200, {"id": public_id, "modelId": public_id, "sha": oid, "private": self.state.repos[repo_id].private,
+        private = self.state.repos[repo_id].private
+        self._send(200, {"id": public_id, "modelId": public_id, "sha": oid, "private": private,
                          "siblings": [{"rfilename": p} for p in sorted(snapshot)], "tags": [], "downloads": 0,
                          "likes": 0, "lastModified": "2026-01-01T00:00:00.000Z"})
 
@@ -308,7 +309,8 @@ class Handler(BaseHTTPRequestHandler):
     def _collections(self, method: str, rest: list[str]):
         if method == "POST" and not rest:
             payload = json.loads(self._body())
-            slug = f"{payload['namespace']}/{payload['title'].lower().replace(' ', '-')}-{len(self.state.collections) + 1:x}"
+            title = payload['title'].lower().replace(' ', '-')
+            slug = f"{payload['namespace']}/{title}-{len(self.state.collections) + 1:x}"
             for existing in self.state.collections.values():
                 if existing["owner"]["name"] == payload["namespace"] and existing["title"] == payload["title"]:
                     return self._send(409, {"error": "collection exists", "slug": existing["slug"]})

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_model
 from helpers import (distill_record, pruning_record, tiny_config, write_base_member, write_instruct_member,
                      write_member_folder)
 
-from conftest import tiny_model
 from hf_minitron.cards import CardError, collect_member, render_member_card, write_member_card
 from hf_minitron.rundir import DISTILL_FILE, EVAL_FILE, MEMBER_FILE, PRUNING_FILE
 

@@ -68,7 +68,8 @@ def make_trainer(teacher, student, tmp_path, **cfg):
     cfg = {"max_length": 32, "per_device_train_batch_size": 2, "gradient_checkpointing": False, "report_to": [],
            "kd_chunk_tokens": 16, "max_steps": 1, "save_strategy": "no", "logging_steps": 1, **cfg}
     config = DistillConfig(output_dir=str(tmp_path / "out"), **cfg)
-    return MinitronDistillTrainer(student, teacher, config, train_dataset=text_dataset(), processing_class=tiny_tokenizer())
+    return MinitronDistillTrainer(student, teacher, config, train_dataset=text_dataset(),
+                                  processing_class=tiny_tokenizer())
 
 
 def first_batch(trainer):
@@ -170,8 +171,8 @@ def test_loss_normalised_over_accumulation_window(tmp_path):
 
 
 def test_different_tokenizers_refused():
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     from hf_minitron.distill import check_same_tokenizer
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_minitron.evaluate import (EvalError, EvaluateConfig, LocalChoiceTask, check_local_task, evaluate_model,
-                                  parse_tasks, perplexity, primary_metric, run_lm_eval, sliding_perplexity)
+                                   parse_tasks, perplexity, primary_metric, run_lm_eval, sliding_perplexity)
 
 
 def tiny_vocab_model(vocab: int = 49152, seed: int = 0):
@@ -51,7 +51,8 @@ def test_sliding_perplexity_matches_direct_and_windows(small_model):
         assert sliding_perplexity(small_model, ids, 16, stride) == pytest.approx(
             _direct_token_nll(small_model, ids, 16, stride), rel=1e-4)
     windows = ids[:32].view(2, 16)
-    assert sliding_perplexity(small_model, ids[:32], 16, 16) == pytest.approx(perplexity(small_model, windows), rel=1e-5)
+    expected = perplexity(small_model, windows)
+    assert sliding_perplexity(small_model, ids[:32], 16, 16) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(EvalError, match="stride 17"):
         sliding_perplexity(small_model, ids, 16, 17)
 
@@ -139,7 +140,8 @@ def test_real_teacher_hellaswag_reference(smollm2_path, smollm2_tokenizer, share
     from hf_minitron.models import load_model
 
     model = load_model(str(smollm2_path), dtype="float32")
-    out = run_lm_eval(model, smollm2_tokenizer, local_tasks=[LocalChoiceTask(str(shared_data / "hellaswag_val_dev.jsonl"))],
+    task = LocalChoiceTask(str(shared_data / "hellaswag_val_dev.jsonl"))
+    out = run_lm_eval(model, smollm2_tokenizer, local_tasks=[task],
                       limit=300, batch_size=8)
     metrics = out["local_hellaswag_val_dev"]["metrics"]
     assert metrics["acc"] == pytest.approx(0.377, abs=0.01) and metrics["acc_norm"] == pytest.approx(0.44, abs=0.01)

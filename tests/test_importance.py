@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from hf_minitron.importance import (AGGREGATIONS, ImportanceConfig, ImportanceScores, aggregate, compute_importance,
-                                    skip_layers)
+                                     skip_layers)
 
 IDS = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(1))
 
@@ -109,7 +109,8 @@ def test_two_processes_give_single_process_scores(tmp_path):
     script.write_text(DIST_SCRIPT.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path / "two")]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+           str(tmp_path / "two")]
     subprocess.run(cmd, check=True, env=env, timeout=300)
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env, timeout=300)
     one, two = ImportanceScores.load(tmp_path / "one"), ImportanceScores.load(tmp_path / "two")

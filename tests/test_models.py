@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
-
 from conftest import tiny_model
+from transformers import LlamaConfig
+
 from hf_minitron.archs import get_arch
 from hf_minitron.models import ModelLoadError, load_model, resolve_source
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_model
 from hf_minitron.archs import count_parameters
 from hf_minitron.importance import ImportanceConfig, compute_importance
 from hf_minitron.prune import PruneConfig, PruneTarget, parameter_count, plan_pruning, prune_model, save_student
@@ -81,7 +81,7 @@ def test_head_merging_changes_only_kept_query_heads():
     target = PruneTarget(num_heads=2)
     merged, plan = prune_model(teacher, scores, target)
     plain, _ = prune_model(teacher, scores, target, PruneConfig(merge_heads=False))
-    q_m, q_p = merged.model.layers[0].self_attn.q_proj.weight, plain.model.layers[0].self_attn.q_proj.weight
+    q_m = merged.model.layers[0].self_attn.q_proj.weight
     (k, p), = plan.head_merges[0][:1]
     pos = plan.heads[0].tolist().index(k)
     t_q = teacher.model.layers[0].self_attn.q_proj.weight

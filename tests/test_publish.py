@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from hf_minitron.publish import (PublishConfig, PublishError, files_to_publish, find_members, publish_family,
-                                 publish_member, publish_run)
+                                  publish_member, publish_run)
 
 LOAD_BACK = r"""
 import sys, torch

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from hf_minitron.prune import PruneTarget, parameter_count
-from hf_minitron.recipe import RecipeError, from_dict, load_recipe, parse_count, teacher_config
+from hf_minitron.recipe import RecipeError, from_dict, load_recipe, parse_count
 from hf_minitron.search import candidates_for
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
@@ -35,7 +35,7 @@ def test_recipe_loads_and_every_member_has_a_parameter_count(path):
     assert recipe.name and recipe.members and path.read_text().startswith("#")  # comment header
     if path.stem != "quickstart":
         assert recipe.teacher.config, "paper recipes carry the teacher's shape for offline counts"
-    configs = {"teacher": teacher_config(recipe)}
+    configs = {"teacher": recipe.teacher.model_config()}
     from hf_minitron.prune import student_config
 
     for m in recipe.members:

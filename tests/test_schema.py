@@ -12,10 +12,10 @@ from hf_minitron.distill import EXCLUDED as DISTILL_EXCLUDED
 from hf_minitron.distill import DistillConfig
 from hf_minitron.evaluate import EvaluateConfig
 from hf_minitron.importance import ImportanceConfig
-from hf_minitron.models import ModelArgs
+from hf_minitron.models import ModelArgs, TeacherArgs
 from hf_minitron.prune import PruneConfig, PruneTarget
 from hf_minitron.publish import PublishConfig
-from hf_minitron.recipe import Recipe, TeacherSection
+from hf_minitron.recipe import Recipe
 from hf_minitron.schema import SettingError, default_of, from_mapping, settable
 from hf_minitron.sft import EXCLUDED as SFT_EXCLUDED
 from hf_minitron.sft import InstructConfig
@@ -72,7 +72,7 @@ def test_flag_help_states_the_config_default(command):
 
 
 def test_teacher_section_is_the_model_flags():
-    assert set(settable(ModelArgs)) <= set(settable(TeacherSection))
+    assert set(settable(ModelArgs)) <= set(settable(TeacherArgs))
     for command in ("importance", "prune", "params", "distill"):
         dests = {a.dest for a in subparser(command)._actions}
         assert {f"teacher.{n}" for n in settable(ModelArgs)} <= dests, command

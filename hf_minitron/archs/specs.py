@@ -18,7 +18,8 @@ NEMOTRON = ArchSpec(
     o_bias="attention_bias",
     mlp_bias="mlp_bias",
 )
-_GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+_GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")
 # Gemma 2/3: sqrt(hidden) embedding scale, (1 + w) RMSNorms, pre/post feed-forward norms, sliding-window layer_types.
 GEMMA2 = ArchSpec(
     model_types=("gemma2",),

@@ -373,7 +373,7 @@ def generate(model, tokenizer, prompt: str, instruct: bool = False, settings: Se
              stop: threading.Event | None = None) -> Progress:
     """The whole answer at once (the last state of `stream_generate`)."""
     last = Progress(done=True)
-    for last in stream_generate(model, tokenizer, prompt, instruct, settings, stop):
+    for _last in stream_generate(model, tokenizer, prompt, instruct, settings, stop):
         pass
     return last
 
