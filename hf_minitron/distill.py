@@ -17,12 +17,13 @@ from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from .rundir import DISTILL_FILE
 from .losses import (LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_loss_name, chunked_logit_losses,
                       intermediate_losses)
 
 PROJ_ATTR = "minitron_is_projections"  # student submodule holding the L_is projections during training
 PROJ_FILE = "is_projections.safetensors"  # where checkpoints keep them (never in the student's weights)
-RESULT_FILE = "distill_result.json"
+RESULT_FILE = DISTILL_FILE  # named in rundir.py, with every artefact of a run
 # set by the stage from its inputs (--out, the data's text column, the token budget, the model flags), never by a
 # recipe key or a flag of their own
 EXCLUDED = ("output_dir", "dataset_text_field", "max_steps", "trust_remote_code")

@@ -29,7 +29,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-RESULTS_FILE = "eval_results.json"
+from .rundir import EVAL_FILE
+
+RESULTS_FILE = EVAL_FILE  # named in rundir.py, with every artefact of a run
 PAPER_TASKS = {"mmlu": 5, "hellaswag": 10, "winogrande": 5, "arc_challenge": 25, "truthfulqa_mc2": 0, "gsm8k": 5}
 CODE_TASKS = {"humaneval": 0, "mbpp": 3}
 PRESETS = {"paper": PAPER_TASKS, "code": CODE_TASKS}

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from .archs import count_parameters, get_arch, head_dim
 from .cost import forward_flops
-from .rundir import StageOutput, hash_folder
+from .rundir import IMPORTANCE_FILE, StageOutput, hash_folder
 
 DEPTH_METRICS = ("ppl", "bi", "bi-run")
-SCORES_FILE, META_FILE = "importance.safetensors", "importance.json"
+SCORES_FILE, META_FILE = "importance.safetensors", IMPORTANCE_FILE
 
 
 Aggregation = Literal["mean", "l2", "var"]

@@ -19,23 +19,26 @@ import torch
 
 from .archs import count_parameters, get_arch, head_dim, intermediate_size, num_kv_heads
 from .importance import DEPTH_METRICS, ImportanceScores
-from .rundir import StageOutput, hash_folder
+from .rundir import PRUNING_FILE, StageOutput, hash_folder
+
+
+_KEEP = {"default_text": "keep"}  # an unset axis keeps the base model's size
 
 
 @dataclass
 class PruneTarget:
     """The student's shape; an unset axis keeps the base model's value."""
 
-    hidden_size: int | None = field(default=None, metadata={"help": "embedding channels to keep"})
-    ffn_size: int | None = field(default=None, metadata={"help": "MLP neurons to keep per layer"})
+    hidden_size: int | None = field(default=None, metadata={**_KEEP, "help": "embedding channels to keep"})
+    ffn_size: int | None = field(default=None, metadata={**_KEEP, "help": "MLP neurons to keep per layer"})
     num_heads: int | None = field(default=None, metadata={
-        "help": "query heads to keep per layer, the same count in every KV group"})
+        **_KEEP, "help": "query heads to keep per layer, the same count in every KV group"})
     num_kv_heads: int | None = field(default=None, metadata={
-        "help": "KV heads to keep: prunes whole GQA groups (unset: keep them all, except MHA where it follows heads)"})
+        **_KEEP, "help": "KV heads to keep: prunes whole GQA groups (unset: all, except MHA where it follows heads)"})
     num_layers: int | None = field(default=None, metadata={
-        "help": "layers to keep: drops the least important ones by the depth metric"})
+        **_KEEP, "help": "layers to keep: drops the least important ones by the depth metric"})
     drop_layers: list[int] | None = field(default=None, metadata={
-        "help": "layers to drop by index, e.g. 16,17,18 (instead of num_layers)"})
+        **_KEEP, "help": "layers to drop by index, e.g. 16,17,18 (instead of num_layers)"})
 
 
 AggregationName = Literal["mean", "l2", "var"]
@@ -322,7 +325,7 @@ def save_student(student, out: str | Path, tokenizer=None, info: dict | None = N
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if info is not None:
-        (out / "pruning.json").write_text(json.dumps(info, indent=2) + "\n")
+        (out / PRUNING_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def check_output(out: str | Path, overwrite: bool) -> None:

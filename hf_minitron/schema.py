@@ -183,7 +183,7 @@ def add_flags(parser, cls, section: str, *, prefix: str = "", rename: dict | Non
         if name in required:
             kwargs["required"] = True
         else:
-            help_text += f" (default: {_show(default_of(f))})"
+            help_text += f" (default: {f.metadata.get('default_text') or _show(default_of(f))})"
         base = [a for a in typing.get_args(tp) if a is not type(None)] if _is_optional(tp) else [tp]
         if base == [bool]:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text, **kwargs)

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from .archs import count_parameters, get_arch, head_dim, intermediate_size, num_kv_heads
 from .cost import train_flops
 from .prune import PruneTarget, prune_model, student_config
-from .rundir import StageOutput, hash_folder
+from .rundir import SEARCH_FILE, StageOutput, hash_folder
 
-SEARCH_FILE, TABLE_FILE, ADAPTER_BASE_FILE = "search.json", "search.md", "adapter_base.json"
+TABLE_FILE, ADAPTER_BASE_FILE = "search.md", "adapter_base.json"  # SEARCH_FILE: rundir.py
 
 
 @dataclass

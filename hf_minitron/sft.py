@@ -17,7 +17,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 
-RESULT_FILE = "sft_result.json"
+from .rundir import SFT_FILE
+
+RESULT_FILE = SFT_FILE  # named in rundir.py, with every artefact of a run
 EXCLUDED = ("output_dir", "trust_remote_code")  # the stage's --out; models load through ModelArgs
 
 

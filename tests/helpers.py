@@ -88,3 +88,19 @@ def write_instruct_member(folder: str | Path, base: str, files: dict[str, dict] 
     name = Path(folder).name
     return write_member_folder(folder, MemberRecord(name, "instruct", teacher=TEACHER_HUB_ID, sft_from=base),
                                files={SFT_FILE: sft_record(base), **(files or {})})
+
+
+def teacher_folder(folder: str | Path, tokenizer, seed: int = 0, **shape) -> Path:
+    """A tiny random Llama teacher saved with `tokenizer` (hidden 64, MLP 128, 4 heads over 2 KV heads, 4 layers,
+    tied embeddings unless `shape` says otherwise): a model folder every command loads."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, **{**dims, **shape})
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

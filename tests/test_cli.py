@@ -3,22 +3,16 @@
 import json
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import teacher_folder
 
 from hf_minitron.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, smollm2_tokenizer):
-    folder = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         eos_token_id=smollm2_tokenizer.eos_token_id)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
+    return teacher_folder(tmp_path_factory.mktemp("teacher"), smollm2_tokenizer)
 
 
 def test_importance_then_two_prune_targets(teacher_dir, tmp_path, capsys):

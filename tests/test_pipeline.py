@@ -8,9 +8,10 @@ import sys
 import textwrap
 
 import pytest
-import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import teacher_folder
 
 from hf_minitron.cli import main
 from hf_minitron.pipeline import build
@@ -27,12 +28,7 @@ def files(tmp_path_factory, smollm2_tokenizer):
     from pydoc_data.topics import topics
 
     root = tmp_path_factory.mktemp("family")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         eos_token_id=smollm2_tokenizer.eos_token_id)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "teacher")
-    smollm2_tokenizer.save_pretrained(root / "teacher")
+    teacher_folder(root / "teacher", smollm2_tokenizer)
     with open(root / "corpus.jsonl", "w") as f:
         for key in sorted(topics)[:20]:
             f.write(json.dumps({"text": topics[key][:2000]}) + "\n")

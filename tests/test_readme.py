@@ -11,8 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from helpers import teacher_folder
 
 import hf_minitron.models as models
 import hf_minitron.recipe as recipe_module
@@ -31,14 +30,8 @@ TINY_QUICKSTART = ["importance.samples=4", "importance.seq_len=64", "members.0.p
 def tiny_smollm2(tmp_path_factory, smollm2_tokenizer) -> Path:
     """SmolLM2's shape in the places the README's numbers need (hidden 576, 9 heads over 3 KV heads, MLP 1536),
     two layers deep, random weights, the real tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-smollm2")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
-                         eos_token_id=smollm2_tokenizer.eos_token_id)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return folder
+    return teacher_folder(tmp_path_factory.mktemp("tiny-smollm2"), smollm2_tokenizer, hidden_size=576,
+                          intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3)
 
 
 @pytest.fixture()

@@ -373,8 +373,8 @@ def generate(model, tokenizer, prompt: str, instruct: bool = False, settings: Se
              stop: threading.Event | None = None) -> Progress:
     """The whole answer at once (the last state of `stream_generate`)."""
     last = Progress(done=True)
-    for _last in stream_generate(model, tokenizer, prompt, instruct, settings, stop):
-        pass
+    for state in stream_generate(model, tokenizer, prompt, instruct, settings, stop):
+        last = state
     return last
 
 
