@@ -55,3 +55,16 @@ def test_every_flag_has_help():
     for name, sub in parser._subparsers._group_actions[0].choices.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_distill_takes_the_teacher_as_a_folder_plus_gguf_file(smollm2_path, smollm2_tokenizer, tmp_path, one_thread):
+    """The real SmolLM2 GGUF teacher named as folder + --gguf-file (as a Hub repo at a revision would be), distilled
+    into a tiny student with its tokenizer: the flags every other command takes work for distill too."""
+    student = teacher_folder(tmp_path / "student", smollm2_tokenizer, num_hidden_layers=2)
+    out = tmp_path / "out"
+    assert main(["distill", "--teacher", str(smollm2_path.parent), "--gguf-file", smollm2_path.name,
+                 "--dtype", "float32", "--student", str(student), "--data", "pydoc-topics", "--out", str(out),
+                 "--tokens", "64", "--max-length", "32", "--per-device-train-batch-size", "2"]) == 0
+    result = json.loads((out / "distill_result.json").read_text())
+    assert result["steps"] == 1
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
