@@ -11,13 +11,15 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from .rundir import DISTILL_FILE
+from .checkpoints import drop_checkpoints, last_complete_checkpoint
 from .losses import (LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_loss_name, chunked_logit_losses,
                       intermediate_losses)
 
@@ -67,6 +69,8 @@ class DistillConfig(SFTConfig):
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute student activations in the backward pass (less memory, ~30% slower)"})
+    save_total_limit: int | None = field(default=2, metadata={
+        "help": "checkpoints kept while training (the newest; none: all)"})
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
@@ -220,14 +224,6 @@ def _finished(out: str) -> bool:
     return any(os.path.isfile(os.path.join(out, f)) for f in (RESULT_FILE, "model.safetensors", "config.json"))
 
 
-def drop_checkpoints(folder: str) -> None:
-    import glob
-    import shutil
-
-    for ckpt in glob.glob(os.path.join(folder, f"{PREFIX_CHECKPOINT_DIR}-*")):
-        shutil.rmtree(ckpt, ignore_errors=True)
-
-
 def _load(spec, dtype, device):
     """A model spec (repo id / folder / .gguf) or an already loaded model -> (model, tokenizer or None)."""
     if not isinstance(spec, str):
@@ -252,8 +248,8 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
     if resume and os.path.isfile(os.path.join(out, RESULT_FILE)):
         with open(os.path.join(out, RESULT_FILE)) as f:
             return json.load(f)  # already finished: nothing to redo
-    last = get_last_checkpoint(out) if os.path.isdir(out) else None
-    if not resume and not overwrite and os.path.isdir(out) and (_finished(out) or last):
+    started = os.path.isdir(out) and any(Path(out).glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+    if not resume and not overwrite and os.path.isdir(out) and (_finished(out) or started):
         raise FileExistsError(f"output folder {out!r} already holds a distilled model or checkpoints; pass "
                               f"resume=True (--resume) to continue or overwrite=True (--overwrite) to start again")
     if config is None:
@@ -297,7 +293,8 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
     student_model.train()
     trainer = MinitronDistillTrainer(student_model, teacher_model, config, train_dataset=dataset,
                                      processing_class=tokenizer)
-    train_out = trainer.train(resume_from_checkpoint=last if resume and last else None)
+    last = last_complete_checkpoint(out) if resume else None
+    train_out = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(out)
     result = {
         "out": out, "steps": trainer.state.global_step, "tokens": trainer.state.global_step * per_step,

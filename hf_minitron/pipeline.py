@@ -276,32 +276,32 @@ def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[
         if stage not in STAGES:
             raise ValueError(f"--force {f!r}: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     source = recipe.teacher.resolve()
-    run = open_run(out, recipe, source.as_dict(), force)
-    b = _Build(recipe, run, source, progress, log)
-    started = time.time()
-    names = _with_ancestors(recipe, members) if members else [m.name for m in recipe.members]
-    targets = set(members or names)
-    if recipe.evaluate.teacher and until is None:
-        teacher = (TEACHER, lambda: (b.model(TEACHER), b.tokenizer()), run.teacher_eval())
-        _evaluate(b, f"{TEACHER}/evaluate", [teacher], {TEACHER: b.identity(TEACHER)})
-    for i, name in enumerate(names):
-        m = recipe.member(name)
-        _release(b, [recipe.member(n) for n in names[i:]])
-        log(f"== member {name} ({'budget ' + si(m.params) if m.params else 'explicit shape'}"
-            f"{', from ' + m.parent if m.parent else ''})")
-        build_member(b, m, until if name in targets else None)
-    if until is None:
-        from .report import publish_stage, report_family
+    with open_run(out, recipe, source.as_dict(), force) as run:
+        b = _Build(recipe, run, source, progress, log)
+        started = time.time()
+        names = _with_ancestors(recipe, members) if members else [m.name for m in recipe.members]
+        targets = set(members or names)
+        if recipe.evaluate.teacher and until is None:
+            teacher = (TEACHER, lambda: (b.model(TEACHER), b.tokenizer()), run.teacher_eval())
+            _evaluate(b, f"{TEACHER}/evaluate", [teacher], {TEACHER: b.identity(TEACHER)})
+        for i, name in enumerate(names):
+            m = recipe.member(name)
+            _release(b, [recipe.member(n) for n in names[i:]])
+            log(f"== member {name} ({'budget ' + si(m.params) if m.params else 'explicit shape'}"
+                f"{', from ' + m.parent if m.parent else ''})")
+            build_member(b, m, until if name in targets else None)
+        if until is None:
+            from .report import publish_stage, report_family
 
-        report_family(recipe, run, log)
-        if recipe.publish.org:
-            publish_stage(recipe, run, log)
-    cost = account(run, recipe)
-    run.manifest["cost"] = cost
-    run.manifest["members"] = cost["members"]
-    run.manifest["builds"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                   "seconds": round(time.time() - started), "actions": run.actions})
-    run.save()
-    if until is None:
-        log(summary(run, recipe, cost, b.params_of(TEACHER)))
-    return {**cost, "actions": run.actions, "run": str(run.root)}
+            report_family(recipe, run, log)
+            if recipe.publish.org:
+                publish_stage(recipe, run, log)
+        cost = account(run, recipe)
+        run.manifest["cost"] = cost
+        run.manifest["members"] = cost["members"]
+        run.manifest["builds"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                       "seconds": round(time.time() - started), "actions": run.actions})
+        run.save()
+        if until is None:
+            log(summary(run, recipe, cost, b.params_of(TEACHER)))
+        return {**cost, "actions": run.actions, "run": str(run.root)}

@@ -31,6 +31,7 @@ from .utils import first_line, sha256_file
 
 # ---- run folder entries ----
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"  # held by the build working in the folder
 RECIPE_FILE = "recipe.yaml"
 IMPORTANCE_DIR = "importance"
 WORK_DIR = "work"
@@ -195,6 +196,15 @@ class RunDir:
     manifest: dict
     force: list[str] = field(default_factory=list)  # "stage" (every member) or "member:stage"
     actions: list[tuple[str, str]] = field(default_factory=list)  # (stage key, what this build did)
+    lock: object = None  # the open lock file while this build holds the folder
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases the flock
+            self.lock = None
 
     # ---- paths ----
     def importance(self, base: str) -> Path:
@@ -292,17 +302,45 @@ class RunDir:
         os.replace(tmp, self.root / MANIFEST)
 
 
+class RunLockedError(ValueError):
+    pass
+
+
+def lock_run(root: Path):
+    """An exclusive lock on the run folder (`flock`, so a dead holder's lock is free again at once); the holder's
+    PID and host are written in it, and named in the one-line error a second build gets."""
+    import fcntl
+    import socket
+
+    handle = open(root / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunLockedError(f"run folder {str(root)!r} is in use by {holder}; wait for that build to finish, or "
+                             f"build into another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
 def open_run(root: str | Path, recipe, teacher: dict, force: list[str] = ()) -> RunDir:
-    """Create or reopen a run folder; the recipe as resolved is written next to the manifest."""
+    """Create or reopen a run folder, locked until the returned `RunDir` is closed (use it in a `with`); the
+    recipe as resolved is written next to the manifest."""
     import yaml
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    lock = lock_run(root)
     path = root / MANIFEST
     manifest = json.loads(path.read_text()) if path.is_file() else {"version": 1, "stages": {}}
     manifest.update(recipe_sha256=recipe.sha256, recipe=recipe.to_dict(), teacher=teacher)
     manifest.setdefault("builds", [])
     (root / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    run = RunDir(root, manifest, list(force))
+    run = RunDir(root, manifest, list(force), lock=lock)
     run.save()
     return run

@@ -163,6 +163,7 @@ def fingerprint(model) -> str:
 def lora_retrain(student, teacher, tokenizer, dataset, search, out: Path, seed: int = 0, progress: bool = True):
     """Wrap `student` in LoRA adapters, distil `teacher` into them for search.tokens tokens -> (peft model, tokens)."""
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
     from .distill import DistillConfig, MinitronDistillTrainer
 
@@ -170,6 +171,7 @@ def lora_retrain(student, teacher, tokenizer, dataset, search, out: Path, seed: 
     steps = max(1, math.ceil(search.tokens / per_step))
     lora = LoraConfig(r=search.lora_r, lora_alpha=search.lora_alpha, target_modules=search.lora_target,
                       lora_dropout=0.0, task_type="CAUSAL_LM")
+    set_seed(seed)  # the adapters' init: the same in every process, whatever ran before
     model = get_peft_model(student, lora)
     args = DistillConfig(output_dir=str(out / "trainer"), max_steps=steps,
                          per_device_train_batch_size=search.batch_size,

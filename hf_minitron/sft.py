@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 
+from .checkpoints import drop_checkpoints, last_complete_checkpoint
 from .rundir import SFT_FILE
 
 RESULT_FILE = SFT_FILE  # named in rundir.py, with every artefact of a run
@@ -40,6 +42,8 @@ class InstructConfig(SFTConfig):
     learning_rate: float = field(default=1e-4, metadata={"help": "learning rate (~1e-4 with LoRA, ~2e-5 without)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute activations in the backward pass (less memory, slower)"})
+    save_total_limit: int | None = field(default=2, metadata={
+        "help": "checkpoints kept while training (the newest; none: all)"})
     bf16: bool | None = field(default=None, metadata={
         "help": "bf16 mixed precision (default: on when a bf16-capable CUDA device is present)"})
 
@@ -83,9 +87,9 @@ def sft(model, data, out: str, *, tokenizer=None, config: InstructConfig | None 
     if resume and os.path.isfile(os.path.join(out, RESULT_FILE)):
         with open(os.path.join(out, RESULT_FILE)) as f:
             return json.load(f)
-    last = get_last_checkpoint(out) if os.path.isdir(out) else None
+    started = os.path.isdir(out) and any(Path(out).glob("checkpoint-*"))
     finished = os.path.isdir(out) and os.path.isfile(os.path.join(out, "config.json"))
-    if not resume and not overwrite and (finished or last):
+    if not resume and not overwrite and (finished or started):
         raise FileExistsError(f"output folder {out!r} already holds a model or checkpoints; pass resume=True "
                               f"(--resume) to continue or overwrite=True (--overwrite) to start again")
     if isinstance(model, str):
@@ -125,9 +129,10 @@ def sft(model, data, out: str, *, tokenizer=None, config: InstructConfig | None 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                  target_modules=config.lora_target, task_type="CAUSAL_LM")
     model.train()
+    set_seed(config.seed)  # the LoRA adapters are initialised inside SFTTrainer, before it seeds anything
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
-    train_out = trainer.train(resume_from_checkpoint=last if resume and last else None)
+    train_out = trainer.train(resume_from_checkpoint=last_complete_checkpoint(out) if resume else None)
     if config.lora:  # adapters folded in: the output never depends on a base model
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         if trainer.accelerator.is_main_process:
@@ -146,7 +151,5 @@ def sft(model, data, out: str, *, tokenizer=None, config: InstructConfig | None 
         with open(os.path.join(out, RESULT_FILE), "w") as f:
             json.dump(result, f, indent=1)
         if not config.keep_checkpoints:
-            from .distill import drop_checkpoints
-
             drop_checkpoints(out)
     return result

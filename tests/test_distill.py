@@ -223,6 +223,33 @@ def test_distill_end_to_end_saves_student_without_projections(tmp_path):
     assert distill(teacher, student, write_corpus(tmp_path), out, max_tokens=256, resume=True, **kw)["steps"] == 4
 
 
+def test_distill_resumes_past_an_interrupted_checkpoint_save(tmp_path):
+    """A kill during `checkpoint-3`'s save left its config only: resume takes checkpoint-2 and finishes."""
+    from hf_minitron.distill import RESULT_FILE, distill
+
+    teacher, student = save_pair(tmp_path)
+    out = tmp_path / "run"
+    kw = dict(max_length=32, per_device_train_batch_size=2, save_steps=1, report_to=[], keep_checkpoints=True)
+    distill(teacher, student, write_corpus(tmp_path), str(out), max_tokens=2 * 2 * 32, **kw)
+    for name in (RESULT_FILE, "model.safetensors", "config.json"):  # as if the run had stopped after step 2
+        (out / name).unlink()
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "config.json").write_text("{}")
+    result = distill(teacher, student, write_corpus(tmp_path), str(out), max_tokens=3 * 2 * 32, resume=True, **kw)
+    assert result["steps"] == 3
+    assert (out / "incomplete-checkpoint-3").is_dir()
+
+
+def test_distill_keeps_the_newest_two_checkpoints_while_training(tmp_path):
+    from hf_minitron.distill import distill
+
+    teacher, student = save_pair(tmp_path)
+    out = tmp_path / "run"
+    distill(teacher, student, write_corpus(tmp_path), str(out), max_tokens=4 * 2 * 32, max_length=32,
+            per_device_train_batch_size=2, save_steps=1, report_to=[], keep_checkpoints=True)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
 def test_distill_drops_checkpoints_once_the_student_is_saved(tmp_path):
     from hf_minitron.distill import distill
 

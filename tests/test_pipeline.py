@@ -220,3 +220,17 @@ def test_quickstart_builds_a_real_family(tmp_path, smollm2_path):
         ids = model.generate(**tok("The for statement", return_tensors="pt"), max_new_tokens=8, do_sample=False)
         assert len(tok.decode(ids[0])) > len("The for statement")
     assert result["fewer_tokens"] > 1000
+
+
+def test_a_second_build_on_a_busy_run_folder_stops_at_once(files, tmp_path):
+    from hf_minitron.rundir import RunLockedError, lock_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = lock_run(out)
+    try:
+        with pytest.raises(RunLockedError, match="is in use by PID"):
+            build(from_dict(tiny_recipe(files)), out, progress=False, log=lambda _: None)
+    finally:
+        holder.close()
+    assert not (out / "manifest.json").exists()  # nothing was touched

@@ -155,3 +155,26 @@ def test_run_paths_use_the_names(tmp_path):
     assert run.pruned("m") == tmp_path / "work" / "m" / "checkpoint-pruned"
     assert run.teacher_eval() == tmp_path / "eval" / "teacher.json"
     assert run.family() == tmp_path / "family"
+
+
+def test_a_held_run_folder_refuses_a_second_build(tmp_path):
+    import os
+
+    from hf_minitron.rundir import RunLockedError, lock_run
+
+    first = lock_run(tmp_path)
+    try:
+        with pytest.raises(RunLockedError, match=f"in use by PID {os.getpid()} on "):
+            lock_run(tmp_path)
+    finally:
+        first.close()
+    lock_run(tmp_path).close()  # free again once the holder let go
+
+
+def test_a_lock_left_by_a_dead_build_is_taken_over(tmp_path):
+    from hf_minitron.rundir import LOCK_FILE, lock_run
+
+    (tmp_path / LOCK_FILE).write_text("PID 999999 on elsewhere since 2026-01-01T00:00:00\n")
+    handle = lock_run(tmp_path)
+    assert "PID 999999" not in (tmp_path / LOCK_FILE).read_text()
+    handle.close()

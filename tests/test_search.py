@@ -73,3 +73,22 @@ def test_search_ranks_candidates_and_binds_the_adapter_to_its_base(tmp_path):
     with pytest.raises(ValueError, match="trained on another base"):
         merge_adapter(wrong, tmp_path / "s" / "adapter")
     assert not list((tmp_path / "s").glob("candidate-*"))  # losers' adapters removed
+
+
+def test_lora_retraining_does_not_depend_on_what_ran_before(tmp_path):
+    """The adapters are initialised from the seed, so fresh processes (different RNG histories) agree."""
+    from hf_minitron.search import lora_retrain
+
+    tok = tiny_tokenizer()
+    teacher = tiny_llama(len(tok), hidden=64, layers=2, inter=128, seed=1).eval()
+    search = SearchSection(tokens=64, seq_len=32, batch_size=2, lora_r=4, lora_alpha=8)
+    adapters = []
+    for history in (1, 2):
+        torch.manual_seed(history)
+        torch.rand(100 * history)  # some other random work earlier in the process
+        student = tiny_llama(len(tok), hidden=64, layers=2, inter=128, seed=1)
+        model, _ = lora_retrain(student, teacher, tok, text_dataset(), search, tmp_path / str(history), seed=3,
+                                progress=False)
+        adapters.append({k: v.clone() for k, v in model.state_dict().items() if "lora_" in k})
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
