@@ -242,16 +242,20 @@ def token_ids(source: TextSource | str, tokenizer, max_tokens: int | None = None
 
 
 def token_windows(source: TextSource | str, tokenizer, seq_len: int, windows: int | None = None,
-                  stride: int | None = None, holdout: float = 0.0) -> torch.Tensor:
+                  stride: int | None = None, holdout: float = 0.0, cache: dict | None = None) -> torch.Tensor:
     """The evaluation tokens of a source, for perplexity and search scoring alike, so their figures compare.
 
     Reads the held-out tail of the source when `holdout` > 0 (see `split_holdout`). With `stride` None or
     `seq_len`: the first `windows` (all when None) consecutive non-overlapping windows, [n, seq_len]. With
     `stride` < `seq_len`: the flat ids [N] that `evaluate.sliding_perplexity(model, ids, seq_len, stride)` scores,
-    enough for `windows` windows moved by `stride` (all when None).
+    enough for `windows` windows moved by `stride` (all when None). `cache`: a dict shared by callers that use one
+    tokenizer (a build scores every model on the same windows), so a source is read and tokenized once.
     """
     src = _as_source(source)
     stride = stride or seq_len
+    key = ("token_windows", *asdict(src).values(), seq_len, windows, stride, holdout)
+    if cache is not None and key in cache:
+        return cache[key]
     if seq_len < 2 or not 0 < stride <= seq_len:
         raise DataSourceError(f"need seq_len >= 2 and stride in 1..seq_len, got seq_len={seq_len}, stride={stride}")
     rows = None
@@ -265,10 +269,12 @@ def token_windows(source: TextSource | str, tokenizer, seq_len: int, windows: in
         part = " (held-out part)" if holdout > 0 else ""
         raise DataSourceError(f"data source {src.path!r}{part} has {len(ids)} tokens, fewer than one window "
                               f"of {seq_len}")
-    if stride < seq_len:
-        return ids
-    n = len(ids) // seq_len
-    return ids[: n * seq_len].view(n, seq_len)
+    if stride == seq_len:
+        n = len(ids) // seq_len
+        ids = ids[: n * seq_len].view(n, seq_len)
+    if cache is not None:
+        cache[key] = ids
+    return ids
 
 
 def pack_tokens(source: TextSource | str, tokenizer, samples: int, seq_len: int, seed: int = 0,

@@ -73,8 +73,7 @@ class DistillConfig(SFTConfig):
         "help": "checkpoints kept while training (the newest; none: all)"})
 
     def __post_init__(self):
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        default_bf16(self)
         if self.ddp_find_unused_parameters is None:
             # the LM head and projections get their gradients from the loss, outside the forward: DDP's unused-
             # parameter search would mark them ready too early
@@ -87,6 +86,21 @@ class DistillConfig(SFTConfig):
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         parse_layer_map(self.is_layers)
+
+
+def default_bf16(args) -> None:
+    """bf16 left unset means on where a bf16-capable CUDA device is present (distillation and SFT alike)."""
+    if args.bf16 is None and not args.fp16:
+        args.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def trainer_config(cls, config, out: str, overrides: dict):
+    """`config` (or a new `cls`) with `overrides` and `out` as its output folder."""
+    if config is None:
+        return cls(output_dir=out, **overrides)
+    for key, value in {**overrides, "output_dir": out}.items():  # set, not dataclasses.replace: TrainingArguments'
+        setattr(config, key, value)  # __post_init__ does not re-run cleanly
+    return config
 
 
 def parse_layer_map(spec: str | None) -> list[tuple[int, int]]:
@@ -252,11 +266,7 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
     if not resume and not overwrite and os.path.isdir(out) and (_finished(out) or started):
         raise FileExistsError(f"output folder {out!r} already holds a distilled model or checkpoints; pass "
                               f"resume=True (--resume) to continue or overwrite=True (--overwrite) to start again")
-    if config is None:
-        config = DistillConfig(output_dir=out, **overrides)
-    else:  # set, not dataclasses.replace: TrainingArguments' __post_init__ does not re-run cleanly
-        for key, value in {**overrides, "output_dir": out}.items():
-            setattr(config, key, value)
+    config = trainer_config(DistillConfig, config, out, overrides)
     max_tokens = max_tokens if max_tokens is not None else config.tokens
     if max_tokens is None or max_tokens < 1:
         raise ValueError(f"the token budget must be a positive number of tokens (--tokens), got {max_tokens!r}")

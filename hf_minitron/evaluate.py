@@ -277,14 +277,14 @@ def primary_metric(task_result: dict) -> tuple[str, float] | None:
 
 
 def perplexity_record(model, tokenizer, source, config: EvaluateConfig, holdout: float = 0.0,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, cache: dict | None = None) -> dict:
     """Perplexity of `model` on `source` (its held-out tail when `holdout` > 0), as a result record; the windows
     are cut by `data.token_windows`, the same for the build, `hf-minitron eval` and the search."""
     from .data import TextSource, token_windows
 
     src = TextSource(source) if isinstance(source, str) else source
     stride = config.stride or config.seq_len
-    ids = token_windows(src, tokenizer, config.seq_len, config.windows or None, stride, holdout)
+    ids = token_windows(src, tokenizer, config.seq_len, config.windows or None, stride, holdout, cache)
     if stride == config.seq_len:
         value = perplexity(model, ids, progress=progress)
     else:
@@ -294,7 +294,8 @@ def perplexity_record(model, tokenizer, source, config: EvaluateConfig, holdout:
 
 
 def evaluate_model(model, tokenizer, name: str, config: EvaluateConfig | None = None, ppl_data=(),
-                   holdout: float = 0.0, out: str | Path | None = None, progress: bool = False) -> dict:
+                   holdout: float = 0.0, out: str | Path | None = None, progress: bool = False,
+                   cache: dict | None = None) -> dict:
     """One model's results record: parameters, perplexity on each text source, task metrics; written to `out`.
 
     The entry point of `hf-minitron eval` and of the build's evaluate stage. `holdout`: score the held-out tail
@@ -311,7 +312,7 @@ def evaluate_model(model, tokenizer, name: str, config: EvaluateConfig | None = 
     result = {"model": name, "parameters": params, "perplexity": [], "tasks": {}}
     sources = [ppl_data] if isinstance(ppl_data, str) or hasattr(ppl_data, "path") else list(ppl_data or [])
     for source in sources:
-        result["perplexity"].append(perplexity_record(model, tokenizer, source, config, holdout, progress))
+        result["perplexity"].append(perplexity_record(model, tokenizer, source, config, holdout, progress, cache))
     task_dict = parse_tasks(config.tasks)
     if task_dict or config.choice_files:
         result["tasks"] = run_lm_eval(model, tokenizer, task_dict, config.local_tasks(), limit=config.limit,

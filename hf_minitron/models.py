@@ -71,10 +71,10 @@ class TeacherArgs(ModelArgs):
 
     config: dict | None = None
 
-    def model_config(self):
-        """From the shape block when given, else from the model's files."""
+    def model_config(self, source: ModelSource | None = None):
+        """From the shape block when given, else from the model's files (`source`: already resolved)."""
         if not self.config:
-            return load_config(self.resolve(), self.trust_remote_code)
+            return load_config(source or self.resolve(), self.trust_remote_code)
         from transformers import AutoConfig
 
         block = dict(self.config)

@@ -79,7 +79,7 @@ class _Build:
         from .models import load_config
 
         if ref == TEACHER:
-            return count_parameters(self.recipe.teacher.model_config())
+            return count_parameters(self.recipe.teacher.model_config(self.source))
         return count_parameters(load_config(str(self.run.member(ref)) if self.is_member(ref) else ref))
 
     def train_documents(self):
@@ -117,7 +117,7 @@ def _search(b: _Build, m: MemberSection, scores_dir: Path) -> dict:
         if action == "redo":
             shutil.rmtree(folder, ignore_errors=True)
         windows = token_windows(r.data.eval_source, b.tokenizer(), search.eval_seq_len, search.eval_windows,
-                                holdout=r.data.eval_holdout)
+                                holdout=r.data.eval_holdout, cache=b.cache)
         return run_search(b.model(m.base), ImportanceScores.load(scores_dir), b.model(m.kd_teacher), b.tokenizer(),
                           b.train_documents(), windows, m.params, search, folder, r.prune,
                           base_path=str(b.run.pruned(m.name)), seed=r.distill.get("seed", 42), progress=b.progress,
@@ -211,7 +211,7 @@ def _evaluate(b: _Build, key: str, models: list[tuple[str, object, Path]], paren
         for name, load, out in models:
             model, tokenizer = load()
             res = evaluate_model(model, tokenizer, name, r.evaluate, [r.data.eval_source], r.data.eval_holdout,
-                                 out=out, progress=b.progress)
+                                 out=out, progress=b.progress, cache=b.cache)
             ppl = res["perplexity"][0]
             b.log(f"  {name}: perplexity {ppl['perplexity']:,.2f} on {ppl['tokens']:,} held-out tokens")
             results[name] = ppl["perplexity"]

@@ -45,6 +45,11 @@ def _is_optional(tp) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
+def _without_none(tp) -> list:
+    """The kinds an annotation accepts besides None (`int | None` -> [int])."""
+    return [a for a in typing.get_args(tp) if a is not type(None)] if _is_optional(tp) else [tp]
+
+
 def coerce(tp, value, key: str):
     """`value` checked (and converted where unambiguous) against the annotation `tp`."""
     origin = typing.get_origin(tp)
@@ -154,7 +159,7 @@ def _flag(name: str, prefix: str) -> str:
 
 def _takes_text(tp) -> bool:
     """Fields whose flag value is kept as typed (a string), not read as YAML."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if _is_optional(tp) else [tp]
+    args = _without_none(tp)
     return len(args) == 1 and (args[0] is str or typing.get_origin(args[0]) is typing.Literal)
 
 
@@ -176,23 +181,23 @@ def add_flags(parser, cls, section: str, *, prefix: str = "", rename: dict | Non
         if f.metadata.get("build_only"):
             continue
         tp = hints[name]
-        flags = [rename[name] if name in rename else _flag(name, prefix)]
+        flag = rename[name] if name in rename else _flag(name, prefix)
         help_text = str(f.metadata.get("help", "")).replace("%", "%%").strip()
         kwargs = {"dest": f"{section}.{name}", "default": argparse.SUPPRESS}
-        parser.set_defaults(**{f"_flag.{section}.{name}": flags[0]})  # for errors that name the flag
+        parser.set_defaults(**{f"_flag.{section}.{name}": flag})  # for errors that name the flag
         if name in required:
             kwargs["required"] = True
         else:
             help_text += f" (default: {f.metadata.get('default_text') or _show(default_of(f))})"
-        base = [a for a in typing.get_args(tp) if a is not type(None)] if _is_optional(tp) else [tp]
+        base = _without_none(tp)
         if base == [bool]:
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text, **kwargs)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text, **kwargs)
             continue
         choices = f.metadata.get("choices")
         if typing.get_origin(base[0]) is typing.Literal and len(base) == 1:
             choices = list(typing.get_args(base[0]))
         meta = "N" if base[0] in (int, float) else name.split("_")[-1].upper()
-        group.add_argument(*flags, help=help_text, choices=choices, metavar=None if choices else meta, **kwargs)
+        group.add_argument(flag, help=help_text, choices=choices, metavar=None if choices else meta, **kwargs)
 
 
 def given(args: argparse.Namespace, section: str, cls=None) -> dict:

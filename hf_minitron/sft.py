@@ -13,12 +13,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 
 from .checkpoints import drop_checkpoints, last_complete_checkpoint
+from .distill import default_bf16, trainer_config
 from .rundir import SFT_FILE
 
 RESULT_FILE = SFT_FILE  # named in rundir.py, with every artefact of a run
@@ -48,8 +48,7 @@ class InstructConfig(SFTConfig):
         "help": "bf16 mixed precision (default: on when a bf16-capable CUDA device is present)"})
 
     def __post_init__(self):
-        if self.bf16 is None and not self.fp16:
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        default_bf16(self)
         super().__post_init__()
 
 
@@ -102,11 +101,7 @@ def sft(model, data, out: str, *, tokenizer=None, config: InstructConfig | None 
         spec = model.name_or_path
     if tokenizer is None:
         raise ValueError("no tokenizer: pass tokenizer= when giving a loaded model")
-    if config is None:
-        config = InstructConfig(output_dir=out, **overrides)
-    else:  # set, not dataclasses.replace: TrainingArguments' __post_init__ does not re-run cleanly
-        for key, value in {**overrides, "output_dir": out}.items():
-            setattr(config, key, value)
+    config = trainer_config(InstructConfig, config, out, overrides)
     if config.chat_template:
         tokenizer.chat_template = _read_template(config.chat_template)
     if not tokenizer.chat_template:

@@ -229,3 +229,20 @@ def test_sft_hub_id_honours_config_and_split(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     ds = load_sft_dataset(TextSource("acme/tiny-chat", config="long", split="validation"))
     assert ds["prompt"] == ["long validation 0", "long validation 1"]
+
+
+
+def test_token_windows_are_cut_once_per_cache(smollm2_tokenizer, monkeypatch):
+    """A build scores every model on the same windows: with a shared cache the source is tokenized once."""
+    import hf_minitron.data as data
+
+    calls = []
+    real = data.token_ids
+    monkeypatch.setattr(data, "token_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = {}
+    first = token_windows(BUILTIN_PYDOC, smollm2_tokenizer, 64, windows=3, cache=cache)
+    again = token_windows(BUILTIN_PYDOC, smollm2_tokenizer, 64, windows=3, stride=64, cache=cache)
+    assert torch.equal(first, again)
+    assert len(calls) == 1
+    token_windows(BUILTIN_PYDOC, smollm2_tokenizer, 64, windows=2, cache=cache)
+    assert len(calls) == 2  # other windows, cut again
