@@ -12,10 +12,17 @@
    teacher and prunes it, one only loads it), peak RSS read from /proc/self/status (VmHWM), reset between
    stages through /proc/self/clear_refs when the kernel allows it (else a sampling thread).
 3. The machine: platform, CPU model, cores, threads, torch / transformers versions, load average.
+4. With --depth: the cost of the perplexity-drop depth pass as a ratio to the width pass, per sample (batch 1),
+   interleaved and paired like 1: "width" = `compute_importance` without the depth pass (width hooks + BI capture);
+   "full-skip" = the pass before issue 10 (one base forward, then one whole forward per skipped run, layers made
+   identities by `depth.skip_layers`); "cached" = `depth.perplexity_drop`, which feeds each run's cached input to
+   the layers after it (the layer inputs are captured beforehand, untimed: the calibration pass captures them anyway
+   for Block Importance, and its logits give the base NLL).
 
     python bench/importance.py                       # defaults: 8 samples x 512 tokens, batch 1, 3 repetitions
     python bench/importance.py --samples 16 --seq-len 1024 --reps 5 --threads 2
     python bench/importance.py --skip-memory --profile   # where the hooked pass spends its time
+    python bench/importance.py --skip-throughput --skip-memory --depth --samples 2 --seq-len 256 --reps 2
 """
 
 from __future__ import annotations
@@ -271,6 +278,69 @@ def profile(model, ids: torch.Tensor, args) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+# --- depth pass cost ------------------------------------------------------------------------------------------
+
+def depth_cost(model, ids: torch.Tensor, args) -> dict:
+    """Width pass vs the full-skip and the cached perplexity-drop passes, per sample, order rotating; paired ratios."""
+    from hf_minitron.archs import get_arch
+    from hf_minitron.depth import nll_sum, perplexity_drop, skip_layers
+    from hf_minitron.importance import ImportanceConfig, compute_importance
+
+    layers = get_arch(model.config).decoder_layers(model)
+    n, runs = len(layers), args.depth_runs
+    device = next(model.parameters()).device
+
+    def width(batch):
+        compute_importance(model, batch, ImportanceConfig(batch_size=1, depth_ppl_samples=0), progress=False)
+
+    @torch.no_grad()
+    def full_skip(batch):
+        nll_sum(model(input_ids=batch).logits, batch)
+        for run in runs:
+            for i in range(n - run + 1):
+                with skip_layers(model, range(i, i + run)):
+                    nll_sum(model(input_ids=batch).logits, batch)
+
+    @torch.no_grad()
+    def layer_inputs(batch):
+        seen = []
+        handles = [layer.register_forward_pre_hook(
+            lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]), with_kwargs=True) for layer in layers]
+        model(input_ids=batch, use_cache=False)
+        for h in handles:
+            h.remove()
+        return seen
+
+    batches = [ids[i: i + 1].to(device) for i in range(ids.shape[0])]
+    cached = {id(b): layer_inputs(b) for b in batches}
+    variants = {"width": width, "full-skip": full_skip, "cached": lambda b: perplexity_drop(model, b, cached[id(b)],
+                                                                                          runs)}
+    names = list(variants)
+    width(batches[0])  # warm-up (allocator, lazy init, accelerate PartialState); the depth passes are long enough
+    pairs, step = [], 0
+    for rep in range(args.reps):
+        for batch in batches:
+            order = names[step % len(names):] + names[: step % len(names)]
+            step += 1
+            cell = {}
+            for name in order:
+                _sync()
+                t0 = time.perf_counter()
+                variants[name](batch)
+                _sync()
+                cell[name] = time.perf_counter() - t0
+            pairs.append(cell)
+            print(f"  rep {rep + 1}, sample {len(pairs)}: " + ", ".join(f"{k} {v:.2f}s" for k, v in cell.items())
+                  + f"  (loadavg {os.getloadavg()[0]:.2f})", flush=True)
+    ratios = {"full_skip_over_width": statistics.median(c["full-skip"] / c["width"] for c in pairs),
+              "cached_over_width": statistics.median(c["cached"] / c["width"] for c in pairs),
+              "cached_over_full_skip": statistics.median(c["cached"] / c["full-skip"] for c in pairs)}
+    # decoder-layer forwards per sample: the width pass runs n; full-skip 1 base + one per run start, each n - run
+    layer_calls = {"width": n, "full-skip": n + sum((n - r + 1) * (n - r) for r in runs),
+                   "cached": sum(n - i - r for r in runs for i in range(n - r + 1))}
+    return {"runs": runs, "layers": n, "pairs": pairs, "paired_median_ratios": ratios, "layer_forwards": layer_calls}
+
+
 # --- report -----------------------------------------------------------------------------------------------------
 
 def machine_info() -> dict:
@@ -314,6 +384,10 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler table of hooked vs plain")
     p.add_argument("--skip-throughput", action="store_true", help="memory measurement only")
     p.add_argument("--skip-memory", action="store_true", help="throughput measurement only")
+    p.add_argument("--depth", action="store_true",
+                   help="also measure the perplexity-drop depth pass (full-skip and cached) against the width pass")
+    p.add_argument("--depth-runs", type=lambda v: [int(x) for x in v.split(",")], default=[1],
+                   help="run lengths scored by the depth pass (default: 1)")
     p.add_argument("--score-samples", type=int, default=2, help="samples for the scores the pruning uses (default: 2)")
     p.add_argument("--score-seq-len", type=int, default=64, help="tokens per score sample (default: 64)")
     p.add_argument("--hidden-size", type=int, default=432,
@@ -380,6 +454,16 @@ def main(argv=None) -> int:
             result["throughput"].update(width_over_plain_paired_median=w, bi_over_plain_paired_median=b)
         if args.profile:
             profile(model, ids, args)
+
+    if args.depth:
+        ids = pack_tokens(TextSource(args.data), tok, args.samples, args.seq_len).input_ids
+        print(f"\n== depth pass cost: {args.samples} samples x {args.seq_len} tokens, batch 1, runs {args.depth_runs}, "
+              f"{args.reps} reps, interleaved")
+        depth = depth_cost(model, ids, args)
+        for k, v in depth["paired_median_ratios"].items():
+            print(f"  {k} (median of {len(depth['pairs'])} paired ratios): {v:.3f}x")
+        print(f"  decoder-layer forwards per sample: {depth['layer_forwards']}")
+        result["depth"] = depth
 
     if not args.skip_memory:
         print(f"\n== pruning peak memory (fresh child process per measurement; target hidden {args.hidden_size}, "

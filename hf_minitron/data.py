@@ -7,7 +7,8 @@ A source is one of:
 - a Hub dataset id, with `config`, `split` and optional streaming.
 
 Every token stream (calibration packing, build and `eval` perplexity, search scoring) comes from `token_ids`, so they
-all share one convention: EOS after every document. SFT data goes through the same source handling.
+all share one convention: EOS after every document, and every window starting with BOS when the tokenizer adds one
+itself (`window_bos`). SFT data goes through the same source handling.
 """
 
 from __future__ import annotations
@@ -241,15 +242,40 @@ def token_ids(source: TextSource | str, tokenizer, max_tokens: int | None = None
     return torch.tensor(ids[:max_tokens], dtype=torch.long)
 
 
+def window_bos(tokenizer) -> int | None:
+    """The BOS id every window starts with: the tokenizer's, when it adds one itself (Llama 3, Gemma); else None.
+
+    Windows are cut from the middle of the token stream; a BOS-sensitive model sees position 0 differently
+    (attention sink), so a window without one distorts both calibration activations and perplexity.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("x")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def _cut(ids: list[int] | torch.Tensor, seq_len: int, bos: int | None) -> torch.Tensor:
+    """Consecutive windows [n, seq_len] of `ids`: seq_len tokens each, or BOS + seq_len - 1 tokens."""
+    body = seq_len - (bos is not None)
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    n = len(ids) // body
+    windows = ids[: n * body].view(n, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
+
+
 def token_windows(source: TextSource | str, tokenizer, seq_len: int, windows: int | None = None,
                   stride: int | None = None, holdout: float = 0.0, cache: dict | None = None) -> torch.Tensor:
     """The evaluation tokens of a source, for perplexity and search scoring alike, so their figures compare.
 
     Reads the held-out tail of the source when `holdout` > 0 (see `split_holdout`). With `stride` None or
-    `seq_len`: the first `windows` (all when None) consecutive non-overlapping windows, [n, seq_len]. With
-    `stride` < `seq_len`: the flat ids [N] that `evaluate.sliding_perplexity(model, ids, seq_len, stride)` scores,
-    enough for `windows` windows moved by `stride` (all when None). `cache`: a dict shared by callers that use one
-    tokenizer (a build scores every model on the same windows), so a source is read and tokenized once.
+    `seq_len`: the first `windows` (all when None) consecutive non-overlapping windows, [n, seq_len], each
+    starting with BOS when the tokenizer adds one (`window_bos`). With `stride` < `seq_len`: the flat ids [N] that
+    `evaluate.sliding_perplexity(model, ids, seq_len, stride)` scores, enough for `windows` windows moved by
+    `stride` (all when None), with that BOS only at the start of the stream. `cache`: a dict shared by callers
+    that use one tokenizer (a build scores every model on the same windows), so a source is read and tokenized once.
     """
     src = _as_source(source)
     stride = stride or seq_len
@@ -263,44 +289,64 @@ def token_windows(source: TextSource | str, tokenizer, seq_len: int, windows: in
         whole = load_text_dataset(src)
         tail = split_holdout(whole, holdout)[1]
         rows = whole if tail is None else tail
-    need = None if windows is None else (windows - 1) * stride + seq_len
+    bos = window_bos(tokenizer)
+    body = seq_len - (bos is not None)  # tokens of text per window
+    if windows is None:
+        need = None
+    else:
+        need = windows * body if stride == seq_len else (windows - 1) * stride + body
     ids = token_ids(src, tokenizer, need, rows=rows)
-    if len(ids) < seq_len:
+    if len(ids) < body:
         part = " (held-out part)" if holdout > 0 else ""
         raise DataSourceError(f"data source {src.path!r}{part} has {len(ids)} tokens, fewer than one window "
                               f"of {seq_len}")
     if stride == seq_len:
-        n = len(ids) // seq_len
-        ids = ids[: n * seq_len].view(n, seq_len)
+        ids = _cut(ids, seq_len, bos)
+    elif bos is not None:
+        ids = torch.cat([torch.tensor([bos], dtype=torch.long), ids])
     if cache is not None:
         cache[key] = ids
     return ids
 
 
+STREAM_SHUFFLE_BUFFER = 10_000  # documents; a streamed source is shuffled through a seeded buffer of this size
+
+
 def pack_tokens(source: TextSource | str, tokenizer, samples: int, seq_len: int, seed: int = 0,
-                max_tokens: int | None = None) -> PackedData:
+                max_tokens: int | None = None, shuffle_buffer: int = STREAM_SHUFFLE_BUFFER) -> PackedData:
     """Tokenize documents (EOS after each, as `token_ids`), cut into `seq_len` windows, pick `samples` of them.
 
     Non-streaming sources are tokenized whole (up to `max_tokens`) and windows are chosen at random (seeded)
-    across the corpus, so calibration sees all of it; streaming sources take the first windows.
+    across the corpus, so calibration sees all of it. Streaming sources cannot be read whole: their shards and
+    documents are shuffled (`IterableDataset.shuffle(seed, buffer_size=shuffle_buffer)`) and the first windows of
+    the shuffled stream are taken, not the first windows of the first shard. Every window starts with BOS when the
+    tokenizer adds one (`window_bos`), still `seq_len` tokens long.
     """
     if samples < 1 or seq_len < 2:
         raise DataSourceError(f"need samples >= 1 and seq_len >= 2, got samples={samples}, seq_len={seq_len}")
     src = _as_source(source)
-    budget = max_tokens or (samples * seq_len if src.streaming else None)
+    bos = window_bos(tokenizer)
+    body = seq_len - (bos is not None)
+    budget = max_tokens or (samples * body if src.streaming else None)
+    ds = load_text_dataset(src)
+    if src.streaming:
+        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
     # not cut to the budget: the last document stays whole, so the window count (and the seeded pick) is as before
-    ids = _document_ids(load_text_dataset(src), src.text_column, tokenizer, budget)
-    windows = len(ids) // seq_len
+    ids = _document_ids(ds, src.text_column, tokenizer, budget)
+    all_windows = _cut(ids, seq_len, bos)
+    windows = len(all_windows)
     if windows < samples:
         raise DataSourceError(f"data source {src.path!r} gives {len(ids)} tokens: {windows} windows of {seq_len}, "
                               f"fewer than the {samples} samples asked for")
-    all_windows = torch.tensor(ids[: windows * seq_len], dtype=torch.long).view(windows, seq_len)
     if windows > samples and not src.streaming:
         pick = torch.randperm(windows, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
         chosen = all_windows[pick]
     else:
         chosen = all_windows[:samples]
-    meta = {**src.as_dict(), "samples": samples, "seq_len": seq_len, "seed": seed, "corpus_tokens": len(ids)}
+    meta = {**src.as_dict(), "samples": samples, "seq_len": seq_len, "seed": seed, "corpus_tokens": len(ids),
+            "bos": bos}
+    if src.streaming:
+        meta["shuffle_buffer"] = shuffle_buffer
     packed = PackedData(chosen.contiguous(), meta)
     packed.source["sha256"] = packed.sha256
     return packed

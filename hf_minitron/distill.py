@@ -2,7 +2,9 @@
 
 `MinitronDistillTrainer` is a `trl.SFTTrainer` (plain-text datasets, packing, checkpoints, resume, accelerate) whose
 `compute_loss` is  L = w_clm * L_CLM + w_logit * L_logit + alpha * L_is. Neither model's full logits are built:
-both bodies return hidden states and the logit losses run over token chunks (see `losses.py`).
+both bodies return hidden states and the logit losses run over token chunks (see `losses.py`); the state pairs of
+L_is are chosen in `intermediate.py`. The student trains with fp32 weights by default (`train_dtype`; bf16 only as
+autocast, so small updates are not rounded away late in the schedule) and is saved in the dtype it came in.
 """
 
 from __future__ import annotations
@@ -10,18 +12,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
-from torch import nn
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
 from trl import SFTConfig, SFTTrainer
 
-from .rundir import DISTILL_FILE
+from .archs import logit_transform
 from .checkpoints import drop_checkpoints, last_complete_checkpoint
+from .intermediate import (AUTO, SITES, Projection, Site, StateReader, build_projections, check_layer_spec,
+                           pair_projections, resolve_pairs)
 from .losses import (LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_loss_name, chunked_logit_losses,
-                      intermediate_losses)
+                     intermediate_losses)
+from .rundir import DISTILL_FILE
+from .schedule import check_schedule, resolve_schedule
 
 PROJ_ATTR = "minitron_is_projections"  # student submodule holding the L_is projections during training
 PROJ_FILE = "is_projections.safetensors"  # where checkpoints keep them (never in the student's weights)
@@ -29,19 +36,60 @@ RESULT_FILE = DISTILL_FILE  # named in rundir.py, with every artefact of a run
 # set by the stage from its inputs (--out, the data's text column, the token budget, the model flags), never by a
 # recipe key or a flag of their own
 EXCLUDED = ("output_dir", "dataset_text_field", "max_steps", "trust_remote_code")
+TrainDtype = Literal["float32", "bfloat16", "float16", "auto"]
 
 
 @dataclass
-class DistillConfig(SFTConfig):
-    """`SFTConfig` plus the Minitron loss settings and a token budget; defaults pack plain text into windows.
+class TextTrainingConfig(SFTConfig):
+    """`SFTConfig` with pretraining-style defaults: packed plain text, a token budget, fp32 master weights, a
+    cosine decay to a minimum learning rate, a batch in tokens. The base of every stage that trains a whole model
+    on the text corpus (distillation, teacher correction)."""
+
+    tokens: int | None = field(default=None, metadata={
+        "help": "training token budget (e.g. 100M); sets max_steps from the batch size, window and processes"})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "keep the checkpoint-* folders once the model is saved (default: delete them)"})
+    # defaults that differ from SFTConfig: pretraining-style packing, no mixed precision on CPU
+    packing: bool = field(default=True, metadata={"help": "pack documents into windows of max_length tokens"})
+    packing_strategy: str = field(default="wrapped", metadata={
+        "help": "'wrapped' cuts documents to fill every window (no padding-free attention needed)"})
+    max_length: int | None = field(default=1024, metadata={"help": "tokens per packed training window"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 mixed precision (default: on when a bf16-capable CUDA device is present)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    lr_scheduler_type: SchedulerType | str = field(default="cosine_with_min_lr", metadata={
+        "help": "learning-rate schedule (transformers SchedulerType); cosine_with_min_lr decays to min_lr"})
+    min_lr: float | None = field(default=1e-5, metadata={
+        "help": "final learning rate of cosine_with_min_lr (arXiv 2408.11796 decays 1e-4 to 1e-5 for "
+                "Llama-3.1-Minitron-4B); ignored when lr_scheduler_kwargs gives min_lr_rate"})
+    global_batch_tokens: int | None = field(default=None, metadata={
+        "help": "tokens per optimizer step over all processes (e.g. 4M): sets gradient_accumulation_steps from "
+                "per_device_train_batch_size x max_length x processes, so a recipe means the same on 1 or 8 GPUs"})
+    train_dtype: TrainDtype = field(default="float32", metadata={
+        "help": "dtype of the trained model's weights and optimizer states while training: float32 keeps fp32 "
+                "master weights (bf16/fp16 then only as autocast); auto: the dtype it was loaded in. The saved "
+                "model keeps the dtype it was loaded in (the teacher's, for a pruned student)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass (less memory, ~30% slower)"})
+    save_total_limit: int | None = field(default=2, metadata={
+        "help": "checkpoints kept while training (the newest; none: all)"})
+
+    def __post_init__(self):
+        default_bf16(self)
+        super().__post_init__()
+        check_loss_name(self.train_dtype, typing.get_args(TrainDtype), "train_dtype")
+        check_schedule(self, world_size=1)
+
+
+@dataclass
+class DistillConfig(TextTrainingConfig):
+    """`TextTrainingConfig` plus the Minitron loss settings.
 
     The recipe's `distill:` section and `hf-minitron distill`'s flags are these fields (less `EXCLUDED`).
     """
 
     tokens: int | None = field(default=None, metadata={
         "help": "distillation token budget (e.g. 100M); sets max_steps from the batch size, window and processes"})
-    keep_checkpoints: bool = field(default=False, metadata={
-        "help": "keep the checkpoint-* folders once the student is saved (default: delete them)"})
     logit_loss: LogitLoss = field(default="forward_kl", metadata={
         "help": "divergence between next-token distributions"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature tau for the logit loss"})
@@ -51,29 +99,26 @@ class DistillConfig(SFTConfig):
         "help": "generalized JSD mixture weight beta (0 = forward KL, 1 = reverse KL)"})
     w_logit: float = field(default=1.0, metadata={"help": "weight of L_logit"})
     w_clm: float = field(default=0.0, metadata={"help": "weight of the cross-entropy L_CLM with the data labels"})
-    is_layers: str | None = field(default=None, metadata={
+    is_layers: str | None = field(default=AUTO, metadata={
         "help": "intermediate-state pairs 'teacher:student,...' as hidden-state indices (0 = embedding output, "
-                "i = output of block i, so i-1 is block i's input); empty: no L_is"})
-    is_loss: StateLoss = field(default="mse", metadata={"help": "intermediate-state loss"})
+                "i = output of block i); 'auto': when the student keeps fewer than 3/4 of the teacher's layers, "
+                "0:0 plus each student block s mapped to teacher block round(s*Lt/Ls) (paper best practice 6), "
+                "else none; 'off' or empty: no L_is"})
+    is_sites: list[Site] = field(default_factory=lambda: ["block"], metadata={
+        "help": "where each is_layers pair is compared: block (that hidden state: L_emb, L_o) and/or mlp_input "
+                "(L_i: the residual stream entering block i's MLP), e.g. block,mlp_input"})
+    is_loss: StateLoss = field(default="cosine", metadata={
+        "help": "intermediate-state loss: cosine (1 - cos over channels, NVIDIA's choice) or mse"})
+    is_projection: Projection = field(default="shared", metadata={
+        "help": "learned Linear(h_s, h_t) with bias from student to teacher states: one shared by all pairs "
+                "(NVIDIA's) or one per pair; identity-initialised when the widths match; kept in checkpoints, "
+                "never in the saved student"})
     alpha: float | None = field(default=None, metadata={
         "help": "weight of L_is; None: dynamic alpha = L_logit / L_is (detached), as in the paper"})
     kd_chunk_tokens: int = field(default=1024, metadata={
         "help": "tokens per chunk of the logit loss (peak loss memory ~ chunk x vocab); 0 = no chunking"})
-    # defaults that differ from SFTConfig: pretraining-style packing, no mixed precision on CPU
-    packing: bool = field(default=True, metadata={"help": "pack documents into windows of max_length tokens"})
-    packing_strategy: str = field(default="wrapped", metadata={
-        "help": "'wrapped' cuts documents to fill every window (no padding-free attention needed)"})
-    max_length: int | None = field(default=1024, metadata={"help": "tokens per packed training window"})
-    bf16: bool | None = field(default=None, metadata={
-        "help": "bf16 mixed precision (default: on when a bf16-capable CUDA device is present)"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute student activations in the backward pass (less memory, ~30% slower)"})
-    save_total_limit: int | None = field(default=2, metadata={
-        "help": "checkpoints kept while training (the newest; none: all)"})
 
     def __post_init__(self):
-        default_bf16(self)
         if self.ddp_find_unused_parameters is None:
             # the LM head and projections get their gradients from the loss, outside the forward: DDP's unused-
             # parameter search would mark them ready too early
@@ -85,7 +130,10 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        parse_layer_map(self.is_layers)
+        check_layer_spec(self.is_layers)
+        for site in self.is_sites:
+            check_loss_name(site, SITES, "is_sites entry")
+        check_loss_name(self.is_projection, typing.get_args(Projection), "is_projection")
 
 
 def default_bf16(args) -> None:
@@ -101,21 +149,6 @@ def trainer_config(cls, config, out: str, overrides: dict):
     for key, value in {**overrides, "output_dir": out}.items():  # set, not dataclasses.replace: TrainingArguments'
         setattr(config, key, value)  # __post_init__ does not re-run cleanly
     return config
-
-
-def parse_layer_map(spec: str | None) -> list[tuple[int, int]]:
-    """'t:s,t:s' -> [(t, s), ...] hidden-state index pairs."""
-    if not spec:
-        return []
-    pairs = []
-    for part in spec.split(","):
-        try:
-            t, s = (int(x) for x in part.split(":"))
-        except ValueError:
-            raise ValueError(f"bad is_layers entry {part!r}; expected 'teacher:student' integers, e.g. '0:0,8:4'"
-                             ) from None
-        pairs.append((t, s))
-    return pairs
 
 
 def check_same_tokenizer(student_tok, teacher_tok) -> None:
@@ -136,22 +169,20 @@ class MinitronDistillTrainer(SFTTrainer):
 
     def __init__(self, model, teacher, args: DistillConfig, **kwargs):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.layer_map = parse_layer_map(args.is_layers)
+        resolve_schedule(args)
         n_t, n_s = teacher.config.num_hidden_layers, model.config.num_hidden_layers
-        for t, s in self.layer_map:
-            if not (0 <= t <= n_t and 0 <= s <= n_s):
-                raise ValueError(f"is_layers pair {t}:{s} out of range: teacher has hidden states 0..{n_t}, "
-                                 f"student 0..{n_s}")
-        if self.layer_map and not hasattr(model, PROJ_ATTR):
-            h_s, h_t = model.config.hidden_size, teacher.config.hidden_size
-            with torch.random.fork_rng(devices=[]):  # same init in every process and run, whatever ran before
-                torch.manual_seed(args.seed)
-                projs = nn.ModuleList(nn.Linear(h_s, h_t, bias=False) for _ in self.layer_map)
-            if h_s == h_t:
-                for p in projs:
-                    nn.init.eye_(p.weight)
+        self.state_pairs, self.is_note = resolve_pairs(args.is_layers, args.is_sites, n_t, n_s)
+        if self.is_note and args.process_index == 0:
+            print(self.is_note, flush=True)
+        if self.state_pairs and not hasattr(model, PROJ_ATTR):
+            projs = build_projections(len(self.state_pairs), model.config.hidden_size, teacher.config.hidden_size,
+                                      args.is_projection, args.seed)
             # a submodule, so DDP/FSDP sync it and the optimizer sees it; `_save` keeps it out of the student
             model.add_module(PROJ_ATTR, projs.to(device=model.device, dtype=model.dtype))
+        self.s_reader = StateReader(model, [(p.site, p.student) for p in self.state_pairs])
+        self.t_reader = StateReader(teacher, [(p.site, p.teacher) for p in self.state_pairs])
+        self.logit_transforms = (logit_transform(model.config), logit_transform(teacher.config))
+        self.save_dtype: torch.dtype | None = None  # set for the final save: the student's weights are cast to it
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch over the accumulation window
 
@@ -161,33 +192,34 @@ class MinitronDistillTrainer(SFTTrainer):
         labels = inputs["labels"]
         fwd = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
         mask = labels[:, 1:] != -100  # positions whose next token is scored
-        want = sorted({-1, *(s for _, s in self.layer_map)})
         none = torch.empty(0, dtype=torch.long, device=labels.device)
-        out = model(**fwd, use_cache=False, output_hidden_states=True, logits_to_keep=none)
-        s_states = {i: out.hidden_states[i] for i in want}
+        with self.s_reader.capturing():
+            out = model(**fwd, use_cache=False, output_hidden_states=True, logits_to_keep=none)
+        s_final, s_states = out.hidden_states[-1], self.s_reader.states(out.hidden_states)
         del out
         t_dev = self.teacher.device
-        with torch.no_grad():
+        with torch.no_grad(), self.t_reader.capturing():
             t_out = self.teacher(**{k: v.to(t_dev) for k, v in fwd.items()}, use_cache=False,
                                  output_hidden_states=True, logits_to_keep=none.to(t_dev))
-            t_states = {i: t_out.hidden_states[i] for i in {-1, *(t for t, _ in self.layer_map)}}
+            t_final, t_states = t_out.hidden_states[-1], self.t_reader.states(t_out.hidden_states)
             del t_out
         t_mask = mask.to(t_dev)
         unwrapped = self.accelerator.unwrap_model(model)
         kd_sum, ce_sum = chunked_logit_losses(
-            s_states[-1][:, :-1][mask], t_states[-1][:, :-1][t_mask], labels[:, 1:][mask],
+            s_final[:, :-1][mask], t_final[:, :-1][t_mask], labels[:, 1:][mask],
             unwrapped.get_output_embeddings(), self.teacher.get_output_embeddings(), kind=cfg.logit_loss,
             temperature=cfg.temperature, top_k=cfg.top_k, beta=cfg.jsd_beta, chunk_tokens=cfg.kd_chunk_tokens,
-            with_ce=cfg.w_clm != 0)
+            with_ce=cfg.w_clm != 0, student_transform=self.logit_transforms[0],
+            teacher_transform=self.logit_transforms[1])
         n_local = mask.sum()
         n = num_items_in_batch if num_items_in_batch is not None else n_local.clamp(min=1)
         l_logit, l_clm = kd_sum / n, ce_sum / n
         loss = cfg.w_logit * l_logit + cfg.w_clm * l_clm
         l_is = None
-        if self.layer_map:
-            is_sum = intermediate_losses([s_states[s][:, :-1][mask] for _, s in self.layer_map],
-                                         [t_states[t][:, :-1][t_mask] for t, _ in self.layer_map],
-                                         getattr(unwrapped, PROJ_ATTR), cfg.is_loss)
+        if self.state_pairs:
+            projs = pair_projections(getattr(unwrapped, PROJ_ATTR), len(self.state_pairs))
+            is_sum = intermediate_losses([h[:, :-1][mask] for h in s_states], [h[:, :-1][t_mask] for h in t_states],
+                                         projs, cfg.is_loss)
             l_is = is_sum / n
             alpha = cfg.alpha if cfg.alpha is not None else (l_logit / l_is.clamp(min=1e-12)).detach()
             loss = loss + alpha * l_is
@@ -218,8 +250,15 @@ class MinitronDistillTrainer(SFTTrainer):
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
         prefix = PROJ_ATTR + "."
         proj = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        super()._save(output_dir, state_dict={k: v for k, v in state_dict.items() if not k.startswith(prefix)})
-        if proj and self.args.should_save and os.path.basename(output_dir).startswith(PREFIX_CHECKPOINT_DIR):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+        checkpoint = os.path.basename(output_dir).startswith(PREFIX_CHECKPOINT_DIR)
+        cast = self.save_dtype if not checkpoint else None  # checkpoints keep the training weights, to resume
+        if cast is not None:
+            state_dict = {k: v.to(cast) if v.is_floating_point() else v for k, v in state_dict.items()}
+        super()._save(output_dir, state_dict=state_dict)
+        if cast is not None and self.args.should_save:
+            _set_config_dtype(output_dir, cast)
+        if proj and self.args.should_save and checkpoint:
             from safetensors.torch import save_file
 
             save_file({k: v.detach().cpu().contiguous() for k, v in proj.items()}, os.path.join(output_dir, PROJ_FILE))
@@ -232,6 +271,18 @@ class MinitronDistillTrainer(SFTTrainer):
             from safetensors.torch import load_file
 
             projs.load_state_dict(load_file(path, device=str(projs[0].weight.device)))
+
+
+def _set_config_dtype(folder: str, dtype: torch.dtype) -> None:
+    """config.json's dtype names the saved weights' dtype (save_pretrained writes the in-memory one)."""
+    path = os.path.join(folder, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
 
 
 def _finished(out: str) -> bool:
@@ -275,6 +326,10 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
 
     device = str(config.device)
     student_model, student_tok = _load(student, student_dtype, "cpu")
+    save_dtype = student_model.dtype
+    if config.train_dtype != "auto":  # fp32 master weights by default; bf16/fp16 only as autocast
+        student_model.to(getattr(torch, config.train_dtype))
+    train_dtype = student_model.dtype
     teacher_model, teacher_tok = _load(teacher, teacher_dtype, teacher_device or device)
     tokenizer = tokenizer or student_tok or teacher_tok
     if tokenizer is None:
@@ -297,6 +352,7 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
         if dataset.column_names is not None and text_column not in dataset.column_names:
             raise ValueError(f"dataset has no column {text_column!r}; columns: {', '.join(dataset.column_names)}")
 
+    resolve_schedule(config)
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.max_length
     per_step *= config.world_size
     config.max_steps = math.ceil(max_tokens / per_step)
@@ -305,6 +361,7 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
                                      processing_class=tokenizer)
     last = last_complete_checkpoint(out) if resume else None
     train_out = trainer.train(resume_from_checkpoint=last)
+    trainer.save_dtype = save_dtype
     trainer.save_model(out)
     result = {
         "out": out, "steps": trainer.state.global_step, "tokens": trainer.state.global_step * per_step,
@@ -312,7 +369,11 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
         "teacher": teacher if isinstance(teacher, str) else teacher_model.name_or_path,
         "student": student if isinstance(student, str) else student_model.name_or_path,
         "losses": {k: getattr(config, k) for k in ("logit_loss", "temperature", "top_k", "jsd_beta", "w_logit",
-                                                    "w_clm", "is_layers", "is_loss", "alpha")},
+                                                    "w_clm", "is_layers", "is_sites", "is_loss", "is_projection",
+                                                    "alpha")},
+        "is_pairs": [str(p) for p in trainer.state_pairs], "is_policy": trainer.is_note or None,
+        "dtypes": {"trained": str(train_dtype)[6:], "saved": str(save_dtype)[6:]},  # str(torch.x) = "torch.x"
+        "tokens_per_step": per_step, "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "log_history": trainer.state.log_history,
     }
     if trainer.accelerator.is_main_process:
@@ -320,6 +381,8 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
             json.dump(result, f, indent=1)
     if hasattr(student_model, PROJ_ATTR):
         delattr(student_model, PROJ_ATTR)
+    for reader in (trainer.s_reader, trainer.t_reader):  # the teacher may serve other members: unhook it
+        reader.remove()
     if not config.keep_checkpoints and trainer.accelerator.is_main_process:
         drop_checkpoints(out)
     return result

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .rundir import EVAL_FILE
+from .utils import read_json
 
 RESULTS_FILE = EVAL_FILE  # named in rundir.py, with every artefact of a run
 PAPER_TASKS = {"mmlu": 5, "hellaswag": 10, "winogrande": 5, "arc_challenge": 25, "truthfulqa_mc2": 0, "gsm8k": 5}
@@ -311,6 +312,10 @@ def evaluate_model(model, tokenizer, name: str, config: EvaluateConfig | None = 
         params = sum(p.numel() for p in model.parameters())
     result = {"model": name, "parameters": params, "perplexity": [], "tasks": {}}
     sources = [ppl_data] if isinstance(ppl_data, str) or hasattr(ppl_data, "path") else list(ppl_data or [])
+    if sources:
+        from .models import check_positions
+
+        check_positions(model.config, config.seq_len, "perplexity seq_len")
     for source in sources:
         result["perplexity"].append(perplexity_record(model, tokenizer, source, config, holdout, progress, cache))
     task_dict = parse_tasks(config.tasks)
@@ -320,6 +325,17 @@ def evaluate_model(model, tokenizer, name: str, config: EvaluateConfig | None = 
     if out is not None:
         save_results(result, out)
     return result
+
+
+def results_path(out: str | None, model: str) -> str:
+    """Where `hf-minitron eval` writes: `out`, else eval_results.json in the model's folder, checked writable now."""
+    from .utils import check_writable
+
+    if out is not None:
+        return out
+    if not os.path.isdir(model):
+        raise EvalError(f"--out is needed when --model ({model!r}) is not a local folder")
+    return str(check_writable(os.path.join(model, RESULTS_FILE), folder=False))
 
 
 def save_results(result: dict, path: str | Path) -> None:
@@ -333,7 +349,7 @@ def load_results(path: str | Path) -> dict:
         path = path / RESULTS_FILE
     if not path.is_file():
         raise EvalError(f"results file {str(path)!r} does not exist")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 __all__ = ["perplexity", "sliding_perplexity", "perplexity_record", "EvaluateConfig", "LocalChoiceTask",

@@ -1,9 +1,10 @@
 """Minitron importance estimation: forward passes only, activation hooks, no gradients.
 
 Width: attention heads (norm of each head's output before the output projection), MLP neurons (activation
-entering the down projection), embedding channels (outputs of every hidden-size norm, summed over norms).
-Depth: perplexity increase when a layer (or a run of layers) is skipped, and Block Importance
-BI = 1 - cos(input, output) of a block or a contiguous run of blocks.
+entering the down projection, or the paper's pre-activation with `neuron_site: pre`), embedding channels (outputs
+of every hidden-size norm, summed over norms). Depth (`depth.py`): perplexity increase when a layer (or a run of
+layers) is skipped, and Block Importance BI = 1 - cos(input, output) of a block or a contiguous run of blocks,
+both from the layer inputs the calibration pass captures.
 
 One calibration pass stores running sums for all nine (batch x sequence) aggregations of the paper's Table 13
 grid, so any aggregation can be chosen at prune time without calibrating again. Under `accelerate launch`
@@ -29,9 +30,10 @@ from tqdm.auto import tqdm
 
 from .archs import count_parameters, get_arch, head_dim
 from .cost import forward_flops
+from .depth import DEPTH_METRICS, add_block_importance, nll_sum, perplexity_drop, skip_layers  # noqa: F401
+from .heads import HeadScore, ablation_scores, head_ablation, output_norms
 from .rundir import IMPORTANCE_FILE, StageOutput, hash_folder
 
-DEPTH_METRICS = ("ppl", "bi", "bi-run")
 SCORES_FILE, META_FILE = "importance.safetensors", IMPORTANCE_FILE
 
 
@@ -45,7 +47,12 @@ class ImportanceConfig:
 
     samples: int = field(default=1024, metadata={"help": "calibration sequences (paper: 1024)"})
     seq_len: int = field(default=4096, metadata={"help": "tokens per calibration sequence"})
-    batch_size: int = field(default=1, metadata={"help": "sequences per forward pass"})
+    batch_size: int = field(default=1, metadata={
+        "help": "sequences per forward pass. NVIDIA reports BS > 1 costing ~1% MMLU through padding; here every "
+                "window is a full packed sequence (no padding, no mask), so BS changes scores by float rounding "
+                "only: SmolLM2-135M fp32 on CPU, BS 4 vs 1, width scores within 1e-15 relative (same rankings), "
+                "Block Importance and perplexity drop within 4e-5 (summation order); low-precision GPU kernels "
+                "may round differently per batch shape"})
     batch_agg: Aggregation = field(default="l2", metadata={
         "help": "aggregation over the batch recorded as the default (all nine batch x sequence pairs are stored; "
                 "prune can pick another)"})
@@ -58,6 +65,12 @@ class ImportanceConfig:
     bi_max_run: int | None = field(default=None, metadata={
         "help": "longest contiguous run scored by Block Importance (none: half the layers)"})
     seed: int = field(default=0, metadata={"help": "seed for picking calibration windows"})
+    neuron_site: Literal["post", "pre"] = field(default="post", metadata={
+        "help": "MLP-neuron activation scored (abs): post = the down projection's input, act(gate) * up (NVIDIA "
+                "ModelOpt's); pre = the paper's X W1^T, the first MLP matrix's output before the activation: the "
+                "gate projection of a gated MLP (its activated branch), the up projection without a gate"})
+    head_ablation_samples: int = field(default=0, metadata={
+        "help": "sequences for the head-ablation score (one extra pass per head and layer); 0 disables it"})
 
 
 def _moments(a: torch.Tensor) -> torch.Tensor:
@@ -111,9 +124,17 @@ class ImportanceScores:
         return aggregate(self.tensors[key], self.num_samples, batch_agg or self.meta["aggregation"]["batch"],
                          seq_agg or self.meta["aggregation"]["seq"])
 
-    def heads(self, batch_agg=None, seq_agg=None) -> torch.Tensor:
-        """[layers, heads]"""
-        return self._agg("heads", batch_agg, seq_agg)
+    def heads(self, batch_agg=None, seq_agg=None, score: str = "input") -> torch.Tensor:
+        """[layers, heads] by one of the head scores of `heads.py` (ablation ignores the aggregation)."""
+        key = {"input": "heads", "output": "heads_out", "ablation": "head_ablation_nll"}.get(score)
+        if key is None:
+            raise ValueError(f"unknown head score {score!r}; choose from {', '.join(typing.get_args(HeadScore))}")
+        if key not in self.tensors:
+            hint = "--head-ablation-samples N" if score == "ablation" else "a newer hf-minitron"
+            raise ValueError(f"these importance scores have no {score!r} head score; re-run importance with {hint}")
+        if score == "ablation":
+            return ablation_scores(self.tensors)
+        return self._agg(key, batch_agg, seq_agg)
 
     def neurons(self, batch_agg=None, seq_agg=None) -> torch.Tensor:
         """[layers, ffn]"""
@@ -142,8 +163,8 @@ class ImportanceScores:
         return torch.exp(nll[:n_layers] / count) - math.exp(float(self.tensors["ppl_base_nll"]) / count)
 
     def layer_scores(self, metric: str) -> torch.Tensor:
-        """Single-layer importance by a depth metric ('ppl' or 'bi'); higher = more important."""
-        if metric == "ppl":
+        """Single-layer importance by a depth metric (ppl, bi; a -run metric gives its 1-layer scores)."""
+        if metric in ("ppl", "ppl-run"):
             return self.perplexity_increase(1)
         if metric in ("bi", "bi-run"):
             return self.block_importance(1)
@@ -163,23 +184,37 @@ class ImportanceScores:
         return cls(load_file(str(folder / SCORES_FILE)), json.loads((folder / META_FILE).read_text()))
 
 
+def _w1(spec, layer) -> tuple[torch.nn.Module, bool]:
+    """The paper's W1 (whose output enters the activation): gate, else up; True when fused [gate; up] rows."""
+    mlp = spec.mlp_module(layer)
+    return mlp.get_submodule(spec.gate_up_proj or spec.gate_proj or spec.up_proj), spec.gate_up_proj is not None
+
+
 @contextmanager
-def _hooks(model, spec, acc: dict, hidden_states: list | None):
-    """Register the width hooks (and, when `hidden_states` is a list, the layer-input capture for BI)."""
+def _hooks(model, spec, acc: dict, hidden_states: list | None, neuron_site: str = "post"):
+    """Register the width hooks (and, when `hidden_states` is a list, the layer-input capture for BI and the
+    perplexity-drop pass)."""
     hd = head_dim(model.config)
     handles = []
     layers = spec.decoder_layers(model)
 
     def head_hook(i):
-        def hook(_module, args, kwargs=None):
+        def hook(o_proj, args, kwargs=None):
             x = args[0]
             a = x.view(*x.shape[:-1], -1, hd).float().norm(dim=-1)  # [B, S, heads]
             acc["heads"].add(_moments(a), i)
+            acc["heads_out"].add(_moments(output_norms(x, o_proj, hd)), i)
         return hook
 
     def neuron_hook(i):
         def hook(_module, args):
             acc["neurons"].add(_moments(args[0].abs()), i)
+        return hook
+
+    def pre_neuron_hook(i, fused):
+        def hook(_module, _args, output):
+            gate = output[..., : output.shape[-1] // 2] if fused else output
+            acc["neurons"].add(_moments(gate.abs()), i)
         return hook
 
     def norm_hook(j):
@@ -196,7 +231,11 @@ def _hooks(model, spec, acc: dict, hidden_states: list | None):
     norm_idx = 0
     for i, layer in enumerate(layers):
         handles.append(spec.out_proj(layer).register_forward_pre_hook(head_hook(i)))
-        handles.append(spec.down(layer).register_forward_pre_hook(neuron_hook(i)))
+        if neuron_site == "pre":
+            w1, fused = _w1(spec, layer)
+            handles.append(w1.register_forward_hook(pre_neuron_hook(i, fused)))
+        else:
+            handles.append(spec.down(layer).register_forward_pre_hook(neuron_hook(i)))
         for norm in spec.norms(layer):
             handles.append(norm.register_forward_hook(norm_hook(norm_idx)))
             norm_idx += 1
@@ -210,44 +249,6 @@ def _hooks(model, spec, acc: dict, hidden_states: list | None):
     finally:
         for h in handles:
             h.remove()
-
-
-@contextmanager
-def skip_layers(model, indices):
-    """Temporarily make decoder layers identity functions (for the perplexity-drop metric)."""
-    layers = get_arch(model.config).decoder_layers(model)
-
-    def identity(hidden_states, *args, **kwargs):
-        return hidden_states
-
-    for i in indices:
-        layers[i].forward = identity
-    try:
-        yield
-    finally:
-        for i in indices:
-            del layers[i].forward
-
-
-def _add_block_importance(bi_sum: torch.Tensor, states: list[torch.Tensor], max_run: int) -> None:
-    """bi_sum[run-1, i] += sum over tokens of 1 - cos(h_i, h_{i+run}), for every run length at once.
-
-    Each token's state is normalised once; the summed cosines of every pair of depths are then one matrix product
-    (a per-pair cosine_similarity loop costs hundreds of small kernels per batch).
-    """
-    n_layers = len(states) - 1
-    tokens = states[0].numel() // states[0].shape[-1]
-    unit = torch.stack([torch.nn.functional.normalize(h.float(), dim=-1, eps=1e-8).flatten() for h in states])
-    cos_sum = (unit @ unit.T).double()  # [i, j] = sum over tokens of cos(h_i, h_j)
-    for run in range(1, max_run + 1):
-        i = torch.arange(n_layers - run + 1, device=cos_sum.device)
-        bi_sum[run - 1, : n_layers - run + 1] += tokens - cos_sum[i, i + run]
-
-
-def _nll_sum(model, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch).logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                             reduction="sum").double()
 
 
 @torch.no_grad()
@@ -266,6 +267,7 @@ def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig 
     n_norms = n_layers * len(spec.layer_norms) + 1
     acc = {
         "heads": _Accumulator(n_layers, cfg.num_attention_heads, device=device),
+        "heads_out": _Accumulator(n_layers, cfg.num_attention_heads, device=device),
         "neurons": _Accumulator(n_layers, spec.down(spec.decoder_layers(model)[0]).in_features, device=device),
         "channels": _Accumulator(n_norms, cfg.hidden_size, device=device),
     }
@@ -284,22 +286,25 @@ def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig 
     for b in tqdm(mine, desc="importance", disable=not (progress and state.is_main_process)):
         batch = batches[b].to(device)
         states: list[torch.Tensor] = []
-        with _hooks(model, spec, acc, states):
-            model(input_ids=batch)
-        _add_block_importance(bi_sum, states, max_run)
+        with _hooks(model, spec, acc, states, config.neuron_site):
+            logits = model(input_ids=batch, use_cache=False).logits
+        k = max(0, config.depth_ppl_samples - b * config.batch_size) if ppl_runs else 0
+        if k:  # the perplexity-drop pass: the full model's NLL is this pass's, each skip resumes from `states`
+            ppl_base += nll_sum(logits[:k], batch[:k])
+            ppl_tokens += batch[:k, 1:].numel()
+        del logits
+        add_block_importance(bi_sum, states, max_run)
+        if k:
+            ppl_nll += perplexity_drop(model, batch[:k], states[:n_layers], ppl_runs)
         del states
-        first = b * config.batch_size
-        if ppl_runs and first < config.depth_ppl_samples:
-            batch = batch[: config.depth_ppl_samples - first]
-            ppl_base += _nll_sum(model, batch)
-            ppl_tokens += batch[:, 1:].numel()
-            for r, run in enumerate(ppl_runs):
-                for i in range(n_layers - run + 1):
-                    with skip_layers(model, range(i, i + run)):
-                        ppl_nll[r, i] += _nll_sum(model, batch)
 
-    tensors = {"heads": acc["heads"].stats, "neurons": acc["neurons"].stats, "channels": acc["channels"].stats,
-               "bi": bi_sum / (samples * seq_len)}
+    head_tensors = {}
+    if config.head_ablation_samples:
+        chunks = list(input_ids[: config.head_ablation_samples].split(config.batch_size))
+        head_tensors = head_ablation(model, chunks[state.process_index::state.num_processes],
+                                     progress and state.is_main_process)
+    tensors = {"heads": acc["heads"].stats, "heads_out": acc["heads_out"].stats, "neurons": acc["neurons"].stats,
+               "channels": acc["channels"].stats, "bi": bi_sum / (samples * seq_len), **head_tensors}
     if ppl_runs:
         tensors.update(ppl_nll=ppl_nll, ppl_base_nll=ppl_base, ppl_tokens=ppl_tokens)
     if state.num_processes > 1:

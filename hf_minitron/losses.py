@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import typing
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Literal
 
@@ -21,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 LogitLoss = Literal["forward_kl", "reverse_kl", "jsd", "mse", "cosine"]
 StateLoss = Literal["mse", "cosine"]
 LOGIT_LOSSES, STATE_LOSSES = typing.get_args(LogitLoss), typing.get_args(StateLoss)
+Transform = Callable[[torch.Tensor], torch.Tensor] | None  # applied to an LM head's output (archs.logit_transform)
 
 
 def check_loss_name(name: str, allowed: tuple[str, ...], what: str) -> None:
@@ -63,12 +65,17 @@ def logit_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def _chunk_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor, student_head: nn.Module,
                   teacher_head: nn.Module, vocab: int, kind: str, temperature: float, top_k: int | None, beta: float,
-                  with_ce: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  with_ce: bool, student_transform: Transform, teacher_transform: Transform
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(divergence sum, cross-entropy sum) of one chunk of tokens."""
     z_s = student_head(h_s)
+    if student_transform is not None:
+        z_s = student_transform(z_s.float())
     with torch.no_grad():
-        z_t = teacher_head(h_t).to(device=z_s.device, dtype=torch.float32)[:, :vocab]
-    kd = logit_divergence(z_s[:, :vocab], z_t, kind, temperature, top_k, beta).sum()
+        z_t = teacher_head(h_t).to(device=z_s.device, dtype=torch.float32)
+        if teacher_transform is not None:
+            z_t = teacher_transform(z_t)
+    kd = logit_divergence(z_s[:, :vocab], z_t[:, :vocab], kind, temperature, top_k, beta).sum()
     ce = F.cross_entropy(z_s.float(), labels, reduction="sum") if with_ce else kd.new_zeros(())
     return kd, ce
 
@@ -76,17 +83,21 @@ def _chunk_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor, st
 def chunked_logit_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor, student_head: nn.Module,
                          teacher_head: nn.Module, kind: str = "forward_kl", temperature: float = 1.0,
                          top_k: int | None = None, beta: float = 0.5, chunk_tokens: int | None = 1024,
-                         with_ce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         with_ce: bool = True, student_transform: Transform = None,
+                         teacher_transform: Transform = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums of the logit divergence and of the cross-entropy over N tokens.
 
     `h_s` [N, H_s] and `h_t` [N, H_t] are the final (normed) hidden states at the positions to score, `labels` [N]
-    the next tokens. Only the first min(V_s, V_t) logits are compared (padded vocabularies). `chunk_tokens` of
-    None/0 computes everything at once without checkpointing (reference path for tests).
+    the next tokens. `*_transform` is what each model's forward applies after its LM head (`archs.logit_transform`:
+    Gemma's soft cap), so the loss compares the distributions the models output. Only the first min(V_s, V_t)
+    logits are compared (padded vocabularies). `chunk_tokens` of None/0 computes everything at once without
+    checkpointing (reference path for tests).
     """
     check_loss_name(kind, LOGIT_LOSSES, "logit loss")
     vocab = min(student_head.out_features, teacher_head.out_features)
     fn = partial(_chunk_losses, student_head=student_head, teacher_head=teacher_head, vocab=vocab, kind=kind,
-                 temperature=temperature, top_k=top_k, beta=beta, with_ce=with_ce)
+                 temperature=temperature, top_k=top_k, beta=beta, with_ce=with_ce,
+                 student_transform=student_transform, teacher_transform=teacher_transform)
     if not chunk_tokens or (h_s.shape[0] <= chunk_tokens and not torch.is_grad_enabled()):
         return fn(h_s, h_t, labels)
     kd_total = h_s.new_zeros((), dtype=torch.float32)
@@ -99,8 +110,12 @@ def chunked_logit_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Ten
     return kd_total, ce_total
 
 
-def state_loss(h_s: torch.Tensor, h_t: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """Per-token loss [N] between a projected student state and a teacher state, both [N, H_t]."""
+def state_loss(h_s: torch.Tensor, h_t: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Per-token loss [N] between a projected student state and a teacher state, both [N, H_t].
+
+    cosine: 1 - cos over channels (NVIDIA's choice: raw residual streams carry a few huge outlier channels that
+    dominate an MSE); mse: mean squared error over channels.
+    """
     check_loss_name(kind, STATE_LOSSES, "intermediate-state loss")
     h_s, h_t = h_s.float(), h_t.float()
     if kind == "mse":
@@ -109,10 +124,11 @@ def state_loss(h_s: torch.Tensor, h_t: torch.Tensor, kind: str = "mse") -> torch
 
 
 def intermediate_losses(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
-                        projections: nn.ModuleList, kind: str = "mse") -> torch.Tensor:
-    """Sum over tokens of the per-token state loss, averaged over the mapped layer pairs."""
+                        projections: Sequence[nn.Module], kind: str = "cosine") -> torch.Tensor:
+    """Sum over tokens of the per-token state loss, averaged over the state pairs; `projections[i]` maps the
+    student's state i to the teacher's width (the same module for every pair when the projection is shared)."""
     total = student_states[0].new_zeros((), dtype=torch.float32)
-    for h_s, h_t, proj in zip(student_states, teacher_states, projections):
+    for h_s, h_t, proj in zip(student_states, teacher_states, projections, strict=True):
         h_s = proj(h_s.to(proj.weight.dtype))
         total = total + state_loss(h_s, h_t.to(h_s.device), kind).sum()
     return total / max(len(projections), 1)

@@ -6,12 +6,17 @@ Hub downloads go through `huggingface_hub.snapshot_download`, so its cache, `HF_
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from .utils import first_line, read_json, warn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -38,11 +43,13 @@ class ModelArgs:
             raise ModelLoadError("no model given: set its source (--teacher, --student or --model)")
         return resolve_source(self.source, revision=self.revision, gguf_file=self.gguf_file)
 
-    def load(self, source: "ModelSource | None" = None):
-        """(model, tokenizer) on `device` in `dtype`."""
+    def load(self, source: "ModelSource | None" = None, seq_len: int | None = None):
+        """(model, tokenizer) on `device` in `dtype`; a warning when `seq_len` (what it will run on) is beyond the
+        model's positions."""
         source = source or self.resolve()
-        return (load_model(source, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code),
-                load_tokenizer(source, self.trust_remote_code))
+        model = load_model(source, dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code)
+        check_positions(model.config, seq_len, "sequence length")
+        return model, load_tokenizer(source, self.trust_remote_code)
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 
@@ -58,6 +65,14 @@ class ModelSource:
 
     def as_dict(self) -> dict:
         return {"source": self.spec, "gguf_file": self.gguf_file, "revision": self.revision, "commit": self.commit}
+
+    def record(self) -> dict:
+        """`as_dict` plus a fingerprint of the weights (`fingerprint`): what scores computed on it record."""
+        return {**self.as_dict(), "weights": fingerprint(self)}
+
+    def file(self) -> str:
+        """The file or folder an error is about: the GGUF file, else the model folder."""
+        return os.path.join(self.folder, self.gguf_file) if self.gguf_file else self.folder
 
 
 class ModelLoadError(ValueError):
@@ -142,6 +157,89 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# what a broken model file raises inside transformers, safetensors and gguf (a truncated GGUF: struct.error or
+# "cannot reshape array"; garbage safetensors: SafetensorError)
+def _file_errors() -> tuple:
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, EOFError, IndexError, KeyError, struct.error, SafetensorError
+
+
+def check_safetensors(path: str | Path) -> None:
+    """A .safetensors file whose header does not parse or whose size is not what its header says (truncated,
+    garbage): a one-line error naming it, before transformers reads it. Reads the header only."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"weights file {str(path)!r} is truncated or corrupt: unreadable safetensors header")
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+               and len(t.get("data_offsets", ())) == 2), default=0)
+    if 8 + n + end != size:
+        raise ModelLoadError(f"weights file {str(path)!r} is {size:,} bytes, its header says {8 + n + end:,}: "
+                             f"{'truncated' if size < 8 + n + end else 'corrupt'}")
+
+
+def check_model_files(source: ModelSource) -> None:
+    """config.json parses and every .safetensors file is whole (cheap: headers only); GGUF files are checked by
+    their loader, whose errors name them."""
+    if source.gguf_file:
+        return
+    folder = Path(source.folder)
+    if read_json(folder / "config.json") is None:
+        raise ModelLoadError(f"model folder {source.spec!r} has no config.json")
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors(path)
+
+
+def fingerprint(source: ModelSource) -> str:
+    """A cheap identity of a model's weights, which tells two models of one shape apart: each weight file's size and
+    three 64 KiB samples of it (start, middle, end), never the whole file."""
+    folder = Path(source.folder)
+    files = [folder / source.gguf_file] if source.gguf_file else sorted(folder.glob("*.safetensors"))
+    h = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        h.update(str(size).encode())
+        with open(path, "rb") as f:
+            for at in (0, size // 2, max(size - (1 << 16), 0)):
+                f.seek(at)
+                h.update(f.read(1 << 16))
+    return h.hexdigest()
+
+
+def check_scores_model(scores: str | Path, source: ModelSource) -> None:
+    """Importance scores computed on another model are refused, even when its shape is the same (they would prune
+    the wrong channels without a word): the scores' recorded weights fingerprint, or Hub commit, must be this
+    model's. Scores that record neither (a build's, tied to its run folder) are taken as they are."""
+    from .rundir import IMPORTANCE_FILE
+
+    recorded = (read_json(Path(scores) / IMPORTANCE_FILE) or {}).get("teacher")
+    if not isinstance(recorded, dict):
+        return
+    if recorded.get("weights"):
+        same = recorded["weights"] == fingerprint(source)
+    else:
+        same = not (recorded.get("commit") and source.commit) or recorded["commit"] == source.commit
+    if not same:
+        raise ModelLoadError(f"importance scores {str(scores)!r} were computed on {recorded.get('source')!r}, not on "
+                             f"{source.spec!r} (other weights); score this model with `hf-minitron importance`")
+
+
+def check_positions(config, length: int | None, what: str) -> None:
+    """A warning (one line) when a sequence length is beyond the positions the model was trained for."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if length and limit and length > limit:
+        warn(f"{what} {length} is beyond the model's {limit} positions (max_position_embeddings): past them it "
+             f"runs on positions it never saw in training")
+
+
 def load_model(source: ModelSource | str, dtype: str | None = None, device: str = "cpu",
                trust_remote_code: bool = False, revision: str | None = None, gguf_file: str | None = None):
     """A `PreTrainedModel` in eval mode. GGUF weights are dequantized and the GGUF state dropped so it can be saved."""
@@ -158,11 +256,14 @@ def load_model(source: ModelSource | str, dtype: str | None = None, device: str 
         kwargs["gguf_file"] = source.gguf_file
     else:
         kwargs["use_safetensors"] = True
+        get_arch(load_config(source, trust_remote_code))  # an unsupported architecture fails before any weight loads
+        check_model_files(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.folder, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load model from {source.spec!r}: {str(e).splitlines()[0]}") from e
-    get_arch(model.config)  # fail early, with the list of supported architectures
+    except _file_errors() as e:
+        hint = " (truncated or corrupt?)" if source.gguf_file else ""
+        raise ModelLoadError(f"cannot load model from {source.file()!r}{hint}: {first_line(e)}") from e
+    get_arch(model.config)  # a GGUF's architecture, with the list of supported ones
     if source.gguf_file:
         drop_gguf_state(model)
     model.to(resolve_device(device))
@@ -188,7 +289,10 @@ def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
     kwargs = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    return AutoTokenizer.from_pretrained(source.folder, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(source.folder, **kwargs)
+    except Exception as e:  # the tokenizers library raises plain Exception on a broken tokenizer.json
+        raise ModelLoadError(f"cannot load the tokenizer of {source.file()!r}: {first_line(e)}") from e
 
 
 def load_config(source: ModelSource | str, trust_remote_code: bool = False):
@@ -198,4 +302,10 @@ def load_config(source: ModelSource | str, trust_remote_code: bool = False):
     if isinstance(source, str):
         source = resolve_source(source)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    return AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs)
+    if not source.gguf_file and read_json(Path(source.folder) / "config.json") is None:  # names a broken file
+        raise ModelLoadError(f"model folder {source.spec!r} has no config.json")
+    try:
+        return AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs)
+    except _file_errors() as e:
+        hint = " (truncated or corrupt?)" if source.gguf_file else ""
+        raise ModelLoadError(f"cannot read the config of {source.file()!r}{hint}: {first_line(e)}") from e

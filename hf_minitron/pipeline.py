@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .cost import account, si, summary, train_flops
@@ -27,6 +27,7 @@ from .rundir import (EVAL_FILE, INSTRUCT_SUFFIX, PRUNING_FILE, SEARCH_DIR, SEARC
 
 STAGES = ("importance", "search", "prune", "distill", "sft", "evaluate", "publish")
 WEIGHTS = ("*.safetensors", "config.json")  # what names a trained model's output
+CORRECTION_STAGE = f"{TEACHER}/correction"
 
 
 @dataclass
@@ -59,8 +60,9 @@ class _Build:
             t = self.recipe.teacher
             if ref == TEACHER:
                 self.log(f"loading teacher {t.source}")
-                self.models[ref] = load_model(self.source, dtype=t.dtype, device=t.device,
-                                              trust_remote_code=t.trust_remote_code)
+                corrected = self.recipe.teacher_correction.get("tokens")
+                self.models[ref] = load_model(str(_correct(self)) if corrected else self.source, dtype=t.dtype,
+                                              device=t.device, trust_remote_code=t.trust_remote_code)
             else:
                 path = self.run.member(ref) if self.is_member(ref) else ref
                 self.models[ref] = load_model(str(path), dtype=t.dtype, device=t.device)
@@ -69,6 +71,9 @@ class _Build:
     def identity(self, ref: str) -> str:
         """A hash naming a model's exact weights: the teacher's source, a member's distilled output, a spec."""
         if ref == TEACHER:
+            if self.recipe.teacher_correction.get("tokens"):
+                self.model(TEACHER)  # the correction stage runs (or is found done) before its output names it
+                return self.run.output_hash(CORRECTION_STAGE)
             return hash_json({**self.source.as_dict(), "dtype": self.recipe.teacher.dtype})
         if self.is_member(ref):
             return self.run.output_hash(f"{ref}/distill") or "unbuilt"
@@ -93,15 +98,44 @@ class _Build:
         return self.cache["train"]
 
 
+def _correct(b: _Build) -> Path:
+    """Teacher correction (arXiv 2408.11796): the teacher fine-tuned on the distillation text, before importance."""
+    from .correction import CorrectionConfig, correct_teacher
+    from .models import load_model
+
+    r, out, t = b.recipe, b.run.corrected_teacher(), b.recipe.teacher
+    settings = {**r.teacher_correction, "data": asdict(r.data.distillation), "holdout": r.data.holdout}
+    settings.pop("keep_checkpoints", None)
+    config = CorrectionConfig(**r.teacher_correction, disable_tqdm=not b.progress)
+    b.run.stage(CORRECTION_STAGE, settings, {"teacher": hash_json({**b.source.as_dict(), "dtype": t.dtype})},
+                lambda action: correct_teacher(load_model(b.source, t.dtype, t.device, t.trust_remote_code),
+                                               b.tokenizer(), b.train_documents(), out, config, action != "redo",
+                                               b.progress, text_column=r.data.distillation.text_column), log=b.log)
+    return out
+
+
 def _importance(b: _Build, base: str) -> Path:
     from .importance import run_importance
 
-    folder = b.run.importance(base)
-    settings = {**asdict(b.recipe.importance), "data": asdict(b.recipe.data.calibration)}
+    r, folder = b.recipe, b.run.importance(base)
+    config = _needed_passes(r, [m for m in r.members if m.base == base])
+    settings = {**asdict(config), "data": asdict(r.data.calibration)}
     b.run.stage(f"importance/{base}", settings, {"model": b.identity(base)}, lambda action: run_importance(
-        b.model(base), b.tokenizer(), b.recipe.data.calibration, b.recipe.importance, folder, {"base": base},
-        progress=b.progress), log=b.log)
+        b.model(base), b.tokenizer(), r.data.calibration, config, folder, {"base": base}, progress=b.progress),
+        log=b.log)
     return folder
+
+
+def _needed_passes(r: Recipe, members: list[MemberSection]):
+    """The importance settings less the passes no member reads: the perplexity-drop pass (a forward per layer) only
+    when a member drops layers by a perplexity metric, the head ablation (a forward per head) only when one prunes
+    heads by it."""
+    depth = any(m.search_settings(r.search).depth if m.params else m.shape.num_layers for m in members)
+    heads = any(m.params or m.shape.num_heads or m.shape.num_kv_heads for m in members)
+    imp = r.importance
+    ppl = imp.depth_ppl_samples if depth and r.prune.depth_metric.startswith("ppl") else 0
+    ablation = imp.head_ablation_samples if heads and r.prune.head_score == "ablation" else 0
+    return replace(imp, depth_ppl_samples=ppl, head_ablation_samples=ablation)
 
 
 def _search(b: _Build, m: MemberSection, scores_dir: Path) -> dict:
@@ -164,7 +198,8 @@ def _distill(b: _Build, m: MemberSection, shape: dict) -> None:
             if src.is_file():
                 shutil.copy(src, folder / src.name)
         MemberRecord(m.name, "base", teacher=r.teacher.source, pruned_from=m.base, distilled_from=m.kd_teacher,
-                     recipe=r.name, shape=shape, tokens={"distillation": res["tokens"]}).write(folder)
+                     recipe=r.name, shape=shape, tokens={"distillation": res["tokens"]},
+                     training={k: res[k] for k in ("losses", "is_pairs", "is_policy", "dtypes")}).write(folder)
         n = b.params_of(m.name)
         return StageOutput(folder, hash_folder(folder, WEIGHTS), {"distillation": res["tokens"]},
                            {"flops": train_flops(n, res["tokens"], b.params_of(m.kd_teacher)), "parameters": n,

@@ -2,8 +2,9 @@
 
 Width (hidden channels, MLP neurons, query heads, optionally whole KV groups) and depth (layers) in one pass.
 The student is built from a resized config (explicit `head_dim`, sliced `layer_types`) and filled by slicing
-the teacher's tensors one at a time, so peak memory stays near teacher + student. Pruned query heads are merged
-into kept ones (Minitron section 2.3). The output folder loads with `AutoModelForCausalLM.from_pretrained`.
+the teacher's tensors one at a time, so peak memory stays near teacher + student. Pruned query heads can be merged
+into kept ones (Minitron section 2.3, `merge_heads`). The output folder loads with
+`AutoModelForCausalLM.from_pretrained`.
 
 Run alone: `hf-minitron prune --teacher T --importance SCORES --ffn-size F ... --out DIR`.
 """
@@ -18,6 +19,7 @@ from typing import Literal
 import torch
 
 from .archs import count_parameters, get_arch, head_dim, intermediate_size, num_kv_heads
+from .heads import HeadScore
 from .importance import DEPTH_METRICS, ImportanceScores
 from .rundir import PRUNING_FILE, StageOutput, hash_folder
 
@@ -52,11 +54,18 @@ class PruneConfig:
         "help": "aggregation over the batch (none: the one recorded with the scores, batch=l2 by default)"})
     seq_agg: AggregationName | None = field(default=None, metadata={
         "help": "aggregation over the sequence (none: the one recorded with the scores, seq=mean by default)"})
-    depth_metric: Literal["ppl", "bi", "bi-run"] = field(default="ppl", metadata={
-        "help": "how num_layers picks layers: ppl = smallest perplexity increase, bi = lowest Block Importance, "
-                "bi-run = the contiguous run with the lowest BI"})
-    merge_heads: bool = field(default=True, metadata={
-        "help": "merge pruned query heads into kept ones (paper section 2.3) instead of dropping them outright"})
+    depth_metric: Literal["ppl", "ppl-run", "bi", "bi-run"] = field(default="ppl", metadata={
+        "help": "how num_layers picks layers: ppl = smallest perplexity increase one layer at a time, ppl-run = "
+                "the contiguous run with the smallest increase (needs importance --depth-ppl-runs with the number "
+                "of layers dropped), bi = lowest Block Importance, bi-run = the contiguous run with the lowest BI"})
+    head_score: HeadScore = field(default="input", metadata={
+        "help": "which head score ranks the heads: input = norm of the head's output before o_proj (the paper's), "
+                "output = norm of its contribution after o_proj, ablation = perplexity increase when the head is "
+                "zeroed (needs importance --head-ablation-samples)"})
+    merge_heads: bool = field(default=False, metadata={
+        "help": "merge pruned query heads into kept ones, head_k <- 2 head_k - head_p on the query rows (paper "
+                "section 2.3); off by default: before retraining it makes a head prune of SmolLM2 ~12x worse "
+                "(docs/fidelity.md)"})
 
 
 @dataclass
@@ -167,8 +176,13 @@ def _select_layers(scores: ImportanceScores, n_layers: int, target: PruneTarget,
     n_drop = n_layers - n_keep
     if n_drop == 0:
         return list(range(n_layers))
-    if metric == "bi-run":
-        start = int(scores.block_importance(n_drop).argmin())
+    if metric in ("bi-run", "ppl-run"):
+        if metric == "ppl-run" and n_drop not in scores.meta.get("depth_ppl_runs", []):
+            raise ValueError(f"depth_metric ppl-run drops a run of {n_drop} layers, but the importance scores have "
+                             f"perplexity-drop runs {scores.meta.get('depth_ppl_runs') or 'none'}; re-run importance "
+                             f"with --depth-ppl-runs {n_drop} (and --depth-ppl-samples > 0)")
+        run = scores.perplexity_increase(n_drop) if metric == "ppl-run" else scores.block_importance(n_drop)
+        start = int(run.argmin())
         return [i for i in range(n_layers) if not start <= i < start + n_drop]
     if metric not in DEPTH_METRICS:
         raise ValueError(f"unknown depth metric {metric!r}; choose from {', '.join(DEPTH_METRICS)}")
@@ -210,7 +224,7 @@ def plan_pruning(config, scores: ImportanceScores, target: PruneTarget,
     n_layers = config.num_hidden_layers
     layers = _select_layers(scores, n_layers, target, options.depth_metric)
     aggs = (options.batch_agg, options.seq_agg)
-    heads_s, ffn_s = scores.heads(*aggs), scores.neurons(*aggs)
+    heads_s, ffn_s = scores.heads(*aggs, score=options.head_score), scores.neurons(*aggs)
     plan = PrunePlan(student_config(config, target, layers), layers, _top(scores.channels(*aggs), shape["hidden_size"]))
     heads, kv = config.num_attention_heads, num_kv_heads(config)
     for t in layers:

@@ -5,6 +5,9 @@ files that differ from the remote (local sha256 / git blob id against `list_repo
 uploads nothing and makes no commit. A member's commit is atomic: a failure leaves that repo as it was, the report
 lists what was and was not pushed, and a rerun completes the rest.
 
+What is uploaded never holds this machine's paths: the metadata files, the card and the Space's family file go up
+with every absolute path rewritten (`scrub.py`); the local files keep theirs.
+
 The token comes from `token=`, else `HF_TOKEN` or the login cache (huggingface_hub's own lookup); it is never
 printed or written anywhere. The model card is rendered here (README.md) rather than with `ModelCard.push_to_hub`,
 which validates against a fixed remote address. Where and how to publish is a `PublishConfig` (the recipe's
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .rundir import (CARD_FILE, CONFIG_FILE, DISTILL_FILE, EVAL_FILE, FAMILY_PLOT, PRUNING_FILE, SEARCH_FILE, SFT_FILE,
                       find_member_folders)
+from .scrub import publishable, teacher_aliases
 from .utils import first_line, sha256_file
 
 # top-level files of a member folder that go to the Hub; checkpoints, optimizer states and logs stay local
@@ -143,9 +147,20 @@ def files_to_publish(folder: str | Path, extra_files=()) -> dict[str, Path]:
     return files
 
 
-def _git_blob_id(path: Path) -> str:
-    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as f:
+def _size(content: Path | bytes) -> int:
+    return len(content) if isinstance(content, bytes) else content.stat().st_size
+
+
+def _sha256(content: Path | bytes) -> str:
+    return hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else sha256_file(content)
+
+
+def _git_blob_id(content: Path | bytes) -> str:
+    digest = hashlib.sha1(b"blob %d\0" % _size(content))
+    if isinstance(content, bytes):
+        digest.update(content)
+        return digest.hexdigest()
+    with open(content, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -162,14 +177,15 @@ def remote_files(api, repo_id: str, revision: str | None, repo_type: str = "mode
         return {}
 
 
-def changed_files(local: dict[str, Path], remote: dict) -> tuple[list[str], list[str]]:
-    """(changed, unchanged) paths: LFS files compare by sha256, regular files by git blob id; size first."""
+def changed_files(local: dict[str, Path | bytes], remote: dict) -> tuple[list[str], list[str]]:
+    """(changed, unchanged) paths: LFS files compare by sha256, regular files by git blob id; size first. A local
+    entry is a file or the bytes that go up in its place."""
     changed, unchanged = [], []
-    for name, path in local.items():
+    for name, content in local.items():
         entry = remote.get(name)
-        same = entry is not None and entry.size == path.stat().st_size
+        same = entry is not None and entry.size == _size(content)
         if same:
-            same = sha256_file(path) == entry.lfs.sha256 if entry.lfs else _git_blob_id(path) == entry.blob_id
+            same = _sha256(content) == entry.lfs.sha256 if entry.lfs else _git_blob_id(content) == entry.blob_id
         (unchanged if same else changed).append(name)
     return changed, unchanged
 
@@ -201,13 +217,14 @@ def _card_fields(config: PublishConfig, card_fields: dict | None) -> dict:
 
 def publish_member(folder: str | Path, repo_id: str, config: PublishConfig | None = None, *,
                    token: str | None = None, card_fields: dict | None = None, commit_message: str | None = None,
-                   raise_on_error: bool = True) -> RepoReport:
+                   raise_on_error: bool = True, root: str | Path | None = None) -> RepoReport:
     """Push one member folder to `repo_id` (created if missing), uploading only what changed.
 
     From `config`: `revision` names a branch (created from main if missing); `create_pr` opens a pull request
     instead of committing; `extra_files` (e.g. the family plot) are uploaded at the top level; `card` renders
     README.md from the folder's metadata (`base_model`, `license` and `card_fields` go to `cards.collect_member`).
-    The token is an argument, never part of the config (the build records its config in the manifest).
+    The token is an argument, never part of the config (the build records its config in the manifest). Paths in
+    the uploaded metadata are made relative to `root` (the run folder; default: the folder's parent).
     """
     from huggingface_hub import HfApi
 
@@ -218,7 +235,8 @@ def publish_member(folder: str | Path, repo_id: str, config: PublishConfig | Non
         if config.card:
             plots = [Path(f).name for f in config.extra_files if str(f).endswith(".png")]
             _refresh_card(folder, repo_id, {"plot": plots[0] if plots else None, **_card_fields(config, card_fields)})
-        local = files_to_publish(folder, config.extra_files)
+        aliases = teacher_aliases(folder, {**_card_fields(config, None), **(card_fields or {})})
+        local = publishable(files_to_publish(folder, config.extra_files), root or folder.parent, aliases)
         _push(HfApi(endpoint=config.endpoint, token=token), report, local, "model", config.private, config.revision,
               config.create_pr, commit_message or f"hf-minitron: publish {folder.name}")
     except Exception as e:  # any failure: nothing of this member's commit landed (commits are atomic)
@@ -229,7 +247,7 @@ def publish_member(folder: str | Path, repo_id: str, config: PublishConfig | Non
     return report
 
 
-def _push(api, report: RepoReport, local: dict[str, Path], repo_type: str, private: bool, revision: str | None,
+def _push(api, report: RepoReport, local: dict[str, Path | bytes], repo_type: str, private: bool, revision: str | None,
           create_pr: bool, message: str, **create_kwargs) -> None:
     """create_repo(exist_ok) -> branch if asked -> one commit of the files that differ from the remote (or none)."""
     from huggingface_hub import CommitOperationAdd
@@ -242,16 +260,18 @@ def _push(api, report: RepoReport, local: dict[str, Path], repo_type: str, priva
     if not report.uploaded:
         report.commit = api.repo_info(repo_id, revision=revision, repo_type=repo_type).sha
         return
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(local[name])) for name in report.uploaded]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=local[name] if isinstance(local[name], bytes)
+                                     else str(local[name])) for name in report.uploaded]
     info = api.create_commit(repo_id, operations, revision=revision, create_pr=create_pr, commit_message=message,
                              repo_type=repo_type)
     report.commit, report.pr_url = info.oid, info.pr_url
 
 
 def publish_space(folder: str | Path, repo_id: str, token: str | None = None, private: bool = False, *,
-                  endpoint: str | None = None, raise_on_error: bool = True) -> RepoReport:
+                  endpoint: str | None = None, raise_on_error: bool = True,
+                  root: str | Path | None = None) -> RepoReport:
     """Push a Space folder (`space.write_space_folder`: app, requirements, README, family file) as a Gradio Space,
-    uploading only what changed."""
+    uploading only what changed; local paths in its family file and results go up rewritten (`root`: the run)."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
@@ -259,7 +279,7 @@ def publish_space(folder: str | Path, repo_id: str, token: str | None = None, pr
     try:
         if not (folder / "app.py").is_file():
             raise FileNotFoundError(f"Space folder {str(folder)!r} has no app.py")
-        local = {p.name: p for p in sorted(folder.iterdir()) if p.is_file()}
+        local = publishable({p.name: p for p in sorted(folder.iterdir()) if p.is_file()}, root)
         _push(HfApi(endpoint=endpoint, token=token), report, local, "space", private, None, False,
               "hf-minitron: publish the family comparison Space", space_sdk="gradio")
     except Exception as e:
@@ -277,7 +297,7 @@ def _org(config: PublishConfig) -> str:
 
 def publish_family(folders, config: PublishConfig, *, token: str | None = None, names: dict | None = None,
                    collection_description: str | None = None, card_fields: dict | None = None,
-                   member_card_fields: dict | None = None) -> PublishReport:
+                   member_card_fields: dict | None = None, root: str | Path | None = None) -> PublishReport:
     """Publish every member folder to `org/<name>` (name: `names[folder]` or the folder's name), then
     `config.collection` when set.
 
@@ -296,7 +316,7 @@ def publish_family(folders, config: PublishConfig, *, token: str | None = None, 
         name = (names or {}).get(str(folder)) or (names or {}).get(folder.name) or folder.name
         fields = {**(card_fields or {}), **(member_card_fields or {}).get(folder.name, {})}
         report.members.append(publish_member(folder, f"{org}/{name}", config, token=token, card_fields=fields,
-                                             raise_on_error=False))
+                                             raise_on_error=False, root=root))
     if config.collection:
         try:
             api = HfApi(endpoint=config.endpoint, token=token)
@@ -340,7 +360,7 @@ def publish_run(path: str | Path, config: PublishConfig, *, token: str | None = 
     extra += [str(p) for p in plots[:1] if p.name not in {Path(f).name for f in extra}]
     try:
         report = publish_family(folders, replace(config, extra_files=extra), token=token, card_fields=card_fields,
-                                member_card_fields=member_card_fields)
+                                member_card_fields=member_card_fields, root=path)
     except PublishError as e:
         report = e.report
     published = {Path(m.folder).name: m.repo_id for m in report.members if m.ok}
@@ -350,7 +370,7 @@ def publish_run(path: str | Path, config: PublishConfig, *, token: str | None = 
                 source = [f for f in folders if f.name in published] if len(published) < len(folders) else path
                 folder = write_space_folder(source, Path(tmp) / "space", repo_ids=published, name=name)
                 report.space = publish_space(folder, f"{org}/{space}", token, config.private,
-                                             endpoint=config.endpoint, raise_on_error=False)
+                                             endpoint=config.endpoint, raise_on_error=False, root=path)
             except Exception as e:  # the Space folder could not be laid out: report it with the rest
                 report.space = RepoReport(tmp, f"{org}/{space}", error=_one_line(e))
     if not report.ok:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from .models import TeacherArgs
 from .prune import PruneConfig, PruneTarget
 from .publish import PublishConfig
 from .rundir import PARENT, RESERVED_NAMES, TEACHER
-from .schema import SettingError, apply_override, check_mapping, from_mapping, parse_count  # noqa: F401 (public)
+from .schema import (SettingError, apply_override, check_mapping, folder_name, from_mapping, load_yaml,  # noqa: F401
+                     parse_count)
 from .search import SearchConfig
 
 RecipeError = SettingError
@@ -88,6 +88,7 @@ class Recipe:
     search: SearchConfig = field(default_factory=SearchConfig)
     distill: dict = field(default_factory=dict)  # DistillConfig fields (checked by `validate`)
     sft: dict = field(default_factory=dict)  # InstructConfig fields (checked by `validate`)
+    teacher_correction: dict = field(default_factory=dict)  # CorrectionConfig fields; on when it sets tokens
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
     cost: CostSection = field(default_factory=CostSection)
@@ -134,8 +135,7 @@ def _trainer_section(cls, values: dict, key: str, exclude) -> dict:
 
 def _check_member(recipe: Recipe, i: int, m: MemberSection, seen: list[str]) -> None:
     key = f"members.{i}"
-    _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", m.name)),
-           f"{key}.name: {m.name!r} must be a folder name (letters, digits, . _ -)")
+    folder_name(m.name, f"{key}.name")
     _check(m.name not in RESERVED_NAMES, f"{key}.name: {m.name!r} is reserved (run-folder entries and model "
            f"references: {', '.join(sorted(RESERVED_NAMES))})")
     _check(not m.name.endswith("-instruct"), f"{key}.name: {m.name!r} ends in -instruct, the name of SFT variants")
@@ -146,6 +146,8 @@ def _check_member(recipe: Recipe, i: int, m: MemberSection, seen: list[str]) -> 
     _check(m.parent is None or m.parent in seen, f"{key}.parent: {m.parent!r} is not an earlier member; "
            f"earlier: {', '.join(seen) or 'none'}")
     _check(not (m.teacher == PARENT and m.parent is None), f"{key}.teacher: 'parent' needs a parent")
+    _check(m.kd_teacher in seen or m.kd_teacher not in [x.name for x in recipe.members], f"{key}.teacher: "
+           f"{m.kd_teacher!r} is not an earlier member (a member is not distilled from itself or a later one)")
     if m.shape and m.shape.drop_layers is not None:
         _check(m.shape.num_layers is None, f"{key}.shape: give num_layers or drop_layers, not both")
     _check(bool(recipe.distill.get("tokens") or m.distill_tokens),
@@ -158,23 +160,32 @@ def _check_member(recipe: Recipe, i: int, m: MemberSection, seen: list[str]) -> 
 
 def validate(recipe: Recipe) -> Recipe:
     """Checks across keys: member names, parents, budgets, the trainer sections, the data each stage needs."""
+    from .correction import EXCLUDED as CORRECTION_EXCLUDED
+    from .correction import CorrectionConfig
     from .distill import EXCLUDED as DISTILL_EXCLUDED
     from .distill import DistillConfig
     from .sft import EXCLUDED as SFT_EXCLUDED
     from .sft import InstructConfig
 
+    folder_name(recipe.name, "name")  # the default run folder is runs/<name>
     _check(bool(recipe.teacher.source), "teacher.source: missing; give it in the recipe or with --teacher")
     _check(bool(recipe.members), "members: the recipe builds no member")
     recipe.distill = _trainer_section(DistillConfig, recipe.distill, "distill", DISTILL_EXCLUDED)
     recipe.sft = _trainer_section(InstructConfig, recipe.sft, "sft", SFT_EXCLUDED)
+    recipe.teacher_correction = _trainer_section(CorrectionConfig, recipe.teacher_correction, "teacher_correction",
+                                                 CORRECTION_EXCLUDED)
     seen: list[str] = []
     for i, m in enumerate(recipe.members):
         _check_member(recipe, i, m, seen)
         seen.append(m.name)
     uses_depth = recipe.search.depth or any(m.shape and m.shape.num_layers for m in recipe.members)
-    _check(not (uses_depth and recipe.prune.depth_metric == "ppl" and recipe.importance.depth_ppl_samples == 0),
-           "importance.depth_ppl_samples: 0 disables the 'ppl' depth metric that layer pruning uses; set it > 0 "
+    metric = recipe.prune.depth_metric
+    _check(not (uses_depth and metric.startswith("ppl") and recipe.importance.depth_ppl_samples == 0),
+           f"importance.depth_ppl_samples: 0 disables the {metric!r} depth metric that layer pruning uses; set it > 0 "
            "or prune.depth_metric: bi")
+    _check(recipe.prune.head_score != "ablation" or recipe.importance.head_ablation_samples > 0,
+           "importance.head_ablation_samples: 0 disables the 'ablation' head score; set it > 0 or another "
+           "prune.head_score")
     try:
         recipe.evaluate.check()
     except ValueError as e:
@@ -202,15 +213,10 @@ def from_dict(raw: dict, overrides: list[str] = ()) -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe, apply `key.sub=value` overrides, check types and cross-key rules."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = load_yaml(path.read_text(), f"recipe {str(path)!r}")
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {str(path)!r} must be a mapping of sections")
     raw.setdefault("name", path.stem)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .utils import first_line, sha256_file
+from .utils import first_line, read_json, sha256_file
 
 # ---- run folder entries ----
 MANIFEST = "manifest.json"
@@ -50,6 +50,7 @@ PRUNING_FILE = "pruning.json"
 SEARCH_FILE = "search.json"  # as search.SEARCH_FILE
 DISTILL_FILE = "distill_result.json"  # as distill.RESULT_FILE
 SFT_FILE = "sft_result.json"  # as sft.RESULT_FILE
+CORRECTION_FILE = "correction_result.json"  # as correction.RESULT_FILE, in the corrected teacher's folder
 EVAL_FILE = "eval_results.json"  # as evaluate.RESULTS_FILE
 CARD_FILE = "README.md"
 # ---- family report files (in FAMILY_DIR) ----
@@ -111,6 +112,7 @@ class MemberRecord:
     recipe: str | None = None  # the recipe's name
     shape: dict | None = None  # the pruning target (PruneTarget fields)
     tokens: dict = field(default_factory=dict)  # stage -> tokens, e.g. {"distillation": N} or {"sft": N}
+    training: dict = field(default_factory=dict)  # how it was trained: KD losses, state pairs chosen, dtypes
 
     def __post_init__(self):
         if self.kind not in ("base", "instruct"):
@@ -221,6 +223,9 @@ class RunDir:
 
     def search(self, member: str) -> Path:
         return self.work(member) / SEARCH_DIR
+
+    def corrected_teacher(self) -> Path:
+        return self.root / WORK_DIR / TEACHER / "corrected"
 
     def teacher_eval(self) -> Path:
         return self.root / EVAL_DIR / TEACHER_EVAL
@@ -337,7 +342,7 @@ def open_run(root: str | Path, recipe, teacher: dict, force: list[str] = ()) -> 
     root.mkdir(parents=True, exist_ok=True)
     lock = lock_run(root)
     path = root / MANIFEST
-    manifest = json.loads(path.read_text()) if path.is_file() else {"version": 1, "stages": {}}
+    manifest = read_json(path) or {"version": 1, "stages": {}}  # a broken manifest: an error naming it
     manifest.update(recipe_sha256=recipe.sha256, recipe=recipe.to_dict(), teacher=teacher)
     manifest.setdefault("builds", [])
     (root / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))

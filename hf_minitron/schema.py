@@ -4,7 +4,9 @@
 the dotted key (`distill.learning_rate: expected a number, got 'fast'`). `add_flags(parser, cls, section)` makes one
 flag per field (help from `metadata["help"]`, choices from `Literal[...]`) whose value goes through the very same
 checks (`given(args, section)` collects them), so `--tokens 100M` and `tokens: 100M` mean one thing, with one default.
-Counts accept suffixes (`100M`, `94B`, `8T`) or scientific notation (`2e12`); lists accept `1,2,3` or `[1, 2, 3]`.
+Counts accept suffixes (`100M`, `94B`, `8T`) or scientific notation (`2e12`); lists accept `1,2,3` or `[1, 2, 3]`;
+counts that cannot be zero (`AT_LEAST`: batch sizes, sequence lengths, ...) are refused below their bound. Every YAML
+a recipe, an override or a flag holds is read by `load_yaml`, which refuses aliases (no alias bomb) and huge input.
 """
 
 from __future__ import annotations
@@ -19,6 +21,86 @@ from dataclasses import MISSING, Field, fields, is_dataclass
 
 class SettingError(ValueError):
     """A bad setting, named by its dotted recipe key or its flag."""
+
+
+MAX_YAML_CHARS = 1 << 20  # a recipe is a few kB; anything near this is not one
+
+
+def load_yaml(text: str, what: str):
+    """YAML of a recipe, an override or a flag value, bounded: no aliases (`*name`, which an alias bomb nests to
+    billions of nodes that later hang whatever walks the result) and at most MAX_YAML_CHARS characters."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise SettingError(f"{what}: YAML aliases (*name) are not accepted (line {mark.line + 1})")
+            return super().compose_node(parent, index)
+
+    if len(text) > MAX_YAML_CHARS:
+        raise SettingError(f"{what}: {len(text):,} characters of YAML, more than the {MAX_YAML_CHARS:,} accepted")
+    try:
+        return yaml.load(text, Loader=NoAliases)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SettingError(f"{what} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
+
+
+# integer settings that count things, wherever a config has them (ours, TRL's, the Trainer's): 0 or less fails
+# late, deep in a loop ("range() arg 3 must not be zero", a division by zero); a field's metadata "min" overrides
+AT_LEAST = {name: 1 for name in ("samples", "seq_len", "eval_seq_len", "max_length", "batch_size", "eval_windows",
+                                 "per_device_train_batch_size", "per_device_eval_batch_size", "kd_chunk_tokens",
+                                 "gradient_accumulation_steps", "lora_r", "limit", "global_batch_tokens",
+                                 "distill_tokens", "scratch_tokens")}
+AT_LEAST.update({name: 0 for name in ("windows", "depth_ppl_samples", "head_ablation_samples")})
+
+
+def check_bounds(f: Field, value, key: str):
+    """`value` (already coerced) against the field's lower bound, when it has one; None always passes."""
+    low = f.metadata.get("min", AT_LEAST.get(f.name))
+    if low is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+        raise SettingError(f"{key}: must be at least {low}, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type of a TCP port: 1..65535, or an error naming the value."""
+    import argparse
+
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number in 1..65535")
+    return int(text)
+
+
+def writable_folder(text: str) -> str:
+    """argparse type of an output folder: `utils.check_writable` at parse time, before any work."""
+    return _writable(text, True)
+
+
+def writable_file(text: str) -> str:
+    """argparse type of an output file (see `writable_folder`)."""
+    return _writable(text, False)
+
+
+def _writable(text: str, folder: bool) -> str:
+    import argparse
+
+    from .utils import check_writable
+
+    try:
+        check_writable(text, folder)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def folder_name(value: str, key: str) -> str:
+    """A name that is used as one folder: letters, digits, . _ - (no separator, not hidden, not empty, not '..')."""
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+        raise SettingError(f"{key}: {value!r} must be a folder name (letters, digits, . _ -, not starting with . - _)")
+    return value
 
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -132,7 +214,8 @@ def check_mapping(cls, data, key: str = "", exclude=()) -> dict:
     if unknown:
         listed = ", ".join(list(known)[:40]) + (", ..." if len(known) > 40 else "")
         raise SettingError(f"unknown key {(key + '.' if key else '') + str(unknown[0])!r}; {where} accepts: {listed}")
-    return {name: coerce(hints[name], value, f"{key}.{name}" if key else name) for name, value in data.items()}
+    return {name: check_bounds(known[name], coerce(hints[name], value, f"{key}.{name}" if key else name),
+                               f"{key}.{name}" if key else name) for name, value in data.items()}
 
 
 def from_mapping(cls, data, key: str = "", exclude=()):
@@ -203,20 +286,19 @@ def add_flags(parser, cls, section: str, *, prefix: str = "", rename: dict | Non
 def given(args: argparse.Namespace, section: str, cls=None) -> dict:
     """The flags of `section` that were given on the command line, as a recipe-style mapping (values as typed,
     read as YAML where the field is not plain text), checked against `cls` when given."""
-    import yaml
-
     prefix = section + "."
     raw = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
     if cls is None:
         return raw
-    hints, values = _hints(cls), {}
+    hints, known, values = _hints(cls), settable(cls), {}
     for name, value in raw.items():
+        flag = getattr(args, f"_flag.{section}.{name}", name)
         if isinstance(value, str) and not _takes_text(hints[name]):
             try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
+                value = load_yaml(value, flag)
+            except SettingError:  # not YAML: kept as typed (a string cannot expand), `coerce` judges it
                 pass
-        values[name] = coerce(hints[name], value, getattr(args, f"_flag.{section}.{name}", name))
+        values[name] = check_bounds(known[name], coerce(hints[name], value, flag), flag)
     return values
 
 
@@ -225,13 +307,11 @@ def given(args: argparse.Namespace, section: str, cls=None) -> dict:
 
 def apply_override(raw: dict, assignment: str) -> None:
     """Set `a.b.c=value` in the raw recipe mapping; the value is read as YAML (`true`, `3`, `[1, 2]`, `100M`)."""
-    import yaml
-
     dotted, sep, text = assignment.partition("=")
     if not sep or not dotted.strip():
         raise SettingError(f"override {assignment!r} is not key.sub=value")
     parts = dotted.strip().split(".")
-    value = yaml.safe_load(text) if text.strip() else None
+    value = load_yaml(text, f"override {dotted.strip()}={text!r}") if text.strip() else None
     node = raw
     for i, part in enumerate(parts[:-1]):
         here = ".".join(parts[: i + 1])

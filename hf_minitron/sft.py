@@ -48,8 +48,18 @@ class InstructConfig(SFTConfig):
         "help": "bf16 mixed precision (default: on when a bf16-capable CUDA device is present)"})
 
     def __post_init__(self):
+        check_template_path(self.chat_template)
         default_bf16(self)
         super().__post_init__()
+
+
+def check_template_path(chat_template: str | None) -> None:
+    """A chat_template that names a file (ends in .jinja/.j2/.txt, or holds a path separator and no Jinja tag)
+    must exist: a mistyped path would otherwise become the template's text."""
+    if not chat_template or os.path.exists(chat_template) or "{%" in chat_template or "{{" in chat_template:
+        return
+    if chat_template.endswith((".jinja", ".j2", ".txt")) or os.sep in chat_template:
+        raise ValueError(f"chat_template {chat_template!r}: no such file or folder")
 
 
 def last_turn_as_completion(example: dict) -> dict:

@@ -159,24 +159,28 @@ def write_family_file(family: dict, path: str | Path) -> Path:
     return path
 
 
-def make_app(source, name: str | None = None, device: str | None = None):
-    """The Gradio Blocks for a family source (see `build_family`), not launched."""
+def make_app(source, name: str | None = None, device: str | None = None, **limits):
+    """The Gradio Blocks for a family source (see `build_family`), not launched; `limits`: `max_prompt_tokens`,
+    `concurrency_limit` (defaults: the app's, from its environment variables)."""
     if importlib.util.find_spec("gradio") is None:
         raise SpaceError("the comparison app needs Gradio: pip install 'gradio>=6,<7'")
     app = load_app()
     family = app.family_from_dict(build_family(source, name))
-    return app.build_app(family, app.ModelCache(device))
+    return app.build_app(family, app.ModelCache(device), **limits)
 
 
 def launch_space(source, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
-                 name: str | None = None, device: str | None = None, block: bool = True, **launch_kwargs):
+                 name: str | None = None, device: str | None = None, block: bool = True,
+                 max_prompt_tokens: int | None = None, concurrency_limit: int | None = None, **launch_kwargs):
     """Launch the comparison app on a family file, run folder, member folder, or list of member folders / Hub ids.
 
-    `block=False` returns at once with the server running in the background (`demo.close()` stops it); returns the
-    Gradio Blocks.
+    Prompts keep at most `max_prompt_tokens` tokens and `concurrency_limit` generations run at a time (defaults: the
+    app's MAX_PROMPT_TOKENS and CONCURRENCY_LIMIT environment variables, else 1024 and 1). `block=False` returns at
+    once with the server running in the background (`demo.close()` stops it); returns the Gradio Blocks.
     """
     app = load_app()
-    demo = make_app(source, name=name, device=device)
+    demo = make_app(source, name=name, device=device, max_prompt_tokens=max_prompt_tokens,
+                    concurrency_limit=concurrency_limit)
     app.launch(demo, server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
                **launch_kwargs)
     return demo

@@ -40,3 +40,34 @@ def read_json(path: str | Path) -> dict | list | None:
 def first_line(exc: BaseException) -> str:
     """The first line of an error's message (its type when the message is empty), for one-line reports."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (not `warnings`, whose source-line echo the user cannot act on)."""
+    import sys
+
+    print(f"hf-minitron: warning: {message}", file=sys.stderr)
+
+
+def check_writable(path: str | Path, folder: bool = True) -> Path:
+    """Fail now, in one line, when an output (a folder, or a file when `folder` is False) cannot be written: a file
+    where a folder is wanted (or the reverse), or a location this process may not write to (tried with a probe file
+    in the nearest existing folder, which also catches read-only mounts and root-owned folders)."""
+    import tempfile
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kinds = ("a folder", "a file") if folder else ("a file", "a folder")
+        raise ValueError(f"{str(path)!r} is {kinds[1]}; give {kinds[0]}")
+    probe = path if folder and path.is_dir() else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{str(path)!r} cannot be created: {str(probe)!r} is a file")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise ValueError(f"{str(path)!r} is not writable: no file can be created in {str(probe)!r} "
+                         f"({e.strerror or first_line(e)})") from None
+    return path
+

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_minitron.data import (BUILTIN_PYDOC, DataSourceError, TextSource, holdout_count, load_sft_dataset,
-                               load_text_dataset, pack_tokens, split_holdout, token_ids, token_windows)
+                               load_text_dataset, pack_tokens, split_holdout, token_ids, token_windows, window_bos)
 
 
 @pytest.fixture
@@ -90,12 +90,21 @@ def test_hub_dataset_id_from_offline_cache(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "3 hello"
 
 
-def test_streaming_takes_first_windows(corpus, smollm2_tokenizer):
-    src = TextSource(str(corpus / "c.jsonl"), text_column="body", streaming=True)
-    packed = pack_tokens(src, smollm2_tokenizer, samples=2, seq_len=32)
-    assert packed.input_ids.shape == (2, 32)
-    first = smollm2_tokenizer("Document 0.", add_special_tokens=False)["input_ids"]
-    assert packed.input_ids[0, : len(first)].tolist() == first
+def test_streaming_reads_a_seeded_shuffle_not_the_first_documents(tmp_path, smollm2_tokenizer):
+    import re
+
+    texts = [f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * 3 for i in range(60)]
+    src = _docs(tmp_path, texts)
+    src.streaming = True
+    tok = smollm2_tokenizer
+    packed = pack_tokens(src, tok, samples=4, seq_len=32)
+    docs = [int(k) for k in re.findall(r"Document (\d+)\.", tok.decode(packed.input_ids.flatten()))]
+    assert packed.input_ids.shape == (4, 32) and packed.source["shuffle_buffer"] == 10_000
+    assert max(docs) >= 10  # unshuffled, 4 x 32 tokens reach only documents 0-3
+    first = tok(f"Document {docs[0]}.", add_special_tokens=False)["input_ids"]
+    assert packed.input_ids[0, : len(first)].tolist() == first  # windows are cut from the start of the shuffled stream
+    assert packed.sha256 == pack_tokens(src, tok, samples=4, seq_len=32).sha256
+    assert packed.sha256 != pack_tokens(src, tok, samples=4, seq_len=32, seed=1).sha256
 
 
 # ---- one token stream for packing, perplexity and search -------------------------------------------------------------
@@ -230,6 +239,48 @@ def test_sft_hub_id_honours_config_and_split(tmp_path, monkeypatch):
     ds = load_sft_dataset(TextSource("acme/tiny-chat", config="long", split="validation"))
     assert ds["prompt"] == ["long validation 0", "long validation 1"]
 
+
+
+# ---- BOS at the start of every window, when the tokenizer adds one ---------------------------------------------------
+@pytest.fixture
+def bos_tokenizer(smollm2_tokenizer):
+    """SmolLM2's tokenizer made to add its BOS, as Llama 3's and Gemma's do."""
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.add_bos_token = True
+    assert tok("x")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+def test_smollm2_adds_no_bos_so_windows_are_unchanged(corpus, smollm2_tokenizer):
+    assert window_bos(smollm2_tokenizer) is None
+    windows = token_windows(str(corpus / "a.txt"), smollm2_tokenizer, 16)
+    assert torch.equal(windows, token_ids(str(corpus / "a.txt"), smollm2_tokenizer)[: windows.numel()].view(-1, 16))
+
+
+def test_calibration_windows_start_with_bos(corpus, bos_tokenizer):
+    src = TextSource(str(corpus / "c.jsonl"), text_column="body")
+    ids = token_ids(src, bos_tokenizer)  # the text stream itself never holds the BOS
+    assert bos_tokenizer.bos_token_id not in ids.tolist()
+    n = len(ids) // 31
+    packed = pack_tokens(src, bos_tokenizer, samples=n, seq_len=32)
+    assert packed.input_ids.shape == (n, 32) and packed.source["bos"] == bos_tokenizer.bos_token_id
+    assert (packed.input_ids[:, 0] == bos_tokenizer.bos_token_id).all()
+    assert torch.equal(packed.input_ids[:, 1:], ids[: n * 31].view(n, 31))
+    streamed = pack_tokens(TextSource(src.path, text_column="body", streaming=True), bos_tokenizer, 2, 32)
+    assert (streamed.input_ids[:, 0] == bos_tokenizer.bos_token_id).all() and streamed.input_ids.shape == (2, 32)
+
+
+def test_evaluation_windows_start_with_bos(tmp_path, bos_tokenizer):
+    src = _docs(tmp_path, ["The quick brown fox jumps over the lazy dog. " * 20] * 3)
+    ids = token_ids(src, bos_tokenizer)
+    bos = bos_tokenizer.bos_token_id
+    windows = token_windows(src, bos_tokenizer, 16, windows=3)
+    assert windows.shape == (3, 16) and (windows[:, 0] == bos).all()
+    assert torch.equal(windows[:, 1:], ids[:45].view(3, 15))
+    strided = token_windows(src, bos_tokenizer, 16, windows=4, stride=8)
+    assert strided.tolist() == [bos] + ids[: 3 * 8 + 15].tolist()
 
 
 def test_token_windows_are_cut_once_per_cache(smollm2_tokenizer, monkeypatch):

@@ -77,6 +77,75 @@ def test_block_importance_and_perplexity_drop():
         scores.perplexity_increase(3)
 
 
+def _skipped_nll(model, ids, layers):
+    """Summed NLL with `layers` made identities, by a whole forward (the reference computation)."""
+    with torch.no_grad(), skip_layers(model, layers):
+        logits = model(input_ids=ids).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, 128), ids[:, 1:].reshape(-1), reduction="sum")
+
+
+def test_cached_perplexity_drop_equals_skipping_layers(arch_name):
+    """Resuming from cached layer inputs gives the NLL of a whole forward with the run skipped, every family
+    (rotary, sliding-window masks, Gemma's logit soft-cap), for a partial last batch too."""
+    model = tiny_model(arch_name)
+    scores = compute_importance(model, IDS, ImportanceConfig(batch_size=2, depth_ppl_samples=5,
+                                                             depth_ppl_runs=[1, 2, 4]), progress=False)
+    ids = IDS[:5]
+    base = _skipped_nll(model, ids, [])
+    torch.testing.assert_close(scores.tensors["ppl_base_nll"].float(), base, rtol=1e-5, atol=1e-4)
+    nll = scores.tensors["ppl_nll"]
+    for r, run in enumerate([1, 2, 4]):
+        for i in range(4 - run + 1):
+            torch.testing.assert_close(nll[r, i].float(), _skipped_nll(model, ids, range(i, i + run)),
+                                       rtol=1e-5, atol=1e-4)
+
+
+def test_perplexity_pass_runs_only_the_layers_after_each_run():
+    """Skipping layers i..i+run-1 re-runs layers i+run.. only: layer j runs once in the calibration pass, then once
+    per (run, start) that ends before it; a whole forward per skip would run it far more often."""
+    model = tiny_model("llama")
+    calls = [0] * 4
+    handles = [layer.self_attn.register_forward_pre_hook(lambda m, a, j=j: calls.__setitem__(j, calls[j] + 1))
+               for j, layer in enumerate(model.model.layers)]
+    compute_importance(model, IDS[:2], ImportanceConfig(batch_size=2, depth_ppl_samples=2, depth_ppl_runs=[1, 2]),
+                       progress=False)
+    for h in handles:
+        h.remove()
+    expected = [1 + sum(1 for run in (1, 2) for i in range(4 - run + 1) if i + run <= j) for j in range(4)]
+    assert calls == expected == [1, 2, 4, 6]
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "nemotron"])
+def test_pre_activation_neuron_site_is_the_first_mlp_matrix_output(arch):
+    """neuron_site=pre scores |X W1^T|: gate_proj's output (gated MLP), the gate half of Phi-3's fused gate_up_proj,
+    up_proj's output for Nemotron's ungated MLP."""
+    model = tiny_model(arch)
+    mlp = model.model.layers[1].mlp
+    module = {"llama": "gate_proj", "phi3": "gate_up_proj", "nemotron": "up_proj"}[arch]
+    seen = {}
+    handle = getattr(mlp, module).register_forward_hook(lambda m, a, out: seen.setdefault("w1", out.clone()))
+    with torch.no_grad():
+        model(input_ids=IDS)
+    handle.remove()
+    pre = seen["w1"][..., :96].abs()  # phi3: [gate; up] rows, gate first
+    scores = compute_importance(model, IDS, ImportanceConfig(batch_size=3, depth_ppl_samples=0, neuron_site="pre"),
+                                progress=False)
+    torch.testing.assert_close(scores.neurons("l2", "mean")[1].float(), pre.mean(1).norm(dim=0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scores.neurons("mean", "l2")[1].float(), pre.norm(dim=1).mean(0), rtol=1e-4, atol=1e-6)
+    post = compute_importance(model, IDS, ImportanceConfig(depth_ppl_samples=0), progress=False)
+    assert not torch.allclose(post.neurons()[1], scores.neurons()[1])
+    assert scores.meta["config"]["neuron_site"] == "pre"
+
+
+def test_batch_size_does_not_change_scores():
+    """Windows are full packed sequences (no padding): batching changes the scores by float rounding only."""
+    model = tiny_model("qwen3")
+    one, four = (compute_importance(model, IDS, ImportanceConfig(batch_size=bs, depth_ppl_samples=6), progress=False)
+                 for bs in (1, 4))
+    for key in one.tensors:
+        torch.testing.assert_close(four.tensors[key], one.tensors[key], rtol=1e-5, atol=1e-8)
+
+
 def test_scores_save_and_load(tmp_path):
     model = tiny_model("phi3")
     scores = compute_importance(model, IDS, ImportanceConfig(depth_ppl_samples=2), {"teacher": {"source": "x"}},

@@ -234,3 +234,19 @@ def test_a_second_build_on_a_busy_run_folder_stops_at_once(files, tmp_path):
     finally:
         holder.close()
     assert not (out / "manifest.json").exists()  # nothing was touched
+
+
+def test_teacher_correction_runs_first_and_feeds_importance_and_distillation(files, tmp_path):
+    raw = tiny_recipe(files, members=[{"name": "small", "shape": {"ffn_size": 64}}],
+                      teacher_correction={"tokens": 128, "max_length": 32, "per_device_train_batch_size": 2})
+    out, lines = tmp_path / "run", []
+    result = build(from_dict(raw), out, progress=False, log=lines.append)
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    corrected = stages["teacher/correction"]["outputs"]["sha256"]
+    assert stages["importance/teacher"]["inputs"]["parents"]["model"] == corrected
+    assert stages["small/distill"]["inputs"]["parents"]["kd_teacher"] == corrected
+    assert next(i for i, line in enumerate(lines) if "teacher/correction" in line) < \
+        next(i for i, line in enumerate(lines) if "importance/teacher" in line)
+    assert actions(result)["teacher/correction"] == "run"
+    again = build(from_dict(raw), out, progress=False, log=lines.append)
+    assert set(actions(again).values()) == {"skipped"}

@@ -79,8 +79,8 @@ def test_head_merging_changes_only_kept_query_heads():
     teacher = tiny_model("llama")
     scores = _scores(teacher)
     target = PruneTarget(num_heads=2)
-    merged, plan = prune_model(teacher, scores, target)
-    plain, _ = prune_model(teacher, scores, target, PruneConfig(merge_heads=False))
+    merged, plan = prune_model(teacher, scores, target, PruneConfig(merge_heads=True))
+    plain, _ = prune_model(teacher, scores, target)  # the merge is off by default (issue 10: it hurts before KD)
     q_m = merged.model.layers[0].self_attn.q_proj.weight
     (k, p), = plan.head_merges[0][:1]
     pos = plan.heads[0].tolist().index(k)
@@ -115,3 +115,33 @@ def test_depth_metrics_pick_layers():
     dropped = sorted(set(range(4)) - set(run_plan.layers))
     assert dropped[1] - dropped[0] == 1
     assert dropped[0] == int(scores.block_importance(2).argmin())
+
+
+def test_ppl_run_drops_the_run_with_the_smallest_perplexity_increase():
+    teacher = tiny_model("mistral")
+    scores = compute_importance(teacher, IDS, ImportanceConfig(batch_size=2, depth_ppl_samples=4,
+                                                               depth_ppl_runs=[1, 2]), progress=False)
+    plan = plan_pruning(teacher.config, scores, PruneTarget(num_layers=2), PruneConfig(depth_metric="ppl-run"))
+    start = int(scores.perplexity_increase(2).argmin())
+    assert plan.layers == [i for i in range(4) if i not in (start, start + 1)]
+
+
+def test_ppl_run_without_that_run_length_names_the_flag():
+    teacher = tiny_model("mistral")
+    scores = _scores(teacher)  # perplexity-drop runs of 1 layer only
+    with pytest.raises(ValueError, match=r"ppl-run drops a run of 3 layers.*runs \[1\].*--depth-ppl-runs 3") as err:
+        plan_pruning(teacher.config, scores, PruneTarget(num_layers=1), PruneConfig(depth_metric="ppl-run"))
+    assert "\n" not in str(err.value)
+
+
+def test_llama_depth_recipe_drops_the_reports_block():
+    """The Llama-3.1-Minitron-4B-Depth recipe names the block the report dropped (the second half), not a metric."""
+    from pathlib import Path
+
+    from hf_minitron.prune import _select_layers
+    from hf_minitron.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "llama-3.1-minitron-4b-depth.yaml")
+    (member,) = recipe.members
+    assert member.shape.drop_layers == list(range(16, 32)) and member.shape.num_layers is None
+    assert _select_layers(None, 32, member.shape, recipe.prune.depth_metric) == list(range(16))

@@ -15,6 +15,7 @@ from conftest import tiny_model
 from hf_minitron.publish import (PublishConfig, PublishError, files_to_publish, find_members, publish_family,
                                   publish_member, publish_run)
 
+TEACHER_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LOAD_BACK = r"""
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -195,6 +196,45 @@ def test_publish_run_with_space(hub, tmp_path, smollm2_tokenizer, capsys):
     hub.state.fail_commits.add("spaces/me/broken")
     with pytest.raises(PublishError, match="NOT pushed  Space me/broken"):
         publish_run(run, PublishConfig(org="me", endpoint=hub.url, space="broken"))
+
+
+def test_published_files_hold_no_local_paths(hub, tmp_path, smollm2_tokenizer):
+    """Metadata, card, recipe and the Space's family file go up with run-relative paths, the teacher's Hub id for its
+    local copy and bare names elsewhere; the local files keep their paths."""
+    from pathlib import Path
+
+    from helpers import distill_record, pruning_record
+
+    from hf_minitron.report import write_family_report
+
+    run, home = tmp_path / "run", Path.home()
+    teacher = str(home / "models" / "teacher.gguf")
+    for i, name in enumerate(["a", "b"]):
+        folder = run / name
+        make_member(folder, smollm2_tokenizer, seed=i)
+        (folder / "pruning.json").write_text(json.dumps({**pruning_record(teacher),
+                                                        "importance": str(run / "importance" / "teacher")}))
+        (folder / "distill_result.json").write_text(json.dumps({**distill_record(teacher),
+                                                                "out": str(run / "work" / name / "checkpoint-pruned")}))
+        (folder / "eval_results.json").write_text(json.dumps({
+            "model": name, "parameters": 141_632, "tasks": {},
+            "perplexity": [{"data": str(home / "data" / "wiki.txt"), "seq_len": 64, "perplexity": 12.0 + i}]}))
+    write_family_report([json.loads((run / n / "eval_results.json").read_text()) for n in "ab"], run / "family", "f")
+    recipe = f"teacher:\n  source: {teacher}\ndata:\n  calibration: {home}/data/calibration.jsonl\n"
+    publish_run(run, PublishConfig(org="me", endpoint=hub.url, space="cmp", base_model=TEACHER_ID),
+                card_fields={"teacher": teacher, "recipe": recipe})
+
+    local = [str(run), str(run.resolve()), f"{home}/"]
+    for repo_id, repo in hub.state.repos.items():
+        for path, content in repo.snapshots[repo.refs["main"]].items():
+            assert not any(p.encode() in content for p in local), f"{repo_id}/{path} holds a local path"
+    a = hub.state.repos["me/a"].snapshots[hub.state.repos["me/a"].refs["main"]]
+    assert json.loads(a["pruning.json"])["teacher"]["source"] == TEACHER_ID
+    assert json.loads(a["pruning.json"])["importance"] == "importance/teacher"
+    assert json.loads(a["distill_result.json"])["out"] == "work/a/checkpoint-pruned"
+    assert json.loads(a["eval_results.json"])["perplexity"][0]["data"] == "wiki.txt"
+    assert "calibration: calibration.jsonl" in a["README.md"].decode()
+    assert json.loads((run / "a" / "pruning.json").read_text())["teacher"]["source"] == teacher  # local: as it was
 
 
 def test_publishing_a_family_needs_an_org(tmp_path):

@@ -109,7 +109,7 @@ def test_counts_with_suffixes_work_as_flags():
 
 
 def test_literal_fields_refuse_other_values():
-    with pytest.raises(SettingError, match="prune.depth_metric: 'deep' is not one of ppl, bi, bi-run"):
+    with pytest.raises(SettingError, match="prune.depth_metric: 'deep' is not one of ppl, ppl-run, bi, bi-run"):
         from_mapping(PruneConfig, {"depth_metric": "deep"}, "prune")
 
 

@@ -1,55 +1,52 @@
-"""Architecture search: candidate shapes near a budget from configs alone; LoRA-ranked search on a tiny teacher."""
+"""Architecture search: Kendall tau and settling; the ranking curve, early stop, resume and the winner's adapter of a
+search on a tiny teacher."""
 
 import json
 
 import pytest
 import torch
 from test_distill import text_dataset, tiny_llama, tiny_tokenizer
-from transformers import LlamaConfig
 
+import hf_minitron.search as search_module
 from hf_minitron.archs import count_parameters
 from hf_minitron.importance import compute_importance
-from hf_minitron.prune import PruneTarget, parameter_count, prune_model
+from hf_minitron.prune import PruneTarget, prune_model
 from hf_minitron.search import SearchConfig as SearchSection
-from hf_minitron.search import candidates_for, enumerate_candidates, merge_adapter, run_search
-
-LLAMA_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                       head_dim=128, num_hidden_layers=32, vocab_size=128256, tie_word_embeddings=False)
-
+from hf_minitron.search import kendall_tau, merge_adapter, rankings, run_search, settled, settled_at
+from hf_minitron.search_space import Candidate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_candidates_respect_budget_divisibility_and_cap():
-    budget = 4_500_000_000
-    found = enumerate_candidates(LLAMA_8B, budget, tolerance=0.05, multiple=64, max_candidates=10)
-    assert len(found) == 10
-    distances = [abs(c.params - budget) for c in found]
-    assert distances == sorted(distances)
-    for c in found:
-        s = c.shape
-        assert abs(c.params / budget - 1) <= 0.05 and c.params == parameter_count(LLAMA_8B, c.target())
-        assert s["num_heads"] % s["num_kv_heads"] == 0 and s["num_kv_heads"] == 8
-        assert s["hidden_size"] % 64 == 0 and s["ffn_size"] % 64 == 0 and s["num_layers"] == 32  # widths only
-    deep = enumerate_candidates(LLAMA_8B, budget, depth=True, max_candidates=200)
-    assert any(c.shape["num_layers"] < 32 for c in deep)
+def test_kendall_tau_rankings_and_settling():
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0 and kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3) and kendall_tau([5], [7]) == 1.0
+    a, b = Candidate({}, 1, score_before=9.0), Candidate({}, 1, score_before=8.0)
+    for step, (pa, pb) in enumerate([(5.0, 6.0), (4.0, 5.0), (3.0, 4.5)], 1):
+        a.curve.append({"step": step, "tokens": 10 * step, "perplexity": pa})
+        b.curve.append({"step": step, "tokens": 10 * step, "perplexity": pb})
+    rows = rankings([a, b])
+    assert [r["order"] for r in rows] == [[1, 0], [0, 1], [0, 1], [0, 1]]
+    assert [r["kendall_tau"] for r in rows] == [None, -1.0, 1.0, 1.0]
+    assert settled(rows, 2) and not settled(rows, 3) and not settled(rows[:3], 2) and not settled(rows, 0)
+    assert settled_at(rows) == 1 and settled_at(rows[:2]) is None  # the flip from the pruned ranking is not held
 
 
-def test_no_candidate_is_a_clear_error():
-    with pytest.raises(ValueError, match="no shape within 5% of 100 parameters"):
-        candidates_for(LLAMA_8B, 100, SearchSection())
-
-
-def test_search_ranks_candidates_and_binds_the_adapter_to_its_base(tmp_path):
+def _search_setup():
     tok = tiny_tokenizer()
     teacher = tiny_llama(len(tok), hidden=64, layers=2, inter=128, seed=1).eval()
     torch.manual_seed(0)
     scores = compute_importance(teacher, torch.randint(0, len(tok), (4, 32)), progress=False)
-    budget = int(count_parameters(teacher.config) * 0.8)
-    search = SearchSection(tolerance=0.1, multiple=16, max_candidates=3, tokens=128, seq_len=32, batch_size=2, lr=1e-3,
-                           eval_windows=2, eval_seq_len=32, adapter="merge", lora_r=4, lora_alpha=8)
     ids = tok("\n".join(text_dataset(4)["text"]))["input_ids"]
-    windows = torch.tensor(ids[:64]).view(2, 32)
+    return tok, teacher, scores, torch.tensor(ids[:64]).view(2, 32)
+
+
+def test_search_ranks_at_intervals_and_binds_the_adapter_to_its_base(tmp_path):
+    tok, teacher, scores, windows = _search_setup()
+    budget = int(count_parameters(teacher.config) * 0.8)
+    search = SearchSection(tolerance=0.1, multiple=16, max_candidates=3, tokens=192, eval_every=64, stable_evals=0,
+                           seq_len=32, batch_size=2, lr=1e-3, eval_windows=2, eval_seq_len=32, adapter="merge",
+                           lora_r=4, lora_alpha=8)
     lines = []
     output = run_search(teacher, scores, teacher, tok, text_dataset(), windows, budget, search, tmp_path / "s",
                         progress=False, log=lines.append)
@@ -57,13 +54,19 @@ def test_search_ranks_candidates_and_binds_the_adapter_to_its_base(tmp_path):
     assert output.record["winner"] == result["winner"]["shape"]
     cands = result["candidates"]
     assert len(cands) == 3 and sorted(c["rank"] for c in cands) == [1, 2, 3], cands
-    assert all(c["score_before"] > 0 and c["score_after"] > 0 and c["tokens"] == 128 for c in cands)
+    assert all(c["score_before"] > 0 and c["tokens"] == 192 for c in cands)
+    assert all([p["step"] for p in c["curve"]] == [1, 2, 3] and c["score_after"] == c["curve"][-1]["perplexity"]
+               for c in cands)
+    rows = result["rankings"]  # the pruned ranking, then one per interval, each with tau against the previous
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[0]["kendall_tau"] is None
+    assert all(-1 <= r["kendall_tau"] <= 1 for r in rows[1:]) and result["tokens"] == 3 * 192
+    assert rows[-1]["perplexity"] == [c["score_after"] for c in cands]
     winner = result["winner"]
     assert winner["rank"] == 1 and winner["score_after"] == min(c["score_after"] for c in cands)
     assert abs(winner["params"] / budget - 1) <= 0.1
-    saved = json.loads((tmp_path / "s" / "search.json").read_text())
-    assert saved["winner"] == winner and "| rank |" in (tmp_path / "s" / "search.md").read_text()
-    assert any("| 1 |" in line for line in lines)  # the table was printed
+    table = (tmp_path / "s" / "search.md").read_text()
+    assert "| rank |" in table and "| step | tokens | c1 | c2 | c3 | ranking | Kendall tau |" in table
+    assert result["settled"] in table and any("| 1 |" in line for line in lines)
     # the winner's adapter merges into the winner's pruned base, and only into it
     base, _ = prune_model(teacher, scores, PruneTarget(**winner["shape"]))
     merged = merge_adapter(base, tmp_path / "s" / "adapter")
@@ -72,23 +75,49 @@ def test_search_ranks_candidates_and_binds_the_adapter_to_its_base(tmp_path):
     wrong, _ = prune_model(teacher, scores, PruneTarget(**other["shape"]))
     with pytest.raises(ValueError, match="trained on another base"):
         merge_adapter(wrong, tmp_path / "s" / "adapter")
-    assert not list((tmp_path / "s").glob("candidate-*"))  # losers' adapters removed
+    assert not list((tmp_path / "s").glob("candidate-*"))  # the candidates' checkpoints removed
 
 
-def test_lora_retraining_does_not_depend_on_what_ran_before(tmp_path):
-    """The adapters are initialised from the seed, so fresh processes (different RNG histories) agree."""
-    from hf_minitron.search import lora_retrain
+def test_search_stops_once_the_ranking_holds(tmp_path):
+    """One candidate: its ranking cannot change, so with stable_evals=1 the search stops after two intervals."""
+    tok, teacher, scores, windows = _search_setup()
+    budget = int(count_parameters(teacher.config) * 0.8)
+    search = SearchSection(tolerance=0.1, multiple=16, max_candidates=1, tokens=256, eval_every=64, stable_evals=1,
+                           seq_len=32, batch_size=2, eval_windows=2, eval_seq_len=32, lora_r=4, lora_alpha=8)
+    output = run_search(teacher, scores, teacher, tok, text_dataset(), windows, budget, search, tmp_path / "s",
+                        progress=False, log=lambda *_: None)
+    result = json.loads((output.path / "search.json").read_text())
+    assert [r["step"] for r in result["rankings"]] == [0, 1, 2] and result["tokens"] == 128
+    assert result["settled"].startswith("Ranking settled at step 1") and "stopped early" in result["settled"]
 
-    tok = tiny_tokenizer()
-    teacher = tiny_llama(len(tok), hidden=64, layers=2, inter=128, seed=1).eval()
-    search = SearchSection(tokens=64, seq_len=32, batch_size=2, lora_r=4, lora_alpha=8)
-    adapters = []
-    for history in (1, 2):
-        torch.manual_seed(history)
-        torch.rand(100 * history)  # some other random work earlier in the process
-        student = tiny_llama(len(tok), hidden=64, layers=2, inter=128, seed=1)
-        model, _ = lora_retrain(student, teacher, tok, text_dataset(), search, tmp_path / str(history), seed=3,
-                                progress=False)
-        adapters.append({k: v.clone() for k, v in model.state_dict().items() if "lora_" in k})
-    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
-    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+def test_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch):
+    tok, teacher, scores, windows = _search_setup()
+    budget = int(count_parameters(teacher.config) * 0.8)
+    search = SearchSection(tolerance=0.1, multiple=16, max_candidates=2, tokens=128, eval_every=64, stable_evals=0,
+                           seq_len=32, batch_size=2, lr=1e-3, eval_windows=2, eval_seq_len=32, adapter="merge",
+                           mode="full")
+    args = (teacher, scores, teacher, tok, text_dataset(), windows, budget, search)
+    whole = run_search(*args, tmp_path / "whole", progress=False, log=lambda *_: None)
+    calls, real = [], search_module.train_segment
+
+    def flaky(*a, **kw):
+        calls.append(a[7])  # the segment's last step
+        if len(calls) == 3:  # the first candidate's second segment
+            raise RuntimeError("power cut")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(search_module, "train_segment", flaky)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_search(*args, tmp_path / "resumed", progress=False, log=lambda *_: None)
+    calls.clear()
+    resumed = run_search(*args, tmp_path / "resumed", progress=False, log=lambda *_: None)
+    assert calls == [2, 2]  # only the second segment of each candidate was left
+    assert [json.loads((o.path / "search.json").read_text())["candidates"] for o in (whole, resumed)] == [
+        json.loads((whole.path / "search.json").read_text())["candidates"]] * 2
+    assert resumed.sha256 == whole.sha256  # the same winner's weights, kept for the prune stage
+    winner = json.loads((resumed.path / "search.json").read_text())["winner"]
+    base, _ = prune_model(teacher, scores, PruneTarget(**winner["shape"]))
+    retrained = merge_adapter(base, resumed.path / "adapter")  # mode full: the retrained weights replace the base's
+    before, after = base.state_dict(), retrained.state_dict()
+    assert before.keys() == after.keys() and all(not torch.equal(before[k], after[k]) for k in before)

@@ -232,6 +232,44 @@ def test_compare_runs_members_together(run_dir, app):
         assert "tokens/s" in last[name].stats()
 
 
+def test_prompt_is_capped_in_tokens(run_dir, app):
+    """A pasted book is cut to its last max_prompt_tokens tokens (characters first), and the answer says so."""
+    family = app.family_from_dict(family_from_run(run_dir))
+    model, tokenizer = app.ModelCache("cpu").get(family.member("tiny-big"))
+    assert app.clip_prompt(tokenizer, "Hello there", 32) == ("Hello there", False)
+    huge = "pruning keeps the heads that matter " * 30_000  # a million characters
+    done = app.generate(model, tokenizer, huge, settings=app.Settings(max_new_tokens=4, max_prompt_tokens=32))
+    assert done.error is None and done.tokens == 4 and 0 < done.prompt_tokens <= 32 and done.clipped
+    assert "prompt cut to its last" in done.stats()
+
+
+def test_prompt_and_answer_fit_the_context(run_dir, app):
+    family = app.family_from_dict(family_from_run(run_dir))
+    model, tokenizer = app.ModelCache("cpu").get(family.member("tiny-big"))
+    model.config.max_position_embeddings = 24  # this cache's own copy of the model
+    done = app.generate(model, tokenizer, "one two three " * 200, settings=app.Settings(max_new_tokens=8))
+    assert done.error is None and done.tokens == 8 and done.prompt_tokens <= 16 and done.clipped
+
+
+def test_generation_is_queued_with_a_concurrency_limit(run_dir, app):
+    demo = app.build_app(app.family_from_dict(family_from_run(run_dir)), app.ModelCache("cpu"), concurrency_limit=2,
+                         max_prompt_tokens=100)
+    assert demo._queue.default_concurrency_limit == 2 and demo._queue.max_size == app.QUEUE_SIZE
+    generating = [fn for fn in demo.fns.values() if fn.name == "on_run"]
+    assert len(generating) == 2 and all(fn.concurrency_limit == 2 and fn.concurrency_id == "generate"
+                                        for fn in generating)
+
+
+def test_members_load_from_safetensors_only(run_dir, app, tmp_path):
+    """A member folder with pickled weights only (pytorch_model.bin) is refused, not unpickled."""
+    folder = shutil.copytree(run_dir / "members" / "tiny-small", tmp_path / "pickled")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        app.load_member(app.Member("pickled", str(folder)))
+
+
 def test_cli_space_flags():
     from hf_minitron.cli import build_parser
     from hf_minitron.cli.family import run_space

@@ -6,8 +6,10 @@ To add a family, add one `ArchSpec` to `specs.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -33,8 +35,10 @@ class ArchSpec:
     gate_up_proj: str | None = None  # fused [gate; up] rows (Phi-3)
     down_proj: str = "down_proj"
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    mlp_input_norm: str = "post_attention_layernorm"  # the norm whose input is the pre-MLP residual stream
     norm_has_bias: bool = False  # LayerNorm1P (Nemotron)
     scaled_embedding: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
+    logit_softcap: str | None = None  # config attribute of the final-logit soft cap, cap * tanh(z / cap) (Gemma)
     # bias rules: a config attribute name, or a constant True/False
     qkv_bias: str | bool = False
     o_bias: str | bool = False
@@ -63,6 +67,10 @@ class ArchSpec:
 
     def norms(self, layer: nn.Module) -> list[nn.Module]:
         return [layer.get_submodule(n) for n in self.layer_norms]
+
+    def mlp_input(self, layer: nn.Module) -> nn.Module:
+        """The module whose input is the residual stream entering the MLP (hook it to read that stream)."""
+        return layer.get_submodule(self.mlp_input_norm)
 
     def layer_axes(self) -> dict[str, tuple[str | None, str | None]]:
         """For each module in a decoder layer: which pruning axis its weight's rows and columns follow.
@@ -123,6 +131,17 @@ def get_arch(config) -> ArchSpec:
     raise UnsupportedArchitectureError(
         f"unsupported architecture model_type={model_type!r}; supported: {', '.join(supported_model_types())}"
     )
+
+
+def logit_transform(config) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the family's `forward` does to `lm_head`'s output before returning `.logits` (Gemma's soft cap), or
+    None. Losses that apply the LM head themselves must apply this too, to compare the distributions the models
+    really output."""
+    spec = get_arch(config)
+    cap = getattr(config, spec.logit_softcap, None) if spec.logit_softcap else None
+    if not cap:
+        return None
+    return lambda z: torch.tanh(z / cap) * cap
 
 
 def head_dim(config) -> int:

@@ -20,10 +20,14 @@ NEMOTRON = ArchSpec(
 )
 _GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                 "post_feedforward_layernorm")
-# Gemma 2/3: sqrt(hidden) embedding scale, (1 + w) RMSNorms, pre/post feed-forward norms, sliding-window layer_types.
+# Gemma 2/3: sqrt(hidden) embedding scale, (1 + w) RMSNorms, pre/post feed-forward norms, sliding-window layer_types,
+# final-logit soft-capping (Gemma 2: 30 by default; Gemma 3: off unless the config sets it). post_attention_layernorm
+# normalises the attention output before the residual add: the MLP's residual input enters pre_feedforward_layernorm.
 GEMMA2 = ArchSpec(
     model_types=("gemma2",),
     layer_norms=_GEMMA_NORMS,
+    mlp_input_norm="pre_feedforward_layernorm",
+    logit_softcap="final_logit_softcapping",
     scaled_embedding=True,
     qkv_bias="attention_bias",
     o_bias="attention_bias",
@@ -32,6 +36,8 @@ GEMMA2 = ArchSpec(
 GEMMA3 = ArchSpec(
     model_types=("gemma3_text",),
     layer_norms=_GEMMA_NORMS,
+    mlp_input_norm="pre_feedforward_layernorm",
+    logit_softcap="final_logit_softcapping",
     head_norms=("q_norm", "k_norm"),
     scaled_embedding=True,
     qkv_bias="attention_bias",

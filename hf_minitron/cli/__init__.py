@@ -12,7 +12,7 @@ import sys
 
 from ..data import TextSource
 from ..models import ModelArgs
-from ..schema import add_flags, given
+from ..schema import add_flags, given, writable_folder
 
 
 def add_model(p: argparse.ArgumentParser, role: str = "teacher", prefix: str = "", required: bool = True) -> None:
@@ -35,7 +35,7 @@ def data_source(args) -> TextSource:
 
 
 def add_output(p: argparse.ArgumentParser, what: str, resume: bool = False) -> None:
-    p.add_argument("--out", required=True, help=f"output folder: {what}")
+    p.add_argument("--out", required=True, type=writable_folder, help=f"output folder: {what}")
     p.add_argument("--overwrite", action="store_true", help="start again even if --out holds finished work")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..publish import PublishConfig
-from ..schema import add_flags, given
+from ..schema import add_flags, given, port_number, writable_folder
 
 
 def _add_recipe(p: argparse.ArgumentParser) -> None:
@@ -13,7 +13,7 @@ def _add_recipe(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="recipe overrides, e.g. distill.tokens=2M members.small.params=60M (values read as YAML)")
     p.add_argument("--teacher", default=None, help="shortcut for teacher.source=...: Hub repo id, folder or .gguf")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
+    p.add_argument("--out", default=None, type=writable_folder, help="run folder (default: runs/<recipe name>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -60,14 +60,14 @@ def add_commands(sub) -> None:
     p.set_defaults(func=run_publish)
 
     p = sub.add_parser("space", help="compare a family's members side by side in the Gradio app, locally",
-                       description="spaces/compare/app.py on a family: each member's streamed answer, latency and "
-                                   "tokens/s, and the evaluation table and plot.")
+                       description="spaces/compare/app.py on a family: answers streamed, latency, tokens/s, eval table,"
+                                   " plot; limits: MAX_PROMPT_TOKENS (1024), CONCURRENCY_LIMIT (1), QUEUE_SIZE (32).")
     p.add_argument("source", metavar="RUN_OR_FAMILY_FILE", nargs="+",
                    help="a run folder (member folders, eval JSON and family.png are found in it), a family file "
                         "(.json/.yaml), or member folders / Hub ids")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; 0.0.0.0 to reach it from other machines (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    p.add_argument("--port", type=port_number, default=7860, help="port to listen on (default: 7860)")
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     p.add_argument("--name", default=None, help="title of the family (default: the run folder's name)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")

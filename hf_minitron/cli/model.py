@@ -9,7 +9,7 @@ from ..data import TextSource
 from ..evaluate import EvaluateConfig
 from ..importance import ImportanceConfig
 from ..prune import PruneConfig, PruneTarget
-from ..schema import add_flags, given
+from ..schema import add_flags, given, writable_file
 from . import add_data, add_model, add_output, data_source, model_args
 
 
@@ -47,7 +47,7 @@ def add_commands(sub) -> None:
                         "dataset id; repeatable (the other --data-* flags apply to each)")
     add_data(p, "perplexity data", required=False, exclude=("path",))
     add_flags(p, EvaluateConfig, "evaluate", title="evaluation (recipe section evaluate:)")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", default=None, type=writable_file,
                    help="results JSON to write (default: eval_results.json in the model folder, when it is a folder)")
     p.set_defaults(func=run_eval)
 
@@ -60,13 +60,13 @@ def run_importance(args) -> None:
     config = ImportanceConfig(**given(args, "importance", ImportanceConfig))
     teacher = model_args(args)
     source = teacher.resolve()
-    model, tokenizer = teacher.load(source)
-    run(model, tokenizer, data_source(args), config, args.out, {"teacher": source.as_dict()})
+    model, tokenizer = teacher.load(source, seq_len=config.seq_len)
+    run(model, tokenizer, data_source(args), config, args.out, {"teacher": source.record()})
     print(f"importance scores written to {args.out}")
 
 
 def run_prune(args) -> None:
-    from ..models import load_config
+    from ..models import check_scores_model, load_config
     from ..prune import check_output, student_config
     from ..prune import run_prune as run
 
@@ -76,6 +76,7 @@ def run_prune(args) -> None:
     teacher = model_args(args)
     source = teacher.resolve()
     student_config(load_config(source, teacher.trust_remote_code), target)  # impossible targets fail before loading
+    check_scores_model(args.importance, source)  # scores of another model (even of the same shape) are refused
     model, tokenizer = teacher.load(source)
     out = run(model, tokenizer, args.importance, target, config, args.out,
               {"teacher": source.as_dict(), "importance": str(args.importance)})
@@ -95,19 +96,18 @@ def run_params(args) -> None:
 
 
 def run_eval(args) -> int:
-    from ..evaluate import RESULTS_FILE, evaluate_model
+    from ..evaluate import evaluate_model, results_path
 
     config = EvaluateConfig(**given(args, "evaluate", EvaluateConfig))
     if not (config.tasks or config.choice_files or args.data):
         raise ValueError("nothing to evaluate: give --tasks, --choice-files or --data")
-    model_spec = model_args(args, "model")
-    if args.out is None and not os.path.isdir(model_spec.source):
-        raise ValueError(f"--out is needed when --model ({model_spec.source!r}) is not a local folder")
     config.check()  # bad task names fail before the model loads
+    model_spec = model_args(args, "model")
+    source = model_spec.resolve()  # a missing path is named here
+    out = results_path(args.out, model_spec.source)
     shared = given(args, "data", TextSource)  # --data-split, --text-column, ... for every --data
     sources = [TextSource(path, **shared) for path in args.data]
-    model, tokenizer = model_spec.load()
-    out = args.out or os.path.join(model_spec.source, RESULTS_FILE)
+    model, tokenizer = model_spec.load(source)
     result = evaluate_model(model, tokenizer, args.name or os.path.basename(os.path.normpath(model_spec.source)),
                             config, sources, out=out)
     print(json.dumps(result, indent=1))

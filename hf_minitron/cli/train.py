@@ -13,7 +13,8 @@ def _trainer_flags(p, cls, section: str, exclude) -> None:
     from transformers import TrainingArguments
     from trl import SFTConfig
 
-    own = [n for n in cls.__dataclass_fields__ if n in vars(cls).get("__annotations__", {})]
+    ours = [c for c in cls.__mro__ if issubclass(c, SFTConfig) and c is not SFTConfig]  # cls and its shared bases
+    own = [n for n in cls.__dataclass_fields__ if any(n in vars(c).get("__annotations__", {}) for c in ours)]
     trl_own = [n for n in SFTConfig.__dataclass_fields__ if n not in TrainingArguments.__dataclass_fields__]
     groups = ((f"{section} ({cls.__name__}, recipe section {section}:)", own),
               ("TRL SFTConfig", [n for n in trl_own if n not in own]),
@@ -58,7 +59,7 @@ def run_distill(args) -> int:
     if "device" not in given(args, "teacher"):  # unless told otherwise, the teacher runs where training does
         teacher.device = str(config.device)
     t_model, t_tok = teacher.load()
-    s_model, s_tok = student.load()
+    s_model, s_tok = student.load(seq_len=config.max_length)
     result = distill(t_model, s_model, data, args.out, config=config, tokenizer=s_tok, teacher_tokenizer=t_tok,
                      text_column=data.text_column, resume=args.resume, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in result.items() if k != "log_history"}, indent=1))

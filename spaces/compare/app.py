@@ -20,6 +20,11 @@ variable, then `family.json` / `family.yaml` / `family.yml` next to this file, t
       "results": "family_results.json",   # optional: eval_results records (a list) or a file holding them
       "plot": "family.png"                # optional: the family plot (quality vs parameters)
     }
+
+Limits, so that one visitor cannot hold the Space: a prompt keeps at most `MAX_PROMPT_TOKENS` tokens (its end; 1024
+unless that environment variable says otherwise) and never more than the model's context leaves room for; generations
+run through Gradio's queue, `CONCURRENCY_LIMIT` (default 1) at a time, each one on every picked member at once.
+Members load from safetensors only (or a GGUF file the family names), never from pickled weights.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 FAMILY_ENV = "FAMILY_FILE"
 DEFAULT_FAMILY_FILES = ("family.json", "family.yaml", "family.yml", "family.example.json")
+MAX_PROMPT_TOKENS = int(os.environ.get("MAX_PROMPT_TOKENS", "1024"))
+CONCURRENCY_LIMIT = int(os.environ.get("CONCURRENCY_LIMIT", "1"))
+QUEUE_SIZE = int(os.environ.get("QUEUE_SIZE", "32"))  # waiting requests beyond this are refused with a message
+CHARS_PER_TOKEN = 16  # more than any tokenizer packs into a token of ordinary text: the prompt is cut to this first
 # the metric a table shows for a task, in order of preference (as hf_minitron.evaluate.primary_metric)
 PRIMARY_METRICS = ["acc_norm", "acc", "mc2", "exact_match,strict-match", "exact_match", "pass@1", "pass_at_1"]
 
@@ -260,9 +269,10 @@ def load_member(member: Member, device: str = "cpu"):
     kwargs = {k: v for k, v in (("revision", member.revision), ("gguf_file", member.gguf_file)) if v}
     # float32 on CPU (bfloat16 matmuls are slow there); the checkpoint's own dtype on an accelerator
     dtype = getattr(torch, member.dtype) if member.dtype else (torch.float32 if device == "cpu" else "auto")
+    weights = {} if member.gguf_file else {"use_safetensors": True}  # never a pickled checkpoint
     with _LOAD_LOCK:  # from_pretrained patches torch globally while it builds the model: one at a time
         tokenizer = AutoTokenizer.from_pretrained(member.model, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(member.model, dtype=dtype, **kwargs).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(member.model, dtype=dtype, **weights, **kwargs).to(device).eval()
     return model, tokenizer
 
 
@@ -272,6 +282,7 @@ class Settings:
     temperature: float = 0.7
     top_p: float = 0.95
     greedy: bool = False
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
 
     def generate_kwargs(self) -> dict:
         if self.greedy or self.temperature <= 0:
@@ -289,6 +300,8 @@ class Progress:
     error: str | None = None
     loading: bool = False
     stopped: bool = False
+    prompt_tokens: int = 0  # what the model was given
+    clipped: bool = False  # the prompt was longer than the limits: its start was cut
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -303,8 +316,9 @@ class Progress:
             return "waiting for the first token…" if not self.done else "no tokens generated"
         rate = f"{self.tokens_per_s:.1f} tokens/s" if self.tokens_per_s else "– tokens/s"
         state = " (stopped)" if self.stopped else "" if self.done else " (generating)"
+        cut = f" · prompt cut to its last {self.prompt_tokens} tokens" if self.clipped else ""
         return (f"latency (first token) **{self.first_token_s:.2f} s** · {self.tokens} tokens in "
-                f"{self.elapsed_s:.2f} s · **{rate}**{state}")
+                f"{self.elapsed_s:.2f} s · **{rate}**{state}{cut}")
 
 
 def build_prompt(tokenizer, prompt: str, instruct: bool) -> str:
@@ -315,17 +329,35 @@ def build_prompt(tokenizer, prompt: str, instruct: bool) -> str:
     return prompt
 
 
+def clip_prompt(tokenizer, prompt: str, max_tokens: int) -> tuple[str, bool]:
+    """The prompt's last `max_tokens` tokens (characters are cut first, so a pasted book is never tokenized whole),
+    and whether anything was cut."""
+    short = prompt[-max_tokens * CHARS_PER_TOKEN:]
+    ids = tokenizer(short, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens and short == prompt:
+        return prompt, False
+    return tokenizer.decode(ids[-max_tokens:]), True
+
+
 def stream_generate(model, tokenizer, prompt: str, instruct: bool = False, settings: Settings | None = None,
                     stop: threading.Event | None = None) -> Iterator[Progress]:
     """Generate in a worker thread and yield the growing answer with its token count and timings."""
     torch, _, _, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer = _import_generation()
 
     settings = settings or Settings()
+    max_new = int(settings.max_new_tokens)
+    context = getattr(model.config, "max_position_embeddings", None)  # prompt + answer must fit in it
+    if context:
+        max_new = max(min(max_new, context // 2), 1)
+    room = min(int(settings.max_prompt_tokens), context - max_new) if context else int(settings.max_prompt_tokens)
+    prompt, clipped = clip_prompt(tokenizer, prompt, room)
     text = build_prompt(tokenizer, prompt, instruct)
     # a chat template already holds the special tokens it needs
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not (instruct and text != prompt))
+    if inputs["input_ids"].shape[1] > room:  # the template's own tokens pushed it over: keep the end
+        inputs, clipped = {k: v[:, -room:] for k, v in inputs.items()}, True
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    progress = Progress()
+    progress = Progress(prompt_tokens=int(inputs["input_ids"].shape[1]), clipped=clipped)
     start = time.perf_counter()
 
     class CountingStreamer(TextIteratorStreamer):
@@ -342,7 +374,7 @@ def stream_generate(model, tokenizer, prompt: str, instruct: bool = False, setti
 
     streamer = CountingStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = dict(**inputs, max_new_tokens=int(settings.max_new_tokens), streamer=streamer, pad_token_id=pad,
+    kwargs = dict(**inputs, max_new_tokens=max_new, streamer=streamer, pad_token_id=pad,
                   stopping_criteria=StoppingCriteriaList([Stop()]), **settings.generate_kwargs())
     failure: list[BaseException] = []
 
@@ -425,9 +457,15 @@ CSS = """
 """
 
 
-def build_app(family: Family | None = None, cache: ModelCache | None = None, error: str | None = None):
-    """The Gradio Blocks: a Compare tab (prompt, settings, one output column per member) and an Evaluation tab."""
+def build_app(family: Family | None = None, cache: ModelCache | None = None, error: str | None = None,
+              max_prompt_tokens: int | None = None, concurrency_limit: int | None = None):
+    """The Gradio Blocks: a Compare tab (prompt, settings, one output column per member) and an Evaluation tab.
+    Prompts keep at most `max_prompt_tokens` tokens; `concurrency_limit` generations run at a time, the rest wait
+    in the queue (defaults: MAX_PROMPT_TOKENS, CONCURRENCY_LIMIT)."""
     import gradio as gr
+
+    max_prompt_tokens = max_prompt_tokens or MAX_PROMPT_TOKENS
+    concurrency_limit = concurrency_limit or CONCURRENCY_LIMIT
 
     cache = cache or ModelCache()
     title = family.name if family else "hf-minitron family"
@@ -449,8 +487,9 @@ def build_app(family: Family | None = None, cache: ModelCache | None = None, err
                     picked = gr.CheckboxGroup(choices=[(m.label, m.name) for m in family.members], value=default,
                                               label="Members", elem_id="members")
                     prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
-                                        placeholder="Type a prompt; instruct members get it inside their chat "
-                                                    "template.")
+                                        max_length=max_prompt_tokens * CHARS_PER_TOKEN,
+                                        placeholder=f"Type a prompt (up to {max_prompt_tokens} tokens); instruct "
+                                                    "members get it inside their chat template.")
                     with gr.Row():
                         run = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -504,7 +543,8 @@ def build_app(family: Family | None = None, cache: ModelCache | None = None, err
                 gr.Warning("Pick at least one member.")
                 yield blank + blank
                 return
-            settings = Settings(max_new_tokens=int(n), temperature=float(temp), top_p=float(p), greedy=bool(greedy_))
+            settings = Settings(max_new_tokens=int(n), temperature=float(temp), top_p=float(p), greedy=bool(greedy_),
+                                max_prompt_tokens=max_prompt_tokens)
             stop_event = stops[request.session_hash] = threading.Event()
             try:
                 for states in compare(family, cache, text, list(selected), settings, stop=stop_event):
@@ -523,9 +563,11 @@ def build_app(family: Family | None = None, cache: ModelCache | None = None, err
         # resolves in this function, so give it the class itself
         on_run.__annotations__["request"] = on_stop.__annotations__["request"] = gr.Request
         inputs = [picked, prompt, max_new, temperature, top_p, greedy]
-        run.click(on_run, inputs, outputs + stats, api_name="generate", show_progress="minimal")
-        prompt.submit(on_run, inputs, outputs + stats, api_visibility="private", show_progress="minimal")
+        limit = {"concurrency_limit": concurrency_limit, "concurrency_id": "generate"}  # one limit for both
+        run.click(on_run, inputs, outputs + stats, api_name="generate", show_progress="minimal", **limit)
+        prompt.submit(on_run, inputs, outputs + stats, api_visibility="private", show_progress="minimal", **limit)
         stop.click(on_stop, None, None, queue=False, api_visibility="private")
+    demo.queue(default_concurrency_limit=concurrency_limit, max_size=QUEUE_SIZE)
     return demo
 
 

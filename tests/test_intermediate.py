@@ -1,0 +1,119 @@
+"""Intermediate-state distillation: the automatic pair policy, the shared projection, the MLP-input site."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_distill import first_batch, make_trainer, save_pair, tiny_llama, tiny_tokenizer, write_corpus
+
+
+def test_auto_maps_blocks_proportionally_only_below_three_quarters_of_the_layers():
+    from hf_minitron.intermediate import auto_layer_map
+
+    assert auto_layer_map(32, 16) == [(0, 0)] + [(2 * s, s) for s in range(1, 16)]
+    assert auto_layer_map(32, 23)[:3] == [(0, 0), (1, 1), (3, 2)]  # round(s * 32/23), half up
+    assert auto_layer_map(32, 24) == []  # 3/4 of the layers kept: logits only (paper best practice 7)
+
+
+def test_auto_policy_turns_on_and_says_so(tmp_path, capsys):
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), layers=4), tiny_llama(len(tok), hidden=32, inter=64, layers=2, seed=1)
+    trainer = make_trainer(teacher, student, tmp_path)  # is_layers left at its default
+    assert [str(p) for p in trainer.state_pairs] == ["0:0", "2:1"]
+    assert "is_layers auto" in capsys.readouterr().out
+    same_depth = make_trainer(tiny_llama(len(tok), layers=2), tiny_llama(len(tok), layers=2, seed=1), tmp_path)
+    assert same_depth.state_pairs == [] and not hasattr(same_depth.model, "minitron_is_projections")
+
+
+def test_one_projection_with_bias_is_shared_by_every_pair(tmp_path):
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), layers=3), tiny_llama(len(tok), hidden=32, inter=64, seed=1)
+    shared = make_trainer(teacher, student, tmp_path, is_layers="0:0,1:1,3:2").model.minitron_is_projections
+    assert len(shared) == 1 and shared[0].bias is not None and tuple(shared[0].weight.shape) == (64, 32)
+    per_pair = make_trainer(teacher, tiny_llama(len(tok), hidden=32, inter=64, seed=1), tmp_path,
+                            is_layers="0:0,1:1,3:2", is_projection="per_pair").model.minitron_is_projections
+    assert len(per_pair) == 3
+
+
+def test_cosine_state_loss_is_the_default_and_ignores_scale(tmp_path):
+    from hf_minitron.distill import DistillConfig
+    from hf_minitron.losses import state_loss
+
+    h = torch.randn(5, 16)
+    assert state_loss(3 * h, h).abs().max() < 1e-6  # 1 - cos: outlier-dominated magnitudes do not matter
+    assert state_loss(3 * h, h, "mse").min() > 1
+    assert DistillConfig(output_dir=str(tmp_path)).is_loss == "cosine"
+
+
+def test_mlp_input_site_reads_the_residual_stream_entering_the_mlp(arch_name):
+    """The hooked tensor x is what the MLP branch adds to: block output = x + [post-norm](mlp(norm(x)))."""
+    from hf_minitron.archs import get_arch
+    from hf_minitron.intermediate import StateReader
+
+    model = tiny_model(arch_name)
+    spec = get_arch(model.config)
+    reader = StateReader(model, [("mlp_input", 2), ("block", 2)])
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), reader.capturing():
+        out = model(ids, output_hidden_states=True)
+    x, block = reader.states(out.hidden_states)
+    layer = spec.decoder_layers(model)[1]
+    with torch.no_grad():
+        branch = spec.mlp_module(layer)(spec.mlp_input(layer)(x))
+        post = getattr(layer, "post_feedforward_layernorm", None)  # Gemma normalises the branch before adding it
+        branch = post(branch) if post is not None else branch
+    assert torch.allclose(x + branch, block, atol=1e-5)
+    reader.remove()
+
+
+def test_mlp_input_loss_trains_only_what_precedes_the_mlp(tmp_path):
+    """L_i at block 1 alone (pair 1:1, mlp_input site): gradients reach the embedding and block 1's attention, not
+    its MLP; with gradient checkpointing, so the hooked tensor stays in the graph."""
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), layers=2), tiny_llama(len(tok), layers=2, seed=1)
+    trainer = make_trainer(teacher, student, tmp_path, is_layers="1:1", is_sites=["mlp_input"], alpha=1.0,
+                           w_logit=0.0, gradient_checkpointing=True)
+    assert [str(p) for p in trainer.state_pairs] == ["1:1@mlp_input"]
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, first_batch(trainer)).backward()
+    layer = trainer.model.model.layers[0]
+    assert trainer.model.model.embed_tokens.weight.grad.abs().sum() > 0
+    assert layer.self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in layer.mlp.parameters())
+    assert trainer._metrics["train"]["kd_is"][-1] > 0
+
+
+def test_both_sites_vanish_for_a_copy_of_the_teacher(tmp_path):
+    tok = tiny_tokenizer()
+    teacher = tiny_llama(len(tok), layers=2)
+    trainer = make_trainer(teacher, copy.deepcopy(teacher), tmp_path, is_layers="0:0,2:2",
+                           is_sites=["block", "mlp_input"])
+    assert [str(p) for p in trainer.state_pairs] == ["0:0", "2:2", "2:2@mlp_input"]  # no MLP input at index 0
+    trainer.compute_loss(trainer.model, first_batch(trainer))
+    assert trainer._metrics["train"]["kd_is"][-1] < 1e-6
+
+
+def test_bad_site_and_pairs_refused(tmp_path):
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="out of range"):
+        make_trainer(tiny_llama(len(tok)), tiny_llama(len(tok), seed=1), tmp_path, is_layers="3:1")
+    from hf_minitron.distill import DistillConfig
+
+    with pytest.raises(ValueError):
+        DistillConfig(output_dir=str(tmp_path), is_sites=["attention"])
+
+
+def test_distill_records_the_chosen_pairs(tmp_path, one_thread):
+    from hf_minitron.distill import RESULT_FILE, distill
+
+    teacher, student = save_pair(tmp_path)  # 3 teacher layers, 2 student layers: below 3/4, auto turns L_is on
+    out = tmp_path / "run"
+    distill(teacher, student, write_corpus(tmp_path), str(out), max_tokens=2 * 32, max_length=32,
+            per_device_train_batch_size=2, report_to=[])
+    result = json.loads((out / RESULT_FILE).read_text())
+    assert result["is_pairs"] == ["0:0", "2:1"] and "is_layers auto" in result["is_policy"]
+    assert result["losses"]["is_layers"] == "auto"
