@@ -23,8 +23,8 @@ from trl import SFTConfig, SFTTrainer
 
 from .archs import logit_transform
 from .checkpoints import drop_checkpoints, last_complete_checkpoint
-from .intermediate import (AUTO, SITES, Projection, Site, StateReader, build_projections, check_layer_spec,
-                           pair_projections, resolve_pairs)
+from .intermediate import (AUTO, SITES, Projection, Site, StateReader, attention_relation_loss, build_projections,
+                           check_layer_spec, check_relation_heads, pair_projections, resolve_pairs)
 from .losses import (LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_loss_name, chunked_logit_losses,
                      intermediate_losses)
 from .rundir import DISTILL_FILE
@@ -105,14 +105,19 @@ class DistillConfig(TextTrainingConfig):
                 "0:0 plus each student block s mapped to teacher block round(s*Lt/Ls) (paper best practice 6), "
                 "else none; 'off' or empty: no L_is"})
     is_sites: list[Site] = field(default_factory=lambda: ["block"], metadata={
-        "help": "where each is_layers pair is compared: block (that hidden state: L_emb, L_o) and/or mlp_input "
-                "(L_i: the residual stream entering block i's MLP), e.g. block,mlp_input"})
+        "help": "where each is_layers pair is compared: block (that hidden state: L_emb, L_o), mlp_input (L_i: the "
+                "residual stream entering block i's MLP) and/or attention (L_att: KL of block i's causal Q-Q, K-K, "
+                "V-V relations, MiniLMv2-style, no projection), e.g. block,attention"})
     is_loss: StateLoss = field(default="cosine", metadata={
         "help": "intermediate-state loss: cosine (1 - cos over channels, NVIDIA's choice) or mse"})
     is_projection: Projection = field(default="shared", metadata={
         "help": "learned Linear(h_s, h_t) with bias from student to teacher states: one shared by all pairs "
                 "(NVIDIA's) or one per pair; identity-initialised when the widths match; kept in checkpoints, "
                 "never in the saved student"})
+    att_relation_heads: int = field(default=8, metadata={
+        "help": "relation heads R of the attention site: Q, K and V are each split into R heads (every q/k/v width "
+                "of both models must be divisible by R); relations are [batch, R, seq, seq], fine up to a few "
+                "thousand tokens per window"})
     alpha: float | None = field(default=None, metadata={
         "help": "weight of L_is; None: dynamic alpha = L_logit / L_is (detached), as in the paper"})
     kd_chunk_tokens: int = field(default=1024, metadata={
@@ -134,6 +139,8 @@ class DistillConfig(TextTrainingConfig):
         for site in self.is_sites:
             check_loss_name(site, SITES, "is_sites entry")
         check_loss_name(self.is_projection, typing.get_args(Projection), "is_projection")
+        if self.att_relation_heads < 1:
+            raise ValueError(f"att_relation_heads must be >= 1, got {self.att_relation_heads}")
 
 
 def default_bf16(args) -> None:
@@ -174,8 +181,12 @@ class MinitronDistillTrainer(SFTTrainer):
         self.state_pairs, self.is_note = resolve_pairs(args.is_layers, args.is_sites, n_t, n_s)
         if self.is_note and args.process_index == 0:
             print(self.is_note, flush=True)
-        if self.state_pairs and not hasattr(model, PROJ_ATTR):
-            projs = build_projections(len(self.state_pairs), model.config.hidden_size, teacher.config.hidden_size,
+        self.att_index = [i for i, p in enumerate(self.state_pairs) if p.site == "attention"]  # L_att: no projection
+        self.proj_index = [i for i, p in enumerate(self.state_pairs) if p.site != "attention"]
+        if self.att_index:
+            check_relation_heads(model.config, teacher.config, args.att_relation_heads)
+        if self.proj_index and not hasattr(model, PROJ_ATTR):
+            projs = build_projections(len(self.proj_index), model.config.hidden_size, teacher.config.hidden_size,
                                       args.is_projection, args.seed)
             # a submodule, so DDP/FSDP sync it and the optimizer sees it; `_save` keeps it out of the student
             model.add_module(PROJ_ATTR, projs.to(device=model.device, dtype=model.dtype))
@@ -215,22 +226,30 @@ class MinitronDistillTrainer(SFTTrainer):
         n = num_items_in_batch if num_items_in_batch is not None else n_local.clamp(min=1)
         l_logit, l_clm = kd_sum / n, ce_sum / n
         loss = cfg.w_logit * l_logit + cfg.w_clm * l_clm
-        l_is = None
-        if self.state_pairs:
-            projs = pair_projections(getattr(unwrapped, PROJ_ATTR), len(self.state_pairs))
-            is_sum = intermediate_losses([h[:, :-1][mask] for h in s_states], [h[:, :-1][t_mask] for h in t_states],
-                                         projs, cfg.is_loss)
-            l_is = is_sum / n
+        l_is = att_sum = None
+        if self.state_pairs:  # L_is: the token sums of every pair (states and attention relations), pair-averaged
+            is_sum = kd_sum.new_zeros(())
+            if self.proj_index:
+                projs = pair_projections(getattr(unwrapped, PROJ_ATTR), len(self.proj_index))
+                is_sum = len(projs) * intermediate_losses([s_states[i][:, :-1][mask] for i in self.proj_index],
+                                                          [t_states[i][:, :-1][t_mask] for i in self.proj_index],
+                                                          projs, cfg.is_loss)
+            if self.att_index:
+                att_sum = attention_relation_loss([s_states[i] for i in self.att_index],
+                                                  [t_states[i] for i in self.att_index], mask,
+                                                  cfg.att_relation_heads, fwd.get("attention_mask"))
+                is_sum = is_sum + att_sum
+            l_is = is_sum / len(self.state_pairs) / n
             alpha = cfg.alpha if cfg.alpha is not None else (l_logit / l_is.clamp(min=1e-12)).detach()
             loss = loss + alpha * l_is
         if num_items_in_batch is None and model.training:
             loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
         elif cfg.average_tokens_across_devices:  # n counts every rank's tokens; DDP averages gradients
             loss = loss * self.accelerator.num_processes
-        self._log_parts(kd_sum, ce_sum, l_is, n, n_local, fwd)
+        self._log_parts(kd_sum, ce_sum, l_is, n, n_local, fwd, att_sum)
         return (loss, None) if return_outputs else loss
 
-    def _log_parts(self, kd_sum, ce_sum, l_is, n, n_local, fwd) -> None:
+    def _log_parts(self, kd_sum, ce_sum, l_is, n, n_local, fwd, att_sum=None) -> None:
         mode = "train" if self.model.training else "eval"
         denom = n_local.clamp(min=1).item()
         m = self._metrics[mode]
@@ -239,6 +258,8 @@ class MinitronDistillTrainer(SFTTrainer):
             m["clm"].append(ce_sum.item() / denom)
         if l_is is not None:
             m["kd_is"].append((l_is * n).item() / denom)
+        if att_sum is not None:  # L_att alone, per pair (already inside kd_is)
+            m["kd_att"].append(att_sum.item() / len(self.att_index) / denom)
         if mode == "train":
             self._total_train_tokens += fwd["input_ids"].numel() * self.accelerator.num_processes
         m["num_tokens"] = [self._total_train_tokens]
@@ -370,7 +391,7 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
         "student": student if isinstance(student, str) else student_model.name_or_path,
         "losses": {k: getattr(config, k) for k in ("logit_loss", "temperature", "top_k", "jsd_beta", "w_logit",
                                                     "w_clm", "is_layers", "is_sites", "is_loss", "is_projection",
-                                                    "alpha")},
+                                                    "att_relation_heads", "alpha")},
         "is_pairs": [str(p) for p in trainer.state_pairs], "is_policy": trainer.is_note or None,
         "dtypes": {"trained": str(train_dtype)[6:], "saved": str(save_dtype)[6:]},  # str(torch.x) = "torch.x"
         "tokens_per_step": per_step, "gradient_accumulation_steps": config.gradient_accumulation_steps,

@@ -58,10 +58,10 @@ class PruneConfig:
         "help": "how num_layers picks layers: ppl = smallest perplexity increase one layer at a time, ppl-run = "
                 "the contiguous run with the smallest increase (needs importance --depth-ppl-runs with the number "
                 "of layers dropped), bi = lowest Block Importance, bi-run = the contiguous run with the lowest BI"})
-    head_score: HeadScore = field(default="input", metadata={
-        "help": "which head score ranks the heads: input = norm of the head's output before o_proj (the paper's), "
-                "output = norm of its contribution after o_proj, ablation = perplexity increase when the head is "
-                "zeroed (needs importance --head-ablation-samples)"})
+    head_score: HeadScore = field(default="output", metadata={
+        "help": "which head score ranks the heads: output = norm of the head's contribution after o_proj (best "
+                "measured, docs/fidelity.md), input = norm of its output before o_proj (the paper's), ablation = "
+                "perplexity increase when the head is zeroed (needs importance --head-ablation-samples)"})
     merge_heads: bool = field(default=False, metadata={
         "help": "merge pruned query heads into kept ones, head_k <- 2 head_k - head_p on the query rows (paper "
                 "section 2.3); off by default: before retraining it makes a head prune of SmolLM2 ~12x worse "

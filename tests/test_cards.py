@@ -162,3 +162,11 @@ def test_base_member_card_says_pruned_from_the_teacher(family):
     text = _card(family / "m-90M")
     assert "**Pruned** from the teacher to ffn_size=48" in text
     assert "Fine-tuned" not in text
+
+
+def test_member_card_says_when_intermediate_losses_were_turned_on(tmp_path):
+    note = "is_layers auto: the student keeps 2 of the teacher's 4 layers (< 3/4), so L_is is on: 0:0,2:1"
+    folder = write_member_folder(tmp_path / "tiny-deep", config=tiny_config(num_hidden_layers=2), weights=False,
+                                 files={DISTILL_FILE: {**distill_record(), "is_policy": note}})
+    card = write_member_card(folder).read_text()
+    assert note in card

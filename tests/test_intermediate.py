@@ -1,4 +1,5 @@
-"""Intermediate-state distillation: the automatic pair policy, the shared projection, the MLP-input site."""
+"""Intermediate-state distillation: the automatic pair policy, the shared projection, the MLP-input and attention
+sites."""
 
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ def test_both_sites_vanish_for_a_copy_of_the_teacher(tmp_path):
     tok = tiny_tokenizer()
     teacher = tiny_llama(len(tok), layers=2)
     trainer = make_trainer(teacher, copy.deepcopy(teacher), tmp_path, is_layers="0:0,2:2",
-                           is_sites=["block", "mlp_input"])
-    assert [str(p) for p in trainer.state_pairs] == ["0:0", "2:2", "2:2@mlp_input"]  # no MLP input at index 0
+                           is_sites=["block", "mlp_input", "attention"])
+    # no MLP input nor attention at index 0
+    assert [str(p) for p in trainer.state_pairs] == ["0:0", "2:2", "2:2@mlp_input", "2:2@attention"]
     trainer.compute_loss(trainer.model, first_batch(trainer))
     assert trainer._metrics["train"]["kd_is"][-1] < 1e-6
 
@@ -104,7 +106,7 @@ def test_bad_site_and_pairs_refused(tmp_path):
     from hf_minitron.distill import DistillConfig
 
     with pytest.raises(ValueError):
-        DistillConfig(output_dir=str(tmp_path), is_sites=["attention"])
+        DistillConfig(output_dir=str(tmp_path), is_sites=["attn"])
 
 
 def test_distill_records_the_chosen_pairs(tmp_path, one_thread):
@@ -117,3 +119,85 @@ def test_distill_records_the_chosen_pairs(tmp_path, one_thread):
     result = json.loads((out / RESULT_FILE).read_text())
     assert result["is_pairs"] == ["0:0", "2:1"] and "is_layers auto" in result["is_policy"]
     assert result["losses"]["is_layers"] == "auto"
+
+
+# ---- attention relations (L_att) ---------------------------------------------------------------------------
+def _qkv(model, ids, layer: int = 2):
+    from hf_minitron.intermediate import StateReader
+
+    reader = StateReader(model, [("attention", layer)])
+    with torch.no_grad(), reader.capturing():
+        out = model(ids, output_hidden_states=True)
+    (qkv,) = reader.states(out.hidden_states)
+    reader.remove()
+    return qkv
+
+
+def test_relation_loss_is_zero_against_itself_and_positive_against_a_perturbed_copy(arch_name):
+    """Every family: GQA (4 query / 2 KV heads: K and V half as wide as Q) and Phi-3's fused qkv_proj included."""
+    from hf_minitron.intermediate import attention_relation_loss, qkv_widths
+
+    model = tiny_model(arch_name)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    qkv = _qkv(model, ids)
+    assert [x.shape[-1] for x in qkv] == list(qkv_widths(model.config))  # 64/32/32 (Nemotron: MHA, 64/64/64)
+    rows = torch.ones(2, 10, dtype=torch.bool)
+    assert attention_relation_loss([qkv], [qkv], rows, heads=8).abs() < 1e-5
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert attention_relation_loss([_qkv(other, ids)], [qkv], rows, heads=8) > 1e-4
+
+
+def test_relations_are_causal():
+    """Changing the last token changes only the last relation row of Q-Q, K-K and V-V."""
+    from hf_minitron.intermediate import relation_log_probs
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % 128
+    for x, y in zip(_qkv(model, ids), _qkv(model, changed), strict=True):
+        a, b = relation_log_probs(x, 8), relation_log_probs(y, 8)
+        assert torch.allclose(a[:, :, :-1], b[:, :, :-1], atol=1e-6)
+        assert not torch.allclose(a[:, :, -1], b[:, :, -1], atol=1e-4)
+        assert torch.isinf(a[:, :, 0, 1:]).all()  # the first token relates only to itself
+
+
+def test_attention_site_distill_step_reports_kd_is(tmp_path):
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), layers=4), tiny_llama(len(tok), hidden=32, inter=64, layers=2, seed=1)
+    trainer = make_trainer(teacher, student, tmp_path, is_layers="0:0,4:2", is_sites=["block", "attention"])
+    assert [str(p) for p in trainer.state_pairs] == ["0:0", "4:2", "4:2@attention"]
+    assert len(trainer.model.minitron_is_projections) == 1  # the attention pair has no projection
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, first_batch(trainer))
+    loss.backward()
+    metrics = trainer._metrics["train"]
+    assert torch.isfinite(loss) and metrics["kd_is"][-1] > 0 and metrics["kd_att"][-1] > 0
+
+
+def test_attention_loss_trains_only_the_layers_q_k_v_and_what_precedes_them(tmp_path):
+    """L_att at student block 1 alone: gradients reach its K projection, not its MLP nor block 2; with gradient
+    checkpointing, so the hooked q/k/v stay in the graph."""
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), layers=4), tiny_llama(len(tok), hidden=32, inter=64, layers=2, seed=1)
+    trainer = make_trainer(teacher, student, tmp_path, is_layers="2:1", is_sites=["attention"], w_logit=0.0,
+                           alpha=1.0, gradient_checkpointing=True)
+    assert not hasattr(trainer.model, "minitron_is_projections")
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, first_batch(trainer)).backward()
+    first, second = trainer.model.model.layers
+    k_grad = first.self_attn.k_proj.weight.grad
+    assert k_grad.abs().sum() > 0 and torch.isfinite(k_grad).all()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in [*first.mlp.parameters(), *second.parameters()])
+
+
+def test_relation_heads_must_divide_the_widths(tmp_path):
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok)), tiny_llama(len(tok), hidden=32, inter=64, seed=1)
+    with pytest.raises(ValueError) as err:
+        make_trainer(teacher, student, tmp_path, is_layers="2:2", is_sites=["attention"], att_relation_heads=3)
+    assert str(err.value) == ("att_relation_heads=3 must divide every query/key/value width (teacher q/k/v 64/32/32; "
+                              "student q/k/v 32/16/16)")
