@@ -161,13 +161,14 @@ class Evaluator:
 
 
 # ---- student -------------------------------------------------------------------------------------------------------
-def build_pruned(teacher, tokenizer, data_dir: str, out: str):
+def build_pruned(teacher, tokenizer, data_dir: str, out: str, samples: int = 32, seq_len: int = 256):
+    """Every MLP 1536 -> 1024 by activation importance on `samples` x `seq_len` calibration tokens."""
     from hf_minitron.data import TextSource, pack_tokens
     from hf_minitron.importance import ImportanceConfig, compute_importance
     from hf_minitron.prune import PruneTarget, prune_model, save_student
 
     calib = TextSource(f"{data_dir}/tinyshakespeare.txt,{data_dir}/wikitext2_valid.txt")
-    packed = pack_tokens(calib, tokenizer, samples=32, seq_len=256)
+    packed = pack_tokens(calib, tokenizer, samples=samples, seq_len=seq_len)
     scores = compute_importance(teacher, packed.input_ids, ImportanceConfig(depth_ppl_samples=0),
                                 {"data": packed.source}, progress=False)
     student, _ = prune_model(teacher, scores, PruneTarget(ffn_size=1024))

@@ -200,21 +200,15 @@ def make_variants(model, batch_size: int, bi: bool):
 
     variants = {"plain": plain, "hooked": hooked}
     if bi:
-        try:  # private helpers of hf_minitron/importance.py: the width hooks alone, without BI capture
+        try:  # the width hooks alone, without BI capture (private helpers of hf_minitron/importance.py)
             from hf_minitron.archs import get_arch
-            from hf_minitron.importance import _Accumulator, _hooks
+            from hf_minitron.importance import _hooks, width_accumulators
 
-            spec, mc = get_arch(model.config), model.config
-            n_norms = mc.num_hidden_layers * len(spec.layer_norms) + 1
-            ffn = spec.down(spec.decoder_layers(model)[0]).in_features
-            device = next(model.parameters()).device
+            spec = get_arch(model.config)
 
             @torch.no_grad()
             def width(batch):
-                acc = {"heads": _Accumulator(mc.num_hidden_layers, mc.num_attention_heads, device=device),
-                       "neurons": _Accumulator(mc.num_hidden_layers, ffn, device=device),
-                       "channels": _Accumulator(n_norms, mc.hidden_size, device=device)}
-                with _hooks(model, spec, acc, None):
+                with _hooks(model, spec, width_accumulators(model, spec), None):
                     model(input_ids=batch)
 
             variants["width"] = width
@@ -245,15 +239,9 @@ def throughput(model, ids: torch.Tensor, args) -> tuple[dict, list]:
     for rep in range(args.reps):
         rep_t = {n: 0.0 for n in names}
         for batch in batches:
-            order = names[step % len(names):] + names[: step % len(names)]
+            cell = timed_cell(variants, batch, step)
             step += 1
-            cell = {}
-            for name in order:
-                _sync()
-                t0 = time.perf_counter()
-                variants[name](batch)
-                _sync()
-                cell[name] = time.perf_counter() - t0
+            for name in names:
                 rep_t[name] += cell[name]
             pairs.append(cell)
         for n in names:
@@ -261,6 +249,19 @@ def throughput(model, ids: torch.Tensor, args) -> tuple[dict, list]:
         print(f"  rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} {rep_t[n]:.2f}s" for n in names)
               + f"  (loadavg {os.getloadavg()[0]:.2f})", flush=True)
     return totals, pairs
+
+
+def timed_cell(variants: dict, batch, step: int) -> dict:
+    """Seconds of each variant on one batch, the order rotated by `step` so no variant always runs first."""
+    names = list(variants)
+    cell = {}
+    for name in names[step % len(names):] + names[: step % len(names)]:
+        _sync()
+        t0 = time.perf_counter()
+        variants[name](batch)
+        _sync()
+        cell[name] = time.perf_counter() - t0
+    return cell
 
 
 def profile(model, ids: torch.Tensor, args) -> None:
@@ -315,20 +316,12 @@ def depth_cost(model, ids: torch.Tensor, args) -> dict:
     cached = {id(b): layer_inputs(b) for b in batches}
     variants = {"width": width, "full-skip": full_skip, "cached": lambda b: perplexity_drop(model, b, cached[id(b)],
                                                                                           runs)}
-    names = list(variants)
     width(batches[0])  # warm-up (allocator, lazy init, accelerate PartialState); the depth passes are long enough
     pairs, step = [], 0
     for rep in range(args.reps):
         for batch in batches:
-            order = names[step % len(names):] + names[: step % len(names)]
+            cell = timed_cell(variants, batch, step)
             step += 1
-            cell = {}
-            for name in order:
-                _sync()
-                t0 = time.perf_counter()
-                variants[name](batch)
-                _sync()
-                cell[name] = time.perf_counter() - t0
             pairs.append(cell)
             print(f"  rep {rep + 1}, sample {len(pairs)}: " + ", ".join(f"{k} {v:.2f}s" for k, v in cell.items())
                   + f"  (loadavg {os.getloadavg()[0]:.2f})", flush=True)

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
-from .checkpoints import drop_checkpoints, last_complete_checkpoint
+from .checkpoints import SaveOnInterrupt, drop_checkpoints, last_complete_checkpoint
 from .distill import EXCLUDED as TRAINER_EXCLUDED
-from .distill import TextTrainingConfig, _set_config_dtype, trainer_config
+from .distill import TextTrainingConfig, text_dataset, trainer_config
+from .models import set_config_dtype
 from .rundir import CORRECTION_FILE, StageOutput, hash_folder
 from .schedule import resolve_schedule
 from .utils import read_json
@@ -65,7 +66,7 @@ class CorrectionTrainer(SFTTrainer):
             state_dict = {k: v.to(cast) if v.is_floating_point() else v for k, v in state_dict.items()}
         super()._save(output_dir, state_dict=state_dict)
         if cast is not None and self.args.should_save:
-            _set_config_dtype(output_dir or self.args.output_dir, cast)
+            set_config_dtype(output_dir or self.args.output_dir, cast)
 
 
 def staging_folder(out: str | Path) -> Path:
@@ -104,7 +105,7 @@ def correct_teacher(model, tokenizer, data, out: str | Path, config: CorrectionC
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size} logits")
 
     config = trainer_config(CorrectionConfig, config, str(staging), {"disable_tqdm": not progress})
-    config.dataset_text_field, dataset = _text_dataset(data, text_column)
+    config.dataset_text_field, dataset = text_dataset(data, text_column)
     resolve_schedule(config)
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.max_length
     per_step *= config.world_size
@@ -114,7 +115,8 @@ def correct_teacher(model, tokenizer, data, out: str | Path, config: CorrectionC
     work = copy.deepcopy(model)  # the caller's teacher stays as it was
     if config.train_dtype != "auto":  # fp32 master weights by default; bf16/fp16 only as autocast
         work.to(getattr(torch, config.train_dtype))
-    trainer = CorrectionTrainer(model=work, args=config, train_dataset=dataset, processing_class=tokenizer)
+    trainer = CorrectionTrainer(model=work, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                callbacks=[SaveOnInterrupt()])
     probe = _probe_windows(trainer.train_dataset)
     before = _mean_loss(work, probe)
     train_out = trainer.train(resume_from_checkpoint=last_complete_checkpoint(staging) if resume else None)
@@ -155,18 +157,6 @@ def _stage_output(out: Path, result: dict) -> StageOutput:
     return StageOutput(out, hash_folder(out), {TOKENS_KEY: result["tokens"]},
                        {"steps": result["steps"], "train_loss": result["train_loss"],
                         "probe_loss_before": probe.get("before"), "probe_loss_after": probe.get("after")})
-
-
-def _text_dataset(data, text_column: str):
-    """(text column, dataset) for a path / Hub id, a `TextSource`, or a `datasets` dataset."""
-    from .data import TextSource, load_text_dataset
-
-    if isinstance(data, (str, TextSource)):
-        src = TextSource(data, text_column=text_column) if isinstance(data, str) else data
-        return src.text_column, load_text_dataset(src)
-    if data.column_names is not None and text_column not in data.column_names:
-        raise ValueError(f"dataset has no column {text_column!r}; columns: {', '.join(data.column_names)}")
-    return text_column, data
 
 
 def _probe_windows(dataset) -> list[list[int]]:

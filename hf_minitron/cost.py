@@ -4,7 +4,7 @@ Training FLOPs are estimated as 6 * N * tokens for the model being trained plus 
 passes (importance: 2 * N * tokens). A member's lineage cost adds its ancestors' (the 4B of a 15B -> 8B -> 4B
 chain owes the 8B's distillation too). The build's "N x fewer tokens" figure is the from-scratch tokens of all
 members (`cost.scratch_tokens`, e.g. the teacher's pretraining tokens) over all tokens the build used.
-`describe` is the dry run: what a recipe would make, from configs alone.
+What a build will cost before it runs (the plan it prints, and --dry-run): plan.py.
 """
 
 from __future__ import annotations
@@ -101,28 +101,3 @@ def summary(run, recipe, cost: dict, teacher_params: int | None = None) -> str:
                  f"{run.root / MANIFEST}")
     return "\n".join(lines)
 
-
-def describe(recipe) -> str:
-    """What a build would make, from configs alone (the CLI's --dry-run): each member's parameter count, or the
-    search candidates for its budget (a chain member's base is taken as its parent's nearest candidate)."""
-    from dataclasses import asdict
-
-    from .archs import count_parameters
-    from .prune import parameter_count, student_config
-    from .search import candidates_for
-
-    configs = {"teacher": recipe.teacher.model_config()}
-    lines = [f"recipe {recipe.name!r}: teacher {recipe.teacher.source} ({si(count_parameters(configs['teacher']))})"]
-    for m in recipe.members:
-        base = configs[m.parent or "teacher"]
-        if m.shape:
-            target = m.shape
-            configs[m.name] = student_config(base, target)
-            shape = {k: v for k, v in asdict(m.shape).items() if v is not None}
-            lines.append(f"  {m.name}: {si(parameter_count(base, target))} parameters, shape {shape}")
-        else:
-            found = candidates_for(base, m.params, m.search_settings(recipe.search))
-            configs[m.name] = student_config(base, found[0].target())
-            lines.append(f"  {m.name}: budget {si(m.params)}, {len(found)} candidates, nearest "
-                         f"{si(found[0].params)} {found[0].shape}")
-    return "\n".join(lines)

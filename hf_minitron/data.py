@@ -21,14 +21,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .data_checks import DataSourceError, bad_json_line, check_file, check_text, looks_local, quiet_json_builder
 from .schema import SettingError
 
 BUILTIN_PYDOC = "pydoc-topics"
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-class DataSourceError(ValueError):
-    pass
 
 
 @dataclass
@@ -100,8 +97,8 @@ def _local_files(path: str) -> list[str] | None:
             found = sorted(glob.glob(part, recursive=True))
         elif os.path.exists(part):
             found = [part]
-        elif part.startswith((".", "/", "~")) or os.path.splitext(part)[1] in _BUILDERS:
-            raise DataSourceError(f"data file {part!r} does not exist")
+        elif looks_local(part):
+            raise DataSourceError(f"data file {part!r}: no such file or folder")
         else:
             return None
         if not found:
@@ -128,11 +125,18 @@ def _load_source(source: TextSource):
             raise DataSourceError(f"data files of kinds {sorted(kinds)} in {source.path!r}: give one kind of "
                                   f"{', '.join(_BUILDERS)}")
         builder = _BUILDERS[kinds.pop()]
+        for f in files:
+            check_file(f)
         extra = {"sample_by": "document"} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=files, split="train", streaming=source.streaming, **extra)
+        with quiet_json_builder():  # its own traceback in the log; the error below names the file and line
+            return datasets.load_dataset(builder, data_files=files, split="train", streaming=source.streaming,
+                                         **extra)
     except DataSourceError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs the source and the first line
+        bad = bad_json_line(files or [])
+        if bad:
+            raise DataSourceError(bad) from e
         first = str(e).splitlines()[0] if str(e) else repr(e)
         raise DataSourceError(f"cannot read data source {source.path!r}: {first}") from e
 
@@ -149,6 +153,7 @@ def load_text_dataset(source: TextSource | str):
     if columns is not None and source.text_column not in columns:
         raise DataSourceError(f"data source {source.path!r} has no column {source.text_column!r}; "
                               f"columns: {', '.join(columns)}")
+    check_text(ds, source.path, source.text_column)
     return ds
 
 
@@ -163,7 +168,8 @@ def _load_hub_dataset(source: TextSource):
     try:
         folder = snapshot_download(source.path, repo_type="dataset", revision=source.revision, local_files_only=True)
     except Exception as e:
-        raise DataSourceError(f"dataset {source.path!r} is not in the local HF cache and HF_HUB_OFFLINE is set") from e
+        raise DataSourceError(f"dataset {source.path!r} is neither a local file or folder nor in the local HF cache "
+                              "(HF_HUB_OFFLINE is set)") from e
     return datasets.load_dataset(folder, source.config, **kwargs)
 
 

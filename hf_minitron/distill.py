@@ -22,9 +22,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
 from trl import SFTConfig, SFTTrainer
 
 from .archs import logit_transform
-from .checkpoints import drop_checkpoints, last_complete_checkpoint
+from .checkpoints import SaveOnInterrupt, drop_checkpoints, last_complete_checkpoint
 from .intermediate import (AUTO, SITES, Projection, Site, StateReader, attention_relation_loss, build_projections,
                            check_layer_spec, check_relation_heads, pair_projections, resolve_pairs)
+from .models import check_same_tokenizer, load_model_spec, set_config_dtype
 from .losses import (LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_loss_name, chunked_logit_losses,
                      intermediate_losses)
 from .rundir import DISTILL_FILE
@@ -122,6 +123,9 @@ class DistillConfig(TextTrainingConfig):
         "help": "weight of L_is; None: dynamic alpha = L_logit / L_is (detached), as in the paper"})
     kd_chunk_tokens: int = field(default=1024, metadata={
         "help": "tokens per chunk of the logit loss (peak loss memory ~ chunk x vocab); 0 = no chunking"})
+    teacher_cache: str | None = field(default=None, metadata={
+        "help": "a teacher-logit cache folder (hf-minitron teacher-logits): train on its windows against its top-K "
+                "(sparse forward KL), never loading the teacher; no intermediate-state losses"})
 
     def __post_init__(self):
         if self.ddp_find_unused_parameters is None:
@@ -156,17 +160,6 @@ def trainer_config(cls, config, out: str, overrides: dict):
     for key, value in {**overrides, "output_dir": out}.items():  # set, not dataclasses.replace: TrainingArguments'
         setattr(config, key, value)  # __post_init__ does not re-run cleanly
     return config
-
-
-def check_same_tokenizer(student_tok, teacher_tok) -> None:
-    """Distillation compares distributions token by token: the vocabularies must have the same contents."""
-    if student_tok is None or teacher_tok is None:
-        return
-    vs, vt = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if vs != vt:
-        differ = sum(1 for tok, i in vs.items() if vt.get(tok) != i)
-        raise ValueError(f"student and teacher tokenizers differ ({len(vs)} vs {len(vt)} tokens, {differ} ids "
-                         f"disagree); distillation needs one tokenizer")
 
 
 class MinitronDistillTrainer(SFTTrainer):
@@ -278,7 +271,7 @@ class MinitronDistillTrainer(SFTTrainer):
             state_dict = {k: v.to(cast) if v.is_floating_point() else v for k, v in state_dict.items()}
         super()._save(output_dir, state_dict=state_dict)
         if cast is not None and self.args.should_save:
-            _set_config_dtype(output_dir, cast)
+            set_config_dtype(output_dir, cast)
         if proj and self.args.should_save and checkpoint:
             from safetensors.torch import save_file
 
@@ -294,30 +287,21 @@ class MinitronDistillTrainer(SFTTrainer):
             projs.load_state_dict(load_file(path, device=str(projs[0].weight.device)))
 
 
-def _set_config_dtype(folder: str, dtype: torch.dtype) -> None:
-    """config.json's dtype names the saved weights' dtype (save_pretrained writes the in-memory one)."""
-    path = os.path.join(folder, "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            config = json.load(f)
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
+def text_dataset(data, text_column: str = "text", streaming: bool = False):
+    """(text column, dataset) to train on, for a path / Hub id, a `TextSource`, or a `datasets` dataset: the data
+    argument of `distill` and of teacher correction."""
+    from .data import TextSource, load_text_dataset
+
+    if isinstance(data, (str, TextSource)):
+        src = TextSource(data, text_column=text_column, streaming=streaming) if isinstance(data, str) else data
+        return src.text_column, load_text_dataset(src)
+    if data.column_names is not None and text_column not in data.column_names:
+        raise ValueError(f"dataset has no column {text_column!r}; columns: {', '.join(data.column_names)}")
+    return text_column, data
 
 
 def _finished(out: str) -> bool:
     return any(os.path.isfile(os.path.join(out, f)) for f in (RESULT_FILE, "model.safetensors", "config.json"))
-
-
-def _load(spec, dtype, device):
-    """A model spec (repo id / folder / .gguf) or an already loaded model -> (model, tokenizer or None)."""
-    if not isinstance(spec, str):
-        return spec, None
-    from .models import load_model, load_tokenizer, resolve_source
-
-    src = resolve_source(spec)
-    return load_model(src, dtype=dtype, device=device), load_tokenizer(src)
 
 
 def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, config: DistillConfig | None = None,
@@ -346,40 +330,42 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
     config.dataset_text_field = text_column
 
     device = str(config.device)
-    student_model, student_tok = _load(student, student_dtype, "cpu")
+    student_model, student_tok = load_model_spec(student, student_dtype, "cpu")
     save_dtype = student_model.dtype
     if config.train_dtype != "auto":  # fp32 master weights by default; bf16/fp16 only as autocast
         student_model.to(getattr(torch, config.train_dtype))
     train_dtype = student_model.dtype
-    teacher_model, teacher_tok = _load(teacher, teacher_dtype, teacher_device or device)
+    cache = None
+    if config.teacher_cache:  # the teacher's top-K come from disk: it is never loaded
+        from .teacher_cache import CachedDistillTrainer, TeacherCache, cached_dataset
+
+        cache, teacher_model, teacher_tok = TeacherCache(config.teacher_cache), None, None
+    else:
+        teacher_model, teacher_tok = load_model_spec(teacher, teacher_dtype, teacher_device or device)
     tokenizer = tokenizer or student_tok or teacher_tok
     if tokenizer is None:
         raise ValueError("no tokenizer: pass tokenizer= when giving loaded models")
-    check_same_tokenizer(tokenizer, teacher_tokenizer or teacher_tok)
-    shared = min(student_model.config.vocab_size, teacher_model.config.vocab_size)
-    if len(tokenizer) > shared:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the models share only {shared} logits")
-    if teacher_device and not isinstance(teacher, str):
-        teacher_model.to(teacher_device)
+    if cache is None:
+        check_same_tokenizer(tokenizer, teacher_tokenizer or teacher_tok)
+        shared = min(student_model.config.vocab_size, teacher_model.config.vocab_size)
+        if len(tokenizer) > shared:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the models share only {shared} logits")
+        if teacher_device and not isinstance(teacher, str):
+            teacher_model.to(teacher_device)
 
-    from .data import TextSource, load_text_dataset
-
-    if isinstance(data, (str, TextSource)):
-        src = TextSource(data, text_column=text_column, streaming=streaming) if isinstance(data, str) else data
-        config.dataset_text_field = src.text_column
-        dataset = load_text_dataset(src)
+    if cache is not None:
+        dataset = cached_dataset(cache, config, student_model, tokenizer, teacher, data, text_column)
     else:
-        dataset = data
-        if dataset.column_names is not None and text_column not in dataset.column_names:
-            raise ValueError(f"dataset has no column {text_column!r}; columns: {', '.join(dataset.column_names)}")
+        config.dataset_text_field, dataset = text_dataset(data, text_column, streaming)
 
     resolve_schedule(config)
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.max_length
     per_step *= config.world_size
     config.max_steps = math.ceil(max_tokens / per_step)
     student_model.train()
-    trainer = MinitronDistillTrainer(student_model, teacher_model, config, train_dataset=dataset,
-                                     processing_class=tokenizer)
+    trainer = (CachedDistillTrainer if cache else MinitronDistillTrainer)(
+        student_model, cache or teacher_model, config, train_dataset=dataset, processing_class=tokenizer,
+        callbacks=[SaveOnInterrupt()])
     last = last_complete_checkpoint(out) if resume else None
     train_out = trainer.train(resume_from_checkpoint=last)
     trainer.save_dtype = save_dtype
@@ -387,7 +373,9 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
     result = {
         "out": out, "steps": trainer.state.global_step, "tokens": trainer.state.global_step * per_step,
         "train_loss": train_out.training_loss, "max_tokens": max_tokens,
-        "teacher": teacher if isinstance(teacher, str) else teacher_model.name_or_path,
+        "teacher": teacher if isinstance(teacher, str) else (cache.meta["teacher"]["source"] if cache
+                                                             else teacher_model.name_or_path),
+        "teacher_cache": config.teacher_cache,
         "student": student if isinstance(student, str) else student_model.name_or_path,
         "losses": {k: getattr(config, k) for k in ("logit_loss", "temperature", "top_k", "jsd_beta", "w_logit",
                                                     "w_clm", "is_layers", "is_sites", "is_loss", "is_projection",

@@ -252,6 +252,16 @@ def _hooks(model, spec, acc: dict, hidden_states: list | None, neuron_site: str 
 
 
 @torch.no_grad()
+def width_accumulators(model, spec) -> dict:
+    """Empty running statistics for every width unit the hooks of `_hooks` fill, on the model's device."""
+    cfg, device = model.config, next(model.parameters()).device
+    n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    return {"heads": _Accumulator(n_layers, heads, device=device),
+            "heads_out": _Accumulator(n_layers, heads, device=device),
+            "neurons": _Accumulator(n_layers, spec.down(spec.decoder_layers(model)[0]).in_features, device=device),
+            "channels": _Accumulator(n_layers * len(spec.layer_norms) + 1, cfg.hidden_size, device=device)}
+
+
 def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig | None = None,
                        metadata: dict | None = None, progress: bool = True) -> ImportanceScores:
     """Score every width and depth unit of `model` on calibration sequences `input_ids` [samples, seq_len]."""
@@ -264,13 +274,7 @@ def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig 
     device = next(model.parameters()).device
     state = PartialState(cpu=device.type == "cpu")  # cpu=True lets `accelerate launch` ranks use gloo on CPU
     n_layers = cfg.num_hidden_layers
-    n_norms = n_layers * len(spec.layer_norms) + 1
-    acc = {
-        "heads": _Accumulator(n_layers, cfg.num_attention_heads, device=device),
-        "heads_out": _Accumulator(n_layers, cfg.num_attention_heads, device=device),
-        "neurons": _Accumulator(n_layers, spec.down(spec.decoder_layers(model)[0]).in_features, device=device),
-        "channels": _Accumulator(n_norms, cfg.hidden_size, device=device),
-    }
+    acc = width_accumulators(model, spec)
     max_run = config.bi_max_run or max(1, n_layers // 2)
     max_run = min(max_run, n_layers)
     bi_sum = torch.zeros(max_run, n_layers, dtype=torch.float64, device=device)

@@ -110,6 +110,57 @@ def chunked_logit_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Ten
     return kd_total, ce_total
 
 
+def sparse_forward_kl(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor,
+                      tail_logp: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token forward KL [N] from a cached teacher: its K most likely tokens `top_ids` [N, K] with log-probs
+    `top_logp` [N, K], plus one tail bucket holding the rest of its mass (`tail_logp` [N], -inf when K = vocab).
+
+    The student's distribution (at the same temperature, cut to the teacher's vocabulary by the caller) is folded
+    onto the same K + 1 buckets, so the loss is exact when K = vocab and a lower bound of the full KL otherwise
+    (merging outcomes never raises a KL); scaled by tau^2 like `logit_divergence`.
+    """
+    zs = student_logits.float() / temperature
+    log_z = zs.logsumexp(-1)
+    ls_top = zs.gather(-1, top_ids) - log_z[:, None]
+    # the student's remaining mass; a large finite fill instead of -inf keeps the gradient finite when K = vocab
+    ls_tail = zs.scatter(-1, top_ids, torch.finfo(zs.dtype).min).logsumexp(-1) - log_z
+    lt_top, lt_tail = top_logp.float(), tail_logp.float()
+    pt_tail = lt_tail.exp()
+    tail = pt_tail * (torch.where(pt_tail > 0, lt_tail, 0.0) - ls_tail)  # 0 * log 0 = 0
+    return temperature ** 2 * ((lt_top.exp() * (lt_top - ls_top)).sum(-1) + tail)
+
+
+def _sparse_chunk(h_s: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor, tail_logp: torch.Tensor,
+                  labels: torch.Tensor, student_head: nn.Module, vocab: int, temperature: float, with_ce: bool,
+                  student_transform: Transform) -> tuple[torch.Tensor, torch.Tensor]:
+    z_s = student_head(h_s)
+    if student_transform is not None:
+        z_s = student_transform(z_s.float())
+    kd = sparse_forward_kl(z_s[:, :vocab], top_ids, top_logp, tail_logp, temperature).sum()
+    ce = F.cross_entropy(z_s.float(), labels, reduction="sum") if with_ce else kd.new_zeros(())
+    return kd, ce
+
+
+def chunked_sparse_losses(h_s: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor, tail_logp: torch.Tensor,
+                          labels: torch.Tensor, student_head: nn.Module, vocab: int, temperature: float = 1.0,
+                          chunk_tokens: int | None = 1024, with_ce: bool = True,
+                          student_transform: Transform = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunked_logit_losses` against a cached teacher (`sparse_forward_kl`): sums of the forward KL and of the
+    cross-entropy over N tokens, the student's head run per chunk under checkpointing. `vocab` is the teacher's."""
+    fn = partial(_sparse_chunk, student_head=student_head, vocab=vocab, temperature=temperature, with_ce=with_ce,
+                 student_transform=student_transform)
+    if not chunk_tokens or (h_s.shape[0] <= chunk_tokens and not torch.is_grad_enabled()):
+        return fn(h_s, top_ids, top_logp, tail_logp, labels)
+    kd_total = h_s.new_zeros((), dtype=torch.float32)
+    ce_total = h_s.new_zeros((), dtype=torch.float32)
+    for start in range(0, h_s.shape[0], chunk_tokens):
+        sl = slice(start, start + chunk_tokens)
+        kd, ce = checkpoint(fn, h_s[sl], top_ids[sl], top_logp[sl], tail_logp[sl], labels[sl], use_reentrant=False)
+        kd_total = kd_total + kd
+        ce_total = ce_total + ce
+    return kd_total, ce_total
+
+
 def state_loss(h_s: torch.Tensor, h_t: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
     """Per-token loss [N] between a projected student state and a teacher state, both [N, H_t].
 

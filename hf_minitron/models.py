@@ -309,3 +309,34 @@ def load_config(source: ModelSource | str, trust_remote_code: bool = False):
     except _file_errors() as e:
         hint = " (truncated or corrupt?)" if source.gguf_file else ""
         raise ModelLoadError(f"cannot read the config of {source.file()!r}{hint}: {first_line(e)}") from e
+
+
+def set_config_dtype(folder: str, dtype: torch.dtype) -> None:
+    """config.json's dtype names the saved weights' dtype (save_pretrained writes the in-memory one)."""
+    path = os.path.join(folder, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def load_model_spec(spec, dtype, device):
+    """A model spec (repo id / folder / .gguf) or an already loaded model -> (model, tokenizer or None)."""
+    if not isinstance(spec, str):
+        return spec, None
+    src = resolve_source(spec)
+    return load_model(src, dtype=dtype, device=device), load_tokenizer(src)
+
+
+def check_same_tokenizer(student_tok, teacher_tok) -> None:
+    """Distillation compares distributions token by token: the vocabularies must have the same contents."""
+    if student_tok is None or teacher_tok is None:
+        return
+    vs, vt = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if vs != vt:
+        differ = sum(1 for tok, i in vs.items() if vt.get(tok) != i)
+        raise ValueError(f"student and teacher tokenizers differ ({len(vs)} vs {len(vt)} tokens, {differ} ids "
+                         f"disagree); distillation needs one tokenizer")

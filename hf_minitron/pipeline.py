@@ -42,6 +42,22 @@ class _Build:
     models: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
 
+    started: float = field(default_factory=time.time)
+
+    def stage(self, key: str, settings: dict, parents: dict, fn, log=None) -> dict:
+        """`RunDir.stage` with a progress line as the stage starts and as it ends (elapsed, tokens/s), each with
+        the build's clock."""
+        def timed(action):
+            t0 = time.time()
+            out = fn(action)
+            seconds, tokens = time.time() - t0, sum((out.tokens or {}).values())
+            rate = f", {tokens:,} tokens, {tokens / max(seconds, 1e-9):,.0f} tokens/s" if tokens else ""
+            self.log(f"{_clock(self.started)} [{key}] done in {_clock(t0)}{rate}")
+            return out
+
+        return self.run.stage(key, settings, parents, timed,
+                              log=lambda line: self.log(f"{_clock(self.started)} {line}"))
+
     def tokenizer(self):
         if "tokenizer" not in self.cache:
             from .models import load_tokenizer
@@ -72,7 +88,7 @@ class _Build:
         """A hash naming a model's exact weights: the teacher's source, a member's distilled output, a spec."""
         if ref == TEACHER:
             if self.recipe.teacher_correction.get("tokens"):
-                self.model(TEACHER)  # the correction stage runs (or is found done) before its output names it
+                _correct(self)  # runs, or is found done without loading anything, before its output names it
                 return self.run.output_hash(CORRECTION_STAGE)
             return hash_json({**self.source.as_dict(), "dtype": self.recipe.teacher.dtype})
         if self.is_member(ref):
@@ -98,19 +114,28 @@ class _Build:
         return self.cache["train"]
 
 
+def _clock(since: float) -> str:
+    """Elapsed time since `since` as h:mm:ss."""
+    s = round(time.time() - since)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def _correct(b: _Build) -> Path:
     """Teacher correction (arXiv 2408.11796): the teacher fine-tuned on the distillation text, before importance."""
     from .correction import CorrectionConfig, correct_teacher
     from .models import load_model
 
     r, out, t = b.recipe, b.run.corrected_teacher(), b.recipe.teacher
+    if "corrected" in b.cache:  # once per build: the teacher's identity and loading both ask for it
+        return out
     settings = {**r.teacher_correction, "data": asdict(r.data.distillation), "holdout": r.data.holdout}
     settings.pop("keep_checkpoints", None)
     config = CorrectionConfig(**r.teacher_correction, disable_tqdm=not b.progress)
-    b.run.stage(CORRECTION_STAGE, settings, {"teacher": hash_json({**b.source.as_dict(), "dtype": t.dtype})},
+    b.stage(CORRECTION_STAGE, settings, {"teacher": hash_json({**b.source.as_dict(), "dtype": t.dtype})},
                 lambda action: correct_teacher(load_model(b.source, t.dtype, t.device, t.trust_remote_code),
                                                b.tokenizer(), b.train_documents(), out, config, action != "redo",
                                                b.progress, text_column=r.data.distillation.text_column), log=b.log)
+    b.cache["corrected"] = True
     return out
 
 
@@ -120,10 +145,26 @@ def _importance(b: _Build, base: str) -> Path:
     r, folder = b.recipe, b.run.importance(base)
     config = _needed_passes(r, [m for m in r.members if m.base == base])
     settings = {**asdict(config), "data": asdict(r.data.calibration)}
-    b.run.stage(f"importance/{base}", settings, {"model": b.identity(base)}, lambda action: run_importance(
+    b.stage(f"importance/{base}", settings, {"model": b.identity(base)}, lambda action: run_importance(
         b.model(base), b.tokenizer(), r.data.calibration, config, folder, {"base": base}, progress=b.progress),
         log=b.log)
     return folder
+
+
+def _check_positions(r: Recipe, source) -> None:
+    """A one-line warning, before any work, for each sequence length of the recipe beyond the teacher's positions
+    (the members keep the teacher's positions)."""
+    from .distill import DistillConfig
+    from .models import check_positions
+
+    config = r.teacher.model_config(source)
+    distill = r.distill.get("max_length", DistillConfig.__dataclass_fields__["max_length"].default)
+    lengths = {"importance.seq_len": r.importance.seq_len, "distill.max_length": distill,
+               "evaluate.seq_len": r.evaluate.seq_len}
+    if any(m.params for m in r.members):
+        lengths.update({"search.seq_len": r.search.seq_len, "search.eval_seq_len": r.search.eval_seq_len})
+    for what, n in lengths.items():
+        check_positions(config, n, what)
 
 
 def _needed_passes(r: Recipe, members: list[MemberSection]):
@@ -161,7 +202,7 @@ def _search(b: _Build, m: MemberSection, scores_dir: Path) -> dict:
                 "data": asdict(r.data.distillation), "eval": asdict(r.data.eval_source), "holdout": r.data.holdout}
     parents = {"importance": b.run.output_hash(f"importance/{m.base}"), "base": b.identity(m.base),
                "kd_teacher": b.identity(m.kd_teacher)}
-    b.run.stage(f"{m.name}/search", settings, parents, fn, log=b.log)
+    b.stage(f"{m.name}/search", settings, parents, fn, log=b.log)
     return b.run.record(f"{m.name}/search")["winner"]
 
 
@@ -175,7 +216,7 @@ def _prune(b: _Build, m: MemberSection, shape: dict, scores_dir: Path) -> None:
     if m.params:
         parents["search"] = b.run.output_hash(f"{m.name}/search")
     settings = {"shape": shape, "prune": asdict(b.recipe.prune), "adapter": "merge" if merge else None}
-    b.run.stage(f"{m.name}/prune", settings, parents, lambda action: run_prune(
+    b.stage(f"{m.name}/prune", settings, parents, lambda action: run_prune(
         b.model(m.base), b.tokenizer(), scores_dir, PruneTarget(**shape), b.recipe.prune, b.run.pruned(m.name), info,
         adapter), log=b.log)
 
@@ -208,7 +249,7 @@ def _distill(b: _Build, m: MemberSection, shape: dict) -> None:
     settings = {**r.distill, "tokens": tokens, "kd_teacher": m.kd_teacher, "data": asdict(r.data.distillation),
                 "holdout": r.data.holdout}
     settings.pop("keep_checkpoints", None)
-    b.run.stage(f"{m.name}/distill", settings, {"pruned": b.run.output_hash(f"{m.name}/prune"),
+    b.stage(f"{m.name}/distill", settings, {"pruned": b.run.output_hash(f"{m.name}/prune"),
                                                 "kd_teacher": b.identity(m.kd_teacher)}, fn, log=b.log)
 
 
@@ -232,7 +273,7 @@ def _sft(b: _Build, m: MemberSection) -> None:
 
     settings = {**r.sft, "data": asdict(r.data.sft)}
     settings.pop("keep_checkpoints", None)
-    b.run.stage(f"{m.name}/sft", settings, {"distill": b.run.output_hash(f"{m.name}/distill")}, fn, log=b.log)
+    b.stage(f"{m.name}/sft", settings, {"distill": b.run.output_hash(f"{m.name}/distill")}, fn, log=b.log)
 
 
 def _evaluate(b: _Build, key: str, models: list[tuple[str, object, Path]], parents: dict) -> None:
@@ -250,11 +291,12 @@ def _evaluate(b: _Build, key: str, models: list[tuple[str, object, Path]], paren
             ppl = res["perplexity"][0]
             b.log(f"  {name}: perplexity {ppl['perplexity']:,.2f} on {ppl['tokens']:,} held-out tokens")
             results[name] = ppl["perplexity"]
-        return StageOutput(models[0][2].parent, hash_json(results), record={"results": results})
+        return StageOutput(models[0][2].parent, hash_json(results), record={"results": results},
+                           files=[out for _, _, out in models])  # a lost results file is evaluated again
 
     settings = {**asdict(r.evaluate), "data": asdict(r.data.eval_source), "holdout": r.data.holdout}
     settings.pop("teacher")
-    b.run.stage(key, settings, parents, fn, log=b.log)
+    b.stage(key, settings, parents, fn, log=b.log)
 
 
 def _member_loader(b: _Build, folder: Path):
@@ -300,17 +342,23 @@ def _release(b: _Build, remaining) -> None:
 
 
 def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[str] | None = None,
-          until: str | None = None, progress: bool = True, log=print) -> dict:
+          until: str | None = None, progress: bool = True, log=print, plan: bool = True) -> dict:
     """Build (or finish building) the recipe's family into the run folder `out`; returns the cost record.
 
     `force`: stages to redo, `stage` or `member:stage` (their downstream stages follow). `members`: build only
-    these (and their ancestors). `until='search'`: stop the named members after their search stage.
+    these (and their ancestors). `until='search'`: stop the named members after their search stage. `plan`: print
+    the plan (plan.py: stages, sizes, FLOPs, disk, estimated time) before any weights load.
     """
     for f in force:
         stage = f.rpartition(":")[2]
         if stage not in STAGES:
             raise ValueError(f"--force {f!r}: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     source = recipe.teacher.resolve()
+    _check_positions(recipe, source)
+    if plan:  # before any weights load
+        from .plan import print_plan
+
+        print_plan(recipe, log, source=source)
     with open_run(out, recipe, source.as_dict(), force) as run:
         b = _Build(recipe, run, source, progress, log)
         started = time.time()
@@ -339,4 +387,6 @@ def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[
         run.save()
         if until is None:
             log(summary(run, recipe, cost, b.params_of(TEACHER)))
+            log(f"run folder: {run.root}\nfamily card: {run.family() / 'README.md'}\ncompare the members side by "
+                f"side: hf-minitron space {run.root}")
         return {**cost, "actions": run.actions, "run": str(run.root)}

@@ -12,8 +12,10 @@ Layout (`RUN` = `--out`; the names are the constants below, which every reader a
     RUN/eval/teacher.json      the teacher's evaluation
     RUN/family/                the family report (results, table, plot, card)
 
-A stage is skipped when its record is `done` with the same settings and parent hashes, resumed when it is
-`running` (interrupted) with the same inputs, and redone when an upstream stage was redone or `--force` names it.
+A stage is skipped when its record is `done` with the same settings and parent hashes and its output files are as
+it left them, resumed when it is `running` (interrupted) with the same inputs, and redone when an upstream stage was
+redone, its output was deleted or changed (truncated weights, a lost eval_results.json), or `--force` names it.
+Each output file's size, mtime and sha256 are recorded, so checking them costs a `stat` unless the mtime moved.
 A finished stage whose settings changed is never redone silently: that is an error naming the changed keys.
 """
 
@@ -76,6 +78,38 @@ class StageOutput:
     sha256: str | None
     tokens: dict = field(default_factory=dict)
     record: dict = field(default_factory=dict)
+    files: list[Path] | None = None  # the files to check on a rerun; default: the folder's top-level `MODEL_FILES`
+
+
+_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a file hashed for its stage's hash isn't read twice
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
+def output_files(path: Path | None, files: list[Path] | None = None) -> list[Path]:
+    """What a stage made, to check on a rerun: the given files, or the `MODEL_FILES` at the top of its folder."""
+    if files is not None:
+        return [Path(f) for f in files if Path(f).is_file()]
+    if path is None or not path.exists():
+        return []
+    if path.is_file():
+        return [path]
+    return sorted({p for pat in MODEL_FILES for p in path.glob(pat) if p.is_file()})
+
+
+def fingerprint(root: Path, files: list[Path]) -> dict:
+    """{path relative to the run folder: size, mtime and sha256} of a stage's output files."""
+    out = {}
+    for f in files:
+        st = f.stat()
+        out[os.path.relpath(f, root)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": file_sha256(f)}
+    return out
 
 
 def hash_json(obj) -> str:
@@ -90,7 +124,7 @@ def hash_folder(folder: str | Path, patterns: tuple[str, ...] = MODEL_FILES) -> 
         raise FileNotFoundError(f"nothing to hash in {str(folder)!r} (expected {', '.join(patterns)})")
     h = hashlib.sha256()
     for p in files:
-        h.update(p.name.encode() + b"\0" + sha256_file(p).encode() + b"\n")
+        h.update(p.name.encode() + b"\0" + file_sha256(p).encode() + b"\n")
     return h.hexdigest()
 
 
@@ -199,6 +233,7 @@ class RunDir:
     force: list[str] = field(default_factory=list)  # "stage" (every member) or "member:stage"
     actions: list[tuple[str, str]] = field(default_factory=list)  # (stage key, what this build did)
     lock: object = None  # the open lock file while this build holds the folder
+    why: dict[str, str] = field(default_factory=dict)  # stage key -> why `plan` redoes it, for the one-line note
 
     def __enter__(self) -> RunDir:
         return self
@@ -263,8 +298,34 @@ class RunDir:
             return "redo"  # an upstream stage was redone: this one follows
         if rec.get("status") == "done":
             out = rec.get("outputs", {}).get("path")
-            return "skip" if out is None or (self.root / out).exists() else "redo"
+            changed = f"{out} is missing" if out is not None and not (self.root / out).exists() else \
+                self.changed_output(key)
+            if changed:
+                self.why[key] = changed
+                return "redo"
+            return "skip"
         return "resume" if same_settings else "redo"
+
+    def changed_output(self, key: str) -> str | None:
+        """Why a finished stage's recorded output files are not as it left them, or None. A file whose size and mtime
+        match is trusted; a moved mtime costs a hash (and, when the bytes are the same, the new mtime is recorded)."""
+        files = self.record(key).get("outputs", {}).get("files") or {}
+        touched = False
+        for name, was in files.items():
+            path = self.root / name
+            try:
+                st = path.stat()
+            except OSError:
+                return f"{name} is missing"
+            if st.st_size != was["size"]:
+                return f"{name} is {st.st_size:,} bytes, was {was['size']:,}"
+            if st.st_mtime_ns != was["mtime_ns"]:
+                if file_sha256(path) != was["sha256"]:
+                    return f"{name} was modified (another sha256)"
+                was["mtime_ns"], touched = st.st_mtime_ns, True
+        if touched:
+            self.save()
+        return None
 
     def start(self, key: str, settings: dict, parents: dict, action: str) -> None:
         self.manifest["stages"][key] = {
@@ -275,12 +336,13 @@ class RunDir:
         self.save()
 
     def finish(self, key: str, path: str | Path | None, sha256: str | None, tokens: dict | None = None,
-               **extra) -> None:
+               files: list[Path] | None = None, **extra) -> None:
         rec = self.manifest["stages"][key]
         started = time.mktime(time.strptime(rec["started"], "%Y-%m-%dT%H:%M:%S"))
         rel = None if path is None else os.path.relpath(path, self.root)
+        made = fingerprint(self.root, output_files(None if path is None else Path(path), files))
         rec.update(status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), seconds=round(time.time() - started),
-                   outputs={"path": rel, "sha256": sha256}, tokens=tokens or {}, **extra)
+                   outputs={"path": rel, "sha256": sha256, "files": made}, tokens=tokens or {}, **extra)
         self.save()
 
     def skip(self, key: str) -> None:
@@ -294,10 +356,11 @@ class RunDir:
             self.skip(key)
             log(f"[{key}] done earlier: skipped")
             return self.record(key)
-        log(f"[{key}] {action}")
+        why = self.why.pop(key, None)
+        log(f"[{key}] {action}" + (f": {why}" if why else ""))
         self.start(key, settings, parents, action)
         out = fn(action)
-        self.finish(key, out.path, out.sha256, out.tokens, **out.record)
+        self.finish(key, out.path, out.sha256, out.tokens, out.files, **out.record)
         return self.record(key)
 
     def save(self) -> None:

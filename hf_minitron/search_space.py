@@ -5,7 +5,8 @@ Axes: hidden size, query heads (each KV group keeps the same number), MLP size (
 factor x hidden size, rounded to `multiple`) and, when the search asks for depth, the layer count. Nothing is
 solved to hit the budget: each combination within budget x (1 +- tolerance) is feasible. When more than
 `max_candidates` are, a farthest-point selection in normalised shape space keeps the shapes that differ most
-(deterministic, starting from the widest), rather than whichever happen to round closest to the budget.
+(deterministic, starting from the widest; among equally wide shapes the one nearest the budget, then the one keeping
+the most heads), rather than whichever happen to round closest to the budget.
 """
 
 from __future__ import annotations
@@ -144,12 +145,14 @@ def _coords(found: list[Candidate]) -> list[list[float]]:
 
 def spread(found: list[Candidate], n: int, budget: int) -> list[Candidate]:
     """At most `n` of `found`, chosen farthest-point first in normalised shape space from the widest (largest
-    hidden size, then nearest the budget); ties go to the shape nearer the budget. Returned nearest-first."""
+    hidden size, then nearest the budget, then most query heads: in the quickstart's searches the shapes keeping every
+    head won after LoRA); ties go to the shape nearer the budget. Returned nearest-first."""
     if len(found) <= n:
         return list(found)
     xs = _coords(found)
     near = [abs(c.params - budget) for c in found]
-    first = min(range(len(found)), key=lambda i: (-found[i].shape["hidden_size"], near[i], i))
+    shapes = [c.shape for c in found]
+    first = min(range(len(found)), key=lambda i: (-shapes[i]["hidden_size"], near[i], -shapes[i]["num_heads"], i))
     chosen = [first]
     gap = [math.dist(x, xs[first]) for x in xs]
     while len(chosen) < n:

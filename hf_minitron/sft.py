@@ -17,7 +17,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 
-from .checkpoints import drop_checkpoints, last_complete_checkpoint
+from .checkpoints import SaveOnInterrupt, drop_checkpoints, last_complete_checkpoint
 from .distill import default_bf16, trainer_config
 from .rundir import SFT_FILE
 
@@ -136,7 +136,7 @@ def sft(model, data, out: str, *, tokenizer=None, config: InstructConfig | None 
     model.train()
     set_seed(config.seed)  # the LoRA adapters are initialised inside SFTTrainer, before it seeds anything
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+                         peft_config=peft_config, callbacks=[SaveOnInterrupt()])
     train_out = trainer.train(resume_from_checkpoint=last_complete_checkpoint(out) if resume else None)
     if config.lora:  # adapters folded in: the output never depends on a base model
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()

@@ -48,3 +48,55 @@ def test_drop_removes_checkpoints_and_set_aside_ones(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"final")
     drop_checkpoints(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+INTERRUPT_DRIVER = """
+import os, signal, sys
+from transformers import TrainerCallback
+from hf_minitron import distill
+from hf_minitron.cli import main
+
+class CtrlC(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == 1:  # during step 2, as a user's Ctrl-C would
+            os.kill(os.getpid(), signal.SIGINT)
+
+init = distill.MinitronDistillTrainer.__init__
+def patched(self, *a, **kw):
+    init(self, *a, **kw)
+    if os.environ.get("CTRL_C"):
+        self.add_callback(CtrlC())
+distill.MinitronDistillTrainer.__init__ = patched
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_distillation_saves_a_checkpoint_and_resume_finishes(tmp_path, smollm2_tokenizer):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import teacher_folder
+
+    model = teacher_folder(tmp_path / "model", smollm2_tokenizer)
+    (tmp_path / "driver.py").write_text(INTERRUPT_DRIVER)
+    out = tmp_path / "out"
+    argv = [sys.executable, str(tmp_path / "driver.py"), "distill", "--teacher", str(model), "--student", str(model),
+            "--data", "pydoc-topics", "--tokens", "256", "--max-length", "32", "--per-device-train-batch-size", "2",
+            "--save-steps", "100", "--logging-steps", "1", "--disable-tqdm", "--out", str(out)]
+    # 4 steps and no periodic checkpoint: the only checkpoint is the one saved at the interrupt
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    stopped = subprocess.run(argv, capture_output=True, text=True, env={**env, "CTRL_C": "1"}, timeout=600)
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    saved = out / "checkpoint-2"
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"hf-minitron distill: interrupted at step 2 of 4; checkpoint saved in '{saved}'; add --resume to the same "
+        "command to continue")
+    assert json.loads((saved / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (out / "config.json").exists()  # not a finished model
+
+    resumed = subprocess.run(argv + ["--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    history = json.loads((out / "distill_result.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]  # 1-2 before Ctrl-C, 3-4 after the resume
+    assert (out / "config.json").is_file() and not saved.exists()

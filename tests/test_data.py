@@ -32,7 +32,7 @@ def test_every_local_format(corpus):
 def test_missing_column_and_file_are_named(corpus):
     with pytest.raises(DataSourceError, match="no column 'text'; columns: body"):
         load_text_dataset(str(corpus / "c.jsonl"))
-    with pytest.raises(DataSourceError, match="does not exist"):
+    with pytest.raises(DataSourceError, match="missing.jsonl': no such file or folder"):
         load_text_dataset(str(corpus / "missing.jsonl"))
     with pytest.raises(DataSourceError, match="matches no files"):
         load_text_dataset(str(corpus / "*.md"))

@@ -266,7 +266,7 @@ def test_different_tokenizers_refused():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from hf_minitron.distill import check_same_tokenizer
+    from hf_minitron.models import check_same_tokenizer
 
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")))
     with pytest.raises(ValueError, match="tokenizers differ"):

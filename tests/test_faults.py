@@ -5,6 +5,7 @@ runs/) is refused. Kills, full disks and concurrent builds are the long cases (b
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from functools import lru_cache
@@ -153,6 +154,27 @@ def test_out_that_is_a_file(teacher, tmp_path, capsys):
     assert code == 2 and f"'{tmp_path}' is a folder; give a file" in line
 
 
+CLI = "import sys; from hf_minitron.cli import main; sys.exit(main())"
+
+
+def test_full_disk_is_one_line(teacher, tmp_path):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def cap():  # every file capped at 300 bytes, a write past it fails with EFBIG as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+
+    proc = subprocess.run([sys.executable, "-c", CLI, "importance", "--teacher", str(teacher), "--data",
+                           "pydoc-topics", "--samples", "2", "--seq-len", "16", "--depth-ppl-samples", "0", "--out",
+                           str(tmp_path / "scores")], capture_output=True, text=True, preexec_fn=cap, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "hf-minitron importance: error: disk full (" in proc.stderr.strip().splitlines()[-1]
+
+
 # ---- broken model files ----
 
 
@@ -224,8 +246,92 @@ def test_importance_of_another_model_is_refused(teacher, tmp_path, capsys):
     assert not (tmp_path / "pruned").exists()
 
 
+def test_build_warns_of_lengths_beyond_the_positions_before_any_work(teacher, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, teacher={"source": str(teacher)},
+                          data={"calibration": str(tmp_path / "missing.jsonl"), "distillation": "pydoc-topics"})
+    code = main(["build", "--recipe", str(recipe), "--out", str(tmp_path / "run"), "--quiet",
+                 "importance.seq_len=96", "distill.max_length=32", "evaluate.seq_len=32"])
+    err = capsys.readouterr().err
+    assert "warning: importance.seq_len 96 is beyond the model's 64 positions" in err
+    assert "distill.max_length" not in err and "evaluate.seq_len" not in err
+    assert code == 2 and "missing.jsonl': no such file or folder" in err  # the warning came before the first stage
+
+
 def test_seq_len_beyond_the_positions_warns(teacher, tmp_path, capsys):
     code = main(["eval", "--model", str(teacher), "--data", "pydoc-topics", "--seq-len", "96", "--windows", "1",
                  "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert code == 0 and "warning: perplexity seq_len 96 is beyond the model's 64 positions" in err
+
+
+# ---- data ----
+
+
+def test_distill_on_a_numeric_text_column_fails_in_one_line(teacher, tmp_path, capsys):
+    data = tmp_path / "nums.jsonl"
+    data.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(8)))
+    code, line = cli(["distill", "--teacher", teacher, "--student", teacher, "--data", data, "--max-length", "32",
+                      "--tokens", "256", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"column 'text' of data source '{data}' holds int64 values, not text" in line
+
+
+def test_sft_on_a_missing_local_path_fails_before_the_hub(teacher, tmp_path, capsys):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    start = time.time()
+    code, line = cli(["sft", "--model", teacher, "--data", "chats/v2/train", "--chat-template", template,
+                      "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "data file 'chats/v2/train': no such file or folder" in line and time.time() - start < 30
+
+
+def test_malformed_jsonl_names_the_line(teacher, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "a"}\n{"text": "b"\n')
+    code, line = cli(["eval", "--model", teacher, "--data", data, "--out", tmp_path / "r.json"], capsys)
+    assert code == 2 and f"data file '{data}' line 2 is not valid JSON" in line
+
+
+# ---- a rerun checks what the last build left ----
+
+
+def _tiny_build_recipe(teacher) -> dict:
+    """One member of explicit shape, distilled for 4 steps on pydoc-topics: a build in seconds."""
+    return {"name": "t", "teacher": {"source": str(teacher)},
+            "data": {"calibration": "pydoc-topics", "distillation": "pydoc-topics", "holdout": 0.2},
+            "importance": {"samples": 2, "seq_len": 32, "depth_ppl_samples": 0}, "prune": {"depth_metric": "bi"},
+            "members": [{"name": "a", "shape": {"ffn_size": 64}}],
+            "distill": {"tokens": 256, "max_length": 32, "per_device_train_batch_size": 2, "save_steps": 2},
+            "evaluate": {"seq_len": 32, "windows": 2}, "cost": {"scratch_tokens": "1M"}}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_damaged_or_deleted_member_is_rebuilt_and_evaluated_again(teacher, tmp_path):
+    from hf_minitron.pipeline import build
+    from hf_minitron.recipe import from_dict
+
+    out, lines = tmp_path / "run", []
+
+    def rebuild() -> dict:
+        lines.clear()
+        return dict(build(from_dict(_tiny_build_recipe(teacher)), out, progress=False, log=lines.append)["actions"])
+
+    rebuild()
+    weights = (out / "a" / "model.safetensors").read_bytes()
+    first_eval = json.loads((out / "a" / "eval_results.json").read_text())["perplexity"]
+
+    (out / "a" / "model.safetensors").write_bytes(weights[:1000])  # truncated: no longer the output recorded
+    done = rebuild()
+    assert done["a/distill"] == "redo" and done["importance/teacher"] == done["a/prune"] == "skipped"
+    assert any(line.endswith(f"[a/distill] redo: a/model.safetensors is 1,000 bytes, was {len(weights):,}")
+               for line in lines)
+    assert (out / "a" / "model.safetensors").read_bytes() == weights  # seeded: the same weights again
+    assert done["a/evaluate"] == "redo"  # the redone distillation cleared the member folder: evaluated again
+    assert json.loads((out / "a" / "eval_results.json").read_text())["perplexity"] == first_eval
+
+    shutil.rmtree(out / "a")
+    done = rebuild()
+    assert done["a/distill"] == done["a/evaluate"] == "redo"
+    assert any(line.endswith("[a/distill] redo: a is missing") for line in lines)
+    assert "| a |" in (out / "family" / "family.md").read_text()  # the family report has the member again
+
+    assert set(rebuild().values()) == {"skipped"}

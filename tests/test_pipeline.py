@@ -111,8 +111,10 @@ def test_chain_with_instruct_variant_then_skip_force_and_stale(files, tmp_path, 
     forced = actions(build(from_dict(tiny_recipe(files, evaluate=tasks)), out, force=["smaller:distill"],
                            progress=False,
                            log=lines.append))
-    # distillation is seeded: the same weights again (same hash), so what follows has nothing to redo
-    assert forced["smaller/distill"] == "redo" and forced["smaller/sft"] == forced["smaller/evaluate"] == "skipped"
+    # distillation is seeded: the same weights again (same hash), so the SFT has nothing to redo; the evaluation
+    # results went with the member folder, so they are made again
+    assert forced["smaller/distill"] == forced["smaller/evaluate"] == "redo" and forced["smaller/sft"] == "skipped"
+    assert (out / "smaller" / "eval_results.json").is_file()
     assert forced["small/distill"] == forced["small/search"] == "skipped"
     reseeded = tiny_recipe(files, evaluate=tasks, distill=dict(tiny_recipe(files)["distill"], seed=7))
     forced = actions(build(from_dict(reseeded), out,
@@ -197,7 +199,8 @@ def test_kill_during_distillation_then_resume_skips_every_earlier_stage(files, t
 def test_cli_build_dry_run(capsys):
     recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "llama-3.1-minitron-4b-width.yaml")
     assert main(["build", "--recipe", recipe, "--dry-run", "distill.tokens=1B", "--force", "distill"]) == 0
-    assert "llama-3.1-minitron-4b-width: 4.51B parameters" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the plan: the member's shape and parameters
+    assert "3072/9216/32/8/32" in out and "4.51B" in out
 
 
 def test_cli_build_names_a_mistyped_key(capsys):

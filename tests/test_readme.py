@@ -59,3 +59,14 @@ def test_the_readme_has_python_blocks():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_python_block_runs(index, tiny_world, one_thread):
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {"__name__": "readme"})
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+    """The README's install-and-test line, after making its venv, is .ci/run's steps (CI makes a venv of its own)."""
+    readme = (ROOT / "README.md").read_text()
+    line = re.search(r"```bash\n(python3 -m venv \S+ && \S+ \S+ && .*scripts/test\.sh)\n```", readme).group(1)
+    steps = [step.strip() for step in line.split("&&")][2:]
+    ci = [row.split("#")[0].strip().replace("pip install -q ", "pip install ")
+          for row in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert steps[-1] == "scripts/test.sh" and ci[-1] == "scripts/test.sh"
+    assert [row for row in ci if row in steps] == steps

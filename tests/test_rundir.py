@@ -178,3 +178,71 @@ def test_a_lock_left_by_a_dead_build_is_taken_over(tmp_path):
     handle = lock_run(tmp_path)
     assert "PID 999999" not in (tmp_path / LOCK_FILE).read_text()
     handle.close()
+
+
+# ---- a rerun checks a finished stage's outputs ----
+
+
+def _stage(run, calls, log=None):
+    """A stage writing a weights file and a config into RUN/m; `calls` counts how often it really ran."""
+    from hf_minitron.rundir import StageOutput, hash_folder
+
+    def fn(action):
+        calls.append(action)
+        folder = run.root / "m"
+        folder.mkdir(exist_ok=True)
+        (folder / "model.safetensors").write_bytes(b"w" * 1000)
+        (folder / "config.json").write_text("{}")
+        (folder / "README.md").write_text("a card, rewritten by every report")
+        return StageOutput(folder, hash_folder(folder))
+
+    return run.stage("m/distill", {"a": 1}, {"p": "x"}, fn, log=log or (lambda _: None))
+
+
+def test_finished_stage_with_its_outputs_intact_is_skipped(tmp_path):
+    run, calls = rundir.RunDir(tmp_path, {"stages": {}}), []
+    _stage(run, calls)
+    (tmp_path / "m" / "README.md").write_text("another card")  # not an output of the stage
+    _stage(run, calls)
+    assert calls == ["run"]
+
+
+def test_truncated_output_is_redone_with_a_note(tmp_path):
+    run, calls, lines = rundir.RunDir(tmp_path, {"stages": {}}), [], []
+    _stage(run, calls)
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"w" * 10)
+    _stage(run, calls, lines.append)
+    assert calls == ["run", "redo"]
+    assert lines == ["[m/distill] redo: m/model.safetensors is 10 bytes, was 1,000"]
+
+
+def test_output_with_same_size_new_bytes_is_redone_and_a_touched_one_is_not(tmp_path):
+    import os
+
+    run, calls, lines = rundir.RunDir(tmp_path, {"stages": {}}), [], []
+    _stage(run, calls)
+    weights = tmp_path / "m" / "model.safetensors"
+    os.utime(weights, ns=(1, 1))  # same bytes, another mtime: hashed, found equal, trusted from now on
+    _stage(run, calls)
+    assert calls == ["run"]
+    assert run.record("m/distill")["outputs"]["files"]["m/model.safetensors"]["mtime_ns"] == 1
+    weights.write_bytes(b"v" * 1000)
+    _stage(run, calls, lines.append)
+    assert calls == ["run", "redo"] and lines == ["[m/distill] redo: m/model.safetensors was modified (another sha256)"]
+
+
+def test_deleted_output_file_is_redone(tmp_path):
+    run, calls, lines = rundir.RunDir(tmp_path, {"stages": {}}), [], []
+    _stage(run, calls)
+    (tmp_path / "m" / "config.json").unlink()
+    _stage(run, calls, lines.append)
+    assert calls == ["run", "redo"] and lines == ["[m/distill] redo: m/config.json is missing"]
+
+
+def test_record_of_an_older_build_without_files_is_trusted(tmp_path):
+    run, calls = rundir.RunDir(tmp_path, {"stages": {}}), []
+    _stage(run, calls)
+    del run.record("m/distill")["outputs"]["files"]
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"w")
+    _stage(run, calls)
+    assert calls == ["run"]

@@ -7,7 +7,7 @@ from transformers import LlamaConfig
 
 from hf_minitron.prune import PruneTarget, parameter_count
 from hf_minitron.search import SearchConfig as SearchSection
-from hf_minitron.search_space import axis_values, candidates_for, enumerate_candidates, mlp_size
+from hf_minitron.search_space import Candidate, axis_values, candidates_for, enumerate_candidates, mlp_size, spread
 
 LLAMA_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                        head_dim=128, num_hidden_layers=32, vocab_size=128256, tie_word_embeddings=False)
@@ -68,3 +68,12 @@ def test_the_cap_keeps_a_spread_of_shapes_not_the_closest_rounding():
 def test_no_candidate_is_a_clear_error():
     with pytest.raises(ValueError, match="no shape within 5% of 100 parameters"):
         candidates_for(LLAMA_8B, 100, SearchSection())
+
+
+def test_the_spread_starts_from_the_shape_keeping_the_most_heads_among_equally_wide_and_near():
+    heads_or_mlp = [Candidate({"hidden_size": 576, "ffn_size": f, "num_heads": h, "num_kv_heads": 3, "num_layers": 30},
+                              71_477_568) for f, h in ((576, 3), (448, 6), (320, 9))]
+    heads_or_mlp.append(Candidate({"hidden_size": 576, "ffn_size": 256, "num_heads": 9, "num_kv_heads": 3,
+                                   "num_layers": 30}, 68_159_808))
+    kept = spread(heads_or_mlp, 2, 70_000_000)
+    assert kept[0].shape["num_heads"] == 9 and kept[0].shape["ffn_size"] == 320

@@ -68,6 +68,36 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"hf-minitron {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, and how to go on (training saved a checkpoint first)
+        again = "run the same command again to resume" if args.command == "build" else \
+            "add --resume to the same command to continue" if str(e) else "nothing was saved"
+        print(f"hf-minitron {args.command}: {e or 'interrupted'}; {again}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        again = "run the same command again to resume" if args.command == "build" else "run it again"
+        print(f"hf-minitron {args.command}: error: disk full ({full}); free space and {again}", file=sys.stderr)
+        return 1
+
+
+DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded", "os error 27", "os error 28",
+             "failed writing file")  # the last: torch.save's PytorchStreamWriter
+
+
+def _disk_full(e: BaseException) -> str | None:
+    """The first line of a full-disk error (an OSError, or one that safetensors or torch.save raise about it), or
+    None for any other error."""
+    import errno
+
+    while e is not None:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or \
+                any(s in text for s in DISK_FULL):
+            return text
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":

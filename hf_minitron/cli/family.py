@@ -8,28 +8,65 @@ from ..publish import PublishConfig
 from ..schema import add_flags, given, port_number, writable_folder
 
 
-def _add_recipe(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", required=True, help="recipe YAML (see recipes/, e.g. recipes/quickstart.yaml)")
+def _add_recipe(p: argparse.ArgumentParser, derive: bool = False) -> None:
+    p.add_argument("--recipe", required=not derive, help="recipe YAML (see recipes/, e.g. recipes/quickstart.yaml)"
+                   + ("; without it, one is derived from --teacher and written to RUN/recipe.yaml" if derive else ""))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="recipe overrides, e.g. distill.tokens=2M members.small.params=60M (values read as YAML)")
     p.add_argument("--teacher", default=None, help="shortcut for teacher.source=...: Hub repo id, folder or .gguf")
     p.add_argument("--out", default=None, type=writable_folder, help="run folder (default: runs/<recipe name>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if not derive:
+        return
+    g = p.add_argument_group("without --recipe (derived from the teacher: hf_minitron/derive.py)")
+    g.add_argument("--revision", default=None, help="the teacher's Hub branch, tag or commit (teacher.revision)")
+    g.add_argument("--gguf-file", default=None, help="GGUF file inside the teacher's repo or folder")
+    g.add_argument("--data", default=None, help="text for calibration, distillation and evaluation (local files, a "
+                   "Hub dataset id or pydoc-topics; default: FineWeb-Edu streamed, WikiText-2 for evaluation)")
+    g.add_argument("--sizes", default=None, help="member sizes, largest first, each pruned from the previous: shares "
+                   "of the teacher (50%%,25%%, the default) or parameter counts (4B,2B)")
+    g.add_argument("--tokens", default=None, help="distillation tokens per member, e.g. 2B (default: about 11 per "
+                   "parameter of the member, as Minitron 8B's 94B)")
+    g.add_argument("--sft-data", default=None, help="chat data for an instruct variant of each member (needs a "
+                   "teacher with a chat template)")
+
+
+DERIVE_FLAGS = ("data", "sizes", "tokens", "sft_data")
 
 
 def _recipe(args):
     from ..recipe import load_recipe
 
-    overrides = list(args.overrides) + ([f"teacher.source={args.teacher}"] if args.teacher else [])
-    recipe = load_recipe(args.recipe, overrides)
-    return recipe, args.out or f"runs/{recipe.name}"
+    teacher = {"source": args.teacher, "revision": getattr(args, "revision", None),
+               "gguf_file": getattr(args, "gguf_file", None)}
+    if args.recipe:
+        extra = [f"--{k.replace('_', '-')}" for k in DERIVE_FLAGS if getattr(args, k, None) is not None]
+        if extra:
+            raise ValueError(f"{', '.join(extra)}: only without --recipe (the recipe sets these; override its keys, "
+                             "e.g. distill.tokens=2M)")
+        overrides = list(args.overrides) + [f"teacher.{k}={v}" for k, v in teacher.items() if v]
+        recipe = load_recipe(args.recipe, overrides)
+        return recipe, args.out or f"runs/{recipe.name}"
+    if not args.teacher:
+        raise ValueError("give --teacher (a recipe is derived from it) or --recipe")
+    from ..derive import derive_recipe, derived_note, write_derived
+    from ..models import TeacherArgs
+
+    recipe = derive_recipe(TeacherArgs(**teacher), data=args.data, sizes=args.sizes, tokens=args.tokens,
+                           sft_data=args.sft_data, overrides=args.overrides)
+    out = args.out or f"runs/{recipe.name}"
+    print(f"derived recipe written to {write_derived(recipe, out)} (edit it, then `hf-minitron build --recipe "
+          f"{out}/recipe.yaml --out {out}`)\n{derived_note(recipe)}")
+    return recipe, out
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("build", help="build a whole family from a recipe, resumably", description="Every stage of "
-                       "the recipe into a run folder with a manifest, then the family report and (publish.org) the "
-                       "Hub. Running it again skips finished stages and resumes an interrupted one.")
-    _add_recipe(p)
+    p = sub.add_parser("build", help="build a whole family from a teacher (or a recipe), resumably",
+                       description="`build --teacher T` derives a recipe (RUN/recipe.yaml) from the teacher's config "
+                       "and the paper's defaults; `build --recipe R` runs a recipe. Every stage into a run folder "
+                       "with a manifest, then the family report and (publish.org) the Hub, after a plan printed before "
+                       "any weights load. Running it again skips finished stages and resumes an interrupted one.")
+    _add_recipe(p, derive=True)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo a finished stage (the stages after it follow when its output changes): importance, "
                         "search, prune, distill, sft or evaluate, for every member, or MEMBER:STAGE for one; "
@@ -38,8 +75,8 @@ def add_commands(sub) -> None:
     p.add_argument("--member", action="append", default=None,
                    help="build only this member (and its parents); repeatable (default: all)")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate the recipe and print each member's parameter count or search candidates; no "
-                        "weights are loaded")
+                   help="print the plan (every build prints it first: members, shapes or search candidates, "
+                        "parameters, tokens, FLOPs, disk, estimated time) and stop; no weights are loaded")
     p.set_defaults(func=run_build)
 
     p = sub.add_parser("search", help="architecture search for members with a parameter budget (LoRA-ranked)",
@@ -79,13 +116,15 @@ def add_commands(sub) -> None:
 def run_build(args) -> int:
     recipe, out = _recipe(args)
     if args.dry_run:
-        from ..cost import describe
+        from ..plan import print_plan
 
-        print(describe(recipe))
+        print_plan(recipe)
         return 0
+    from tqdm.auto import tqdm
+
     from ..pipeline import build
 
-    build(recipe, out, force=args.force, members=args.member, progress=not args.quiet)
+    build(recipe, out, force=args.force, members=args.member, progress=not args.quiet, log=tqdm.write)
     return 0
 
 

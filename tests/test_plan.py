@@ -1,0 +1,106 @@
+"""The plan printed before a build: its rows, FLOPs and disk from configs alone, the measured time estimate."""
+
+import json
+
+import pytest
+
+from helpers import teacher_folder
+
+from hf_minitron.cost import forward_flops, train_flops
+from hf_minitron.plan import Calibration, calibrate, format_plan, measure, plan_rows, print_plan
+from hf_minitron.recipe import from_dict
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, smollm2_tokenizer):
+    from pydoc_data.topics import topics
+
+    root = tmp_path_factory.mktemp("plan")
+    teacher_folder(root / "teacher", smollm2_tokenizer)
+    with open(root / "corpus.jsonl", "w") as f:
+        for key in sorted(topics)[:20]:
+            f.write(json.dumps({"text": topics[key][:2000]}) + "\n")
+    return root
+
+
+def recipe(files, **changes):
+    corpus = str(files / "corpus.jsonl")
+    raw = {"name": "tiny", "teacher": {"source": str(files / "teacher"), "dtype": "float32"},
+           "data": {"calibration": corpus, "distillation": corpus, "holdout": 0.2, "sft": corpus},
+           "importance": {"samples": 4, "seq_len": 32, "depth_ppl_samples": 0}, "prune": {"depth_metric": "bi"},
+           "members": [{"name": "small", "params": 2_950_000},
+                       {"name": "smaller", "parent": "small", "shape": {"ffn_size": 64}, "instruct": True}],
+           "search": {"tolerance": 0.1, "multiple": 8, "max_candidates": 2, "tokens": 256, "eval_every": 64,
+                      "seq_len": 32, "batch_size": 2, "eval_windows": 2, "eval_seq_len": 32},
+           "distill": {"tokens": 256, "max_length": 32, "per_device_train_batch_size": 4},
+           "sft": {"max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64},
+           "evaluate": {"seq_len": 32, "windows": 2}}
+    raw.update(changes)
+    return from_dict(raw)
+
+
+def test_rows_cover_every_stage_with_the_build_formulas(files):
+    r = recipe(files)
+    rows = {(row.member, row.stage): row for row in plan_rows(r)}
+    assert list(rows) == [("teacher", "evaluate"), ("teacher", "importance"), ("small", "search"),
+                          ("small", "prune"), ("small", "distill"), ("small", "evaluate"), ("small", "importance"),
+                          ("smaller", "prune"), ("smaller", "distill"), ("smaller-instruct", "sft"),
+                          ("smaller", "evaluate"), ("smaller-instruct", "evaluate")]
+    teacher, small, smaller = (rows[(n, s)].params for n, s in (("teacher", "evaluate"), ("small", "distill"),
+                                                               ("smaller", "distill")))
+    assert rows[("teacher", "importance")].flops == forward_flops(teacher, 4 * 32)
+    assert rows[("small", "distill")].flops == train_flops(small, 256, teacher)
+    assert rows[("smaller", "distill")].flops == train_flops(smaller, 256, small)  # distilled from its parent
+    assert rows[("smaller-instruct", "sft")].tokens == 2 * 2 * 64
+    assert rows[("smaller", "prune")].disk == smaller * 4  # float32 weights
+    search = rows[("small", "search")]
+    assert search.model.startswith("2 candidates") and search.tokens == 2 * 256
+    assert 0 < search.low_flops < search.flops  # the ranking may settle after 2 of its 4 intervals
+
+
+def test_the_table_states_totals_and_the_estimate_with_its_basis(files):
+    r = recipe(files)
+    rows = plan_rows(r)
+    text = format_plan(r, rows, Calibration(1e9, "BASIS"))
+    assert "plan: family 'tiny'" in text and "total: ~" in text and "BASIS" in text
+    high = sum(row.flops or 0 for row in rows) / 1e9
+    low = high - sum(row.flops - row.low_flops for row in rows if row.low_flops) / 1e9
+    assert f"~{round((low + high) / 2)} s (from {round(low)} s" in text
+    assert "estimated wall time" not in format_plan(r, rows, None)
+
+
+def test_calibration_times_real_steps_of_the_teacher_shape_quickly(files):
+    import time
+
+    r = recipe(files)
+    start = time.time()
+    c = calibrate(r, r.teacher.model_config())
+    assert c.flops_per_s > 0 and "step of 4 x 32 tokens" in c.basis and "s for its 4 layers" in c.basis
+    assert time.time() - start < 30
+
+
+def test_no_estimate_when_the_teacher_device_is_missing(files, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = recipe(files, teacher={"source": str(files / "teacher"), "device": "cuda"})
+    calibration, why = measure(r, r.teacher.model_config())
+    assert calibration is None and "cuda is not on this machine" in why
+    assert "no time estimate: the teacher's device cuda" in print_plan(r, log=lambda _: None)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_build_prints_the_plan_before_loading_and_its_flops_are_what_it_records(files, tmp_path):
+    from hf_minitron.pipeline import build
+
+    r = recipe(files, members=[{"name": "small", "shape": {"ffn_size": 64}}])
+    lines = []
+    build(r, tmp_path / "run", progress=False, log=lines.append)
+    text = "\n".join(lines)
+    assert text.index("plan: family 'tiny'") < text.index("loading teacher")
+    assert "[small/distill] done in 0:" in text and "tokens/s" in text  # the stage's end line
+    assert f"hf-minitron space {tmp_path / 'run'}" in text and "family card:" in text
+    planned = {(row.member, row.stage): row.flops for row in plan_rows(r)}
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["small/distill"]["flops"] == planned[("small", "distill")]
+    assert manifest["stages"]["importance/teacher"]["flops"] == planned[("teacher", "importance")]
