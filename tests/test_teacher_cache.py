@@ -140,7 +140,7 @@ def test_distill_from_a_full_cache_never_loads_the_teacher_and_follows_the_live_
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(distill_module, "_load", only_loaded)
+    monkeypatch.setattr(distill_module, "load_model_spec", only_loaded)
     monkeypatch.setattr("hf_minitron.models.load_model", no_load)
     cached = _distill(tmp_path, "cached", None, None, teacher_cache=str(tmp_path / "cache"))
     curve = [[h["kd_logit"] for h in r["log_history"] if "kd_logit" in h] for r in (live, cached)]
