@@ -104,3 +104,15 @@ def teacher_folder(folder: str | Path, tokenizer, seed: int = 0, **shape) -> Pat
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def teacher_and_corpus(root: Path, tokenizer) -> Path:
+    """`root` with a tiny random teacher (`teacher_folder`) and `corpus.jsonl`: the first 20 topics of CPython's
+    language reference, 2,000 characters each, the build tests' text."""
+    from pydoc_data.topics import topics
+
+    teacher_folder(root / "teacher", tokenizer)
+    with open(root / "corpus.jsonl", "w") as f:
+        for key in sorted(topics)[:20]:
+            f.write(json.dumps({"text": topics[key][:2000]}) + "\n")
+    return root

@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from helpers import teacher_folder, tiny_config
+from helpers import teacher_and_corpus, tiny_config
 
 from hf_minitron.cli import main
 from hf_minitron.derive import derive_recipe, derived_note, write_derived
@@ -21,14 +21,7 @@ TINY_SEARCH = ["search.multiple=8", "search.tolerance=0.1"]  # the tiny teacher'
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, smollm2_tokenizer):
     """A tiny random Llama teacher (SmolLM2's tokenizer and chat template, 3.3M parameters) and a text corpus."""
-    from pydoc_data.topics import topics
-
-    root = tmp_path_factory.mktemp("derive")
-    teacher_folder(root / "teacher", smollm2_tokenizer)
-    with open(root / "corpus.jsonl", "w") as f:
-        for key in sorted(topics)[:20]:
-            f.write(json.dumps({"text": topics[key][:2000]}) + "\n")
-    return root
+    return teacher_and_corpus(tmp_path_factory.mktemp("derive"), smollm2_tokenizer)
 
 
 def test_the_embedded_teacher_derives_the_quickstart_family(smollm2_path):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import teacher_folder
+from helpers import teacher_and_corpus
 
 from hf_minitron.cli import main
 from hf_minitron.pipeline import build
@@ -25,13 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, smollm2_tokenizer):
     """A tiny random Llama teacher with the SmolLM2 tokenizer, a text corpus and a chat data set."""
-    from pydoc_data.topics import topics
-
-    root = tmp_path_factory.mktemp("family")
-    teacher_folder(root / "teacher", smollm2_tokenizer)
-    with open(root / "corpus.jsonl", "w") as f:
-        for key in sorted(topics)[:20]:
-            f.write(json.dumps({"text": topics[key][:2000]}) + "\n")
+    root = teacher_and_corpus(tmp_path_factory.mktemp("family"), smollm2_tokenizer)
     with open(root / "chat.jsonl", "w") as f:
         for i in range(8):
             f.write(json.dumps({"dialog": [{"role": "user", "content": f"What is {i} + {i}?"},

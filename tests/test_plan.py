@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import teacher_folder
+from helpers import teacher_and_corpus
 
 from hf_minitron.cost import forward_flops, train_flops
 from hf_minitron.plan import Calibration, calibrate, format_plan, measure, plan_rows, print_plan
@@ -13,14 +13,7 @@ from hf_minitron.recipe import from_dict
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, smollm2_tokenizer):
-    from pydoc_data.topics import topics
-
-    root = tmp_path_factory.mktemp("plan")
-    teacher_folder(root / "teacher", smollm2_tokenizer)
-    with open(root / "corpus.jsonl", "w") as f:
-        for key in sorted(topics)[:20]:
-            f.write(json.dumps({"text": topics[key][:2000]}) + "\n")
-    return root
+    return teacher_and_corpus(tmp_path_factory.mktemp("plan"), smollm2_tokenizer)
 
 
 def recipe(files, **changes):
