@@ -4,7 +4,8 @@ write time for several K, and held-out perplexity after equal small KD budgets f
 Teacher: SmolLM2-135M-Instruct (GGUF, fp32). Student: every MLP pruned 1536 -> 1024 by activation importance (as in
 bench/distill_recovery.py but from 8 x 128 calibration tokens; saved once under OUT_DIR/pruned). Data:
 tiny-shakespeare + WikiText-2 valid, the first --cache-tokens tokens cut into --seq-len windows (the cache's windows;
-the live runs train on the very same windows). Held-out perplexity: the first 16 x 512 windows of WikiText-2 test.
+the live runs train on the very same windows). Held-out perplexity: the first --test-windows x 512 windows of
+WikiText-2 test, compared with full KD window by window (mean log-perplexity difference +- its standard error).
 
 1. write: one cache per K (--ks), timed, against the teacher's plain forward (`.logits`) over the same windows
    (measured before and after the writes); bytes per scored token on disk.
@@ -169,23 +170,42 @@ def bench_steps(args) -> list[dict]:
 
 
 # ---- 3. quality ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each held-out window: the arms are compared window by window (paired)."""
+    model.eval()
+    out = []
+    for w in windows:
+        logits = model(input_ids=w[None]).logits[0, :-1].float()
+        out.append(torch.nn.functional.cross_entropy(logits, w[1:]).item())
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def paired_vs_full(nll: torch.Tensor, full: torch.Tensor) -> dict:
+    """Mean per-window log-perplexity difference to full KD, its standard error, and a verdict at 2 SE."""
+    d = nll - full
+    se = (d.std(unbiased=True) / len(d) ** 0.5).item()
+    mean = d.mean().item()
+    verdict = "worse" if mean > 2 * se else "better" if mean < -2 * se else "inconclusive (within 2 SE)"
+    return {"dlogppl": mean, "se": se, "verdict": verdict}
+
+
 def bench_quality(args, teacher, tok) -> dict:
     from datasets import Dataset
 
     from hf_minitron.data import token_windows
     from hf_minitron.distill import distill
-    from hf_minitron.evaluate import perplexity
     from hf_minitron.models import load_model
     from hf_minitron.teacher_cache import TeacherCache
 
-    test = token_windows(f"{args.data_dir}/wikitext2_test.txt", tok, 512, windows=16)
+    test = token_windows(f"{args.data_dir}/wikitext2_test.txt", tok, 512, windows=args.test_windows)
     pruned = load_model(os.path.join(args.out_dir, "pruned"), dtype="float32")
     common = dict(tokenizer=tok, overwrite=True, max_length=args.seq_len, per_device_train_batch_size=args.batch,
                   learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=1, weight_decay=0.0,
                   save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=True, seed=42, is_layers="off")
     windows = TeacherCache(_cache_dir(args, args.ks[0])).dataset()["input_ids"]
     live_data = Dataset.from_dict({"input_ids": [list(map(int, w)) for w in windows]})
-    out = {"pruned": {"ppl": perplexity(pruned, test)}}
+    out = {"pruned": {"ppl": float(torch.exp(window_nll(pruned, test).mean()))}}
     print(f"PPL pruned, no retraining: {out['pruned']['ppl']:.3f}", flush=True)
     arms = [("full", None)] + [(f"k{k}", k) for k in args.ks]
     for name, k in arms:
@@ -198,11 +218,15 @@ def bench_quality(args, teacher, tok) -> dict:
             res = distill(None, student, None, os.path.join(args.out_dir, f"kd_{name}"), args.kd_tokens,
                           teacher_cache=_cache_dir(args, k), **common)
         wall = time.perf_counter() - t0
-        student.eval()
-        ppl = perplexity(student, test)
+        nll = window_nll(student, test)
+        ppl = float(torch.exp(nll.mean()))
         out[name] = {"ppl": ppl, "tokens": res["tokens"], "steps": res["steps"], "train_loss": res["train_loss"],
-                     "wall_s": wall}
-        print(f"PPL {name}: {ppl:.3f} after {res['tokens']:,} tokens ({res['steps']} steps, {wall:.0f} s wall)",
+                     "wall_s": wall, "window_nll": nll.tolist()}
+        if k is not None:
+            out[name]["vs_full"] = paired_vs_full(nll, torch.tensor(out["full"]["window_nll"], dtype=torch.float64))
+        cmp = out[name].get("vs_full")
+        cmp = f"; vs full KD {cmp['dlogppl']:+.4f} +- {cmp['se']:.4f} log-ppl: {cmp['verdict']}" if cmp else ""
+        print(f"PPL {name}: {ppl:.3f} after {res['tokens']:,} tokens ({res['steps']} steps, {wall:.0f} s wall){cmp}",
               flush=True)
     return out
 
@@ -218,6 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed KD steps per child after one warm-up (default: 4)")
     p.add_argument("--reps", type=int, default=2, help="live/cache child pairs (default: 2)")
     p.add_argument("--kd-tokens", type=int, default=16384, help="KD budget per quality arm; 0: skip (default: 16384)")
+    p.add_argument("--test-windows", type=int, default=32,
+                   help="held-out 512-token windows of WikiText-2 test for the quality arms (default: 32)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of the quality arms (default: 2e-4)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: write, step, quality")
     p.add_argument("--data-dir", default=DATA_DIR, help="folder of the shared data files")

@@ -5,7 +5,8 @@ What it derives (arXiv 2407.14679; each choice a recipe key the user can edit in
   25% of the teacher's parameters unless `sizes` says otherwise (`50%,25%` or counts such as `4B,2B`);
 - search: widths only (hidden, heads, MLP), every shape within 5% of the budget, LoRA-ranked; a member's
   `min_width` halves (to 0.25 at most) when the search space at 0.5 holds fewer than `max_candidates` shapes;
-- distillation: logit-only forward KL, peak LR 1e-4 with cosine decay to 1e-5; `tokens` per member, by default
+- distillation: logit-only forward KL, peak LR 1e-4 with cosine decay to 1e-5 (SHORT_RUN's settings below
+  SHORT_RUN_STEPS optimizer steps); `tokens` per member, by default
   TOKENS_PER_PARAMETER x the member's parameters (Minitron 8B: 94B tokens for 8.3B parameters); windows, batch and
   accumulation scaled down so the smallest budget still makes MIN_STEPS optimizer steps;
 - importance: activation-based, on the calibration text at the training window length;
@@ -35,6 +36,17 @@ TOKENS_PER_PARAMETER = 94e9 / 8.27e9  # Minitron 8B: 94B distillation tokens for
 MAX_WINDOW = 4096  # the paper's sequence length
 MIN_STEPS = 20  # the smallest budget still makes this many optimizer steps
 MAX_ACCUMULATION = 32  # 4 x 4096 x 32 = 0.5M tokens per step, the paper recipes' global batch per GPU
+SHORT_RUN_STEPS = 1000  # a member distilled in fewer optimizer steps than this gets SHORT_RUN's settings
+# Short runs (e.g. the quickstart's 24 steps): a higher peak LR with a longer warm-up, a smaller LoRA whose training
+# during the ranking is kept (merged into the pruned weights), fewer but longer evaluation windows and a larger held-out
+# tail of a small corpus. These are the quickstart's settings: bench/RESULTS.md's quickstart figures use them.
+SHORT_RUN = {
+    "search": {"lr": 2e-4, "lora_r": 8, "lora_alpha": 16, "eval_windows": 4, "adapter": "merge"},
+    "distill": {"learning_rate": 2e-4, "warmup_steps": 0.1},
+    "evaluate": {"seq_len": 512, "windows": 8},
+    "importance": {"samples": 32},
+    "holdout": 0.15,
+}
 
 
 def derive_recipe(teacher: TeacherArgs, data: str | None = None, sizes: str | None = None,
@@ -62,6 +74,7 @@ def derive_recipe(teacher: TeacherArgs, data: str | None = None, sizes: str | No
     else:
         for m, n in zip(members, per_member):
             m["distill_tokens"] = n
+    short = min(per_member) < SHORT_RUN_STEPS * batch * window * accumulation
     cuda = _cuda()
     raw = {
         "name": f"{stem}-minitron",
@@ -77,6 +90,12 @@ def derive_recipe(teacher: TeacherArgs, data: str | None = None, sizes: str | No
         "distill": distill,
         "evaluate": {"seq_len": window, "windows": 16},
     }
+    if short:
+        for section in ("search", "distill", "importance", "evaluate"):
+            raw[section].update(SHORT_RUN[section])
+        raw["evaluate"]["seq_len"] = min(raw["evaluate"]["seq_len"], positions)
+        if data is not None:  # evaluation reads the held-out tail of the user's corpus
+            raw["data"]["holdout"] = SHORT_RUN["holdout"]
     if sft_data is not None:
         if not _has_chat_template(teacher, folder):
             raise RecipeError(f"--sft-data: teacher {teacher.source!r} has no chat template, so it has no instruct "
