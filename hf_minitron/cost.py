@@ -34,7 +34,7 @@ def account(run, recipe) -> dict:
     """Tokens and FLOPs per member (own stages, and with its ancestors'), against training it from scratch."""
     members: dict[str, dict] = {}
     for m in recipe.members:
-        keys = [f"{m.name}/{s}" for s in ("search", "prune", "distill", "sft")]
+        keys = [f"{m.name}/{s}" for s in ("teacher-logits", "search", "prune", "distill", "sft")]
         if m.parent:  # importance on the parent is this member's calibration
             keys.append(f"importance/{m.parent}")
         own: dict[str, int] = {}

@@ -125,7 +125,12 @@ class DistillConfig(TextTrainingConfig):
         "help": "tokens per chunk of the logit loss (peak loss memory ~ chunk x vocab); 0 = no chunking"})
     teacher_cache: str | None = field(default=None, metadata={
         "help": "a teacher-logit cache folder (hf-minitron teacher-logits): train on its windows against its top-K "
-                "(sparse forward KL), never loading the teacher; no intermediate-state losses"})
+                "(sparse forward KL), never loading the teacher; no intermediate-state losses. In a build also "
+                "'auto': the build writes one cache per teacher, data and window (teacher_cache_top_k) and every "
+                "search candidate and distillation from that teacher reads it; 'off' or empty: the live teacher"})
+    teacher_cache_top_k: int = field(default=128, metadata={
+        "help": "K of the caches a build's teacher_cache 'auto' writes (build only; hf-minitron teacher-logits has "
+                "--top-k): the teacher's K most likely tokens per position, plus one bucket for the rest"})
 
     def __post_init__(self):
         if self.ddp_find_unused_parameters is None:
@@ -134,6 +139,8 @@ class DistillConfig(TextTrainingConfig):
             self.ddp_find_unused_parameters = False
         super().__post_init__()
         check_loss_name(self.logit_loss, LOGIT_LOSSES, "logit loss")
+        if self.teacher_cache in ("", "off", "none"):
+            self.teacher_cache = None
         check_loss_name(self.is_loss, STATE_LOSSES, "intermediate-state loss")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
@@ -336,6 +343,10 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
         student_model.to(getattr(torch, config.train_dtype))
     train_dtype = student_model.dtype
     cache = None
+    if config.teacher_cache == "auto":
+        raise ValueError("teacher_cache 'auto' is for builds (one cache per teacher, data and window in the run "
+                         "folder); for one run write a cache with `hf-minitron teacher-logits --out CACHE` and pass "
+                         "--teacher-cache CACHE")
     if config.teacher_cache:  # the teacher's top-K come from disk: it is never loaded
         from .teacher_cache import CachedDistillTrainer, TeacherCache, cached_dataset
 

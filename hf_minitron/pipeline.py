@@ -15,6 +15,7 @@ Run: `hf-minitron build --recipe recipes/quickstart.yaml [--teacher T] [--out RU
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +26,7 @@ from .recipe import MemberSection, Recipe
 from .rundir import (EVAL_FILE, INSTRUCT_SUFFIX, PRUNING_FILE, SEARCH_DIR, SEARCH_FILE, TEACHER, MemberRecord, RunDir,
                      StageOutput, hash_folder, hash_json, open_run)
 
-STAGES = ("importance", "search", "prune", "distill", "sft", "evaluate", "publish")
+STAGES = ("importance", "teacher-logits", "search", "prune", "distill", "sft", "evaluate", "publish")
 WEIGHTS = ("*.safetensors", "config.json")  # what names a trained model's output
 CORRECTION_STAGE = f"{TEACHER}/correction"
 
@@ -179,11 +180,73 @@ def _needed_passes(r: Recipe, members: list[MemberSection]):
     return replace(imp, depth_ppl_samples=ppl, head_ablation_samples=ablation)
 
 
-def _search(b: _Build, m: MemberSection, scores_dir: Path) -> dict:
-    """The search stage of a member with a budget -> the winning shape."""
+def cache_need(r: Recipe, m: MemberSection):
+    """(the member's DistillConfig, tokens its teacher-logit cache holds, whether its search reads it too): every
+    token its distillation's whole steps read, and its search's when the search trains on the same window."""
+    from .distill import DistillConfig
+    from .search import eval_steps
+
+    config = DistillConfig(output_dir="unused", **{**r.distill, "tokens": r.distill_tokens(m)})
+    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.max_length
+    need = -(-config.tokens // per_step) * per_step
+    search = m.search_settings(r.search)
+    shared = bool(m.params) and search.seq_len == config.max_length
+    if shared:
+        stops, search_step = eval_steps(search)
+        need = max(need, stops[-1] * search_step)
+    return config, need, shared
+
+
+def _teacher_logits(b: _Build, m: MemberSection) -> tuple[Path | None, bool]:
+    """(the member's teacher-logit cache or None, whether its search reads it too).
+
+    `distill.teacher_cache: auto`: the member's KD teacher runs once over the windows its search candidates (when
+    their window is the distillation's) and its distillation read, as the stage `<member>/teacher-logits`, into a
+    folder named by what it was computed from: a rerun, or another member asking the same, finds it done and
+    counts its FLOPs once. A folder path in the recipe is used as it is (the distillation only).
+    """
+    from .teacher_cache import META_FILE, TeacherCache, TeacherCacheConfig, write_teacher_cache
+
+    r = b.recipe
+    config, need, shared = cache_need(r, m)
+    if config.teacher_cache != "auto":
+        return (Path(config.teacher_cache) if config.teacher_cache else None), False
+    settings = {"top_k": config.teacher_cache_top_k, "seq_len": config.max_length, "temperature": config.temperature,
+                "tokens": need, "data": asdict(r.data.distillation), "holdout": r.data.holdout}
+    parents = {"kd_teacher": b.identity(m.kd_teacher)}
+    folder = b.run.teacher_logits(hash_json({**settings, **parents})[:16])
+
+    def fn(action) -> StageOutput:
+        if action == "redo":
+            shutil.rmtree(folder, ignore_errors=True)
+        reused = (folder / META_FILE).is_file() and json.loads((folder / META_FILE).read_text()).get("complete")
+        if reused:
+            meta = TeacherCache(str(folder)).meta
+        else:
+            cache_config = TeacherCacheConfig(max_tokens=need, seq_len=config.max_length, top_k=settings["top_k"],
+                                              temperature=config.temperature,
+                                              batch_size=config.per_device_train_batch_size)
+            meta = write_teacher_cache(b.model(m.kd_teacher), b.tokenizer(), b.train_documents(), str(folder),
+                                       cache_config, text_column=r.data.distillation.text_column,
+                                       identity={"source": m.kd_teacher, "weights": parents["kd_teacher"],
+                                                 "kind": "build"}, progress=b.progress)
+        flops = 0 if reused else 2 * b.params_of(m.kd_teacher) * meta["tokens"]
+        return StageOutput(folder, meta["windows_sha256"] + meta["tokenizer"], {},
+                           {"flops": flops, "teacher_tokens": meta["tokens"], "top_k": meta["top_k"],
+                            "bytes_per_token": meta["bytes_per_token"], "reused": bool(reused)},
+                           files=[folder / META_FILE, *sorted(folder.glob("shard-*.arrow"))])
+
+    b.stage(f"{m.name}/teacher-logits", settings, parents, fn, log=b.log)
+    return folder, shared
+
+
+def _search(b: _Build, m: MemberSection, scores_dir: Path, cache: Path | None = None) -> dict:
+    """The search stage of a member with a budget -> the winning shape (its candidates distilled from `cache`, a
+    teacher-logit cache, when given)."""
     from .data import token_windows
     from .importance import ImportanceScores
     from .search import run_search
+    from .teacher_cache import TeacherCache
 
     r, folder = b.recipe, b.run.work(m.name) / SEARCH_DIR
     search = m.search_settings(r.search)
@@ -193,7 +256,8 @@ def _search(b: _Build, m: MemberSection, scores_dir: Path) -> dict:
             shutil.rmtree(folder, ignore_errors=True)
         windows = token_windows(r.data.eval_source, b.tokenizer(), search.eval_seq_len, search.eval_windows,
                                 holdout=r.data.eval_holdout, cache=b.cache)
-        return run_search(b.model(m.base), ImportanceScores.load(scores_dir), b.model(m.kd_teacher), b.tokenizer(),
+        teacher = TeacherCache(str(cache)) if cache else b.model(m.kd_teacher)
+        return run_search(b.model(m.base), ImportanceScores.load(scores_dir), teacher, b.tokenizer(),
                           b.train_documents(), windows, m.params, search, folder, r.prune,
                           base_path=str(b.run.pruned(m.name)), seed=r.distill.get("seed", 42), progress=b.progress,
                           log=b.log)
@@ -202,6 +266,8 @@ def _search(b: _Build, m: MemberSection, scores_dir: Path) -> dict:
                 "data": asdict(r.data.distillation), "eval": asdict(r.data.eval_source), "holdout": r.data.holdout}
     parents = {"importance": b.run.output_hash(f"importance/{m.base}"), "base": b.identity(m.base),
                "kd_teacher": b.identity(m.kd_teacher)}
+    if cache:
+        parents["teacher_logits"] = b.run.output_hash(f"{m.name}/teacher-logits")
     b.stage(f"{m.name}/search", settings, parents, fn, log=b.log)
     return b.run.record(f"{m.name}/search")["winner"]
 
@@ -221,7 +287,8 @@ def _prune(b: _Build, m: MemberSection, shape: dict, scores_dir: Path) -> None:
         adapter), log=b.log)
 
 
-def _distill(b: _Build, m: MemberSection, shape: dict) -> None:
+def _distill(b: _Build, m: MemberSection, shape: dict, cache: Path | None = None) -> None:
+    """The distill stage: from the live KD teacher, or from `cache`, a teacher-logit cache (the teacher not loaded)."""
     from .distill import DistillConfig, distill
 
     r, folder, pruned = b.recipe, b.run.member(m.name), b.run.pruned(m.name)
@@ -230,9 +297,11 @@ def _distill(b: _Build, m: MemberSection, shape: dict) -> None:
     def fn(action) -> StageOutput:
         if action == "redo":
             shutil.rmtree(folder, ignore_errors=True)
-        config = DistillConfig(output_dir=str(folder), **{**r.distill, "tokens": tokens},
+        config = DistillConfig(output_dir=str(folder), **{**r.distill, "tokens": tokens,
+                                                          "teacher_cache": str(cache) if cache else None},
                                disable_tqdm=not b.progress)
-        res = distill(b.model(m.kd_teacher), str(pruned), b.train_documents(), str(folder), config=config,
+        res = distill(None if cache else b.model(m.kd_teacher), str(pruned), b.train_documents(), str(folder),
+                      config=config,
                       text_column=r.data.distillation.text_column, resume=action == "resume")
         search_json = b.run.work(m.name) / SEARCH_DIR / SEARCH_FILE
         for src in (pruned / PRUNING_FILE, search_json):
@@ -243,14 +312,17 @@ def _distill(b: _Build, m: MemberSection, shape: dict) -> None:
                      training={k: res[k] for k in ("losses", "is_pairs", "is_policy", "dtypes")}).write(folder)
         n = b.params_of(m.name)
         return StageOutput(folder, hash_folder(folder, WEIGHTS), {"distillation": res["tokens"]},
-                           {"flops": train_flops(n, res["tokens"], b.params_of(m.kd_teacher)), "parameters": n,
+                           {"flops": train_flops(n, res["tokens"], 0 if cache else b.params_of(m.kd_teacher)),
+                            "parameters": n,
                             "steps": res["steps"], "train_loss": res["train_loss"]})
 
     settings = {**r.distill, "tokens": tokens, "kd_teacher": m.kd_teacher, "data": asdict(r.data.distillation),
                 "holdout": r.data.holdout}
     settings.pop("keep_checkpoints", None)
-    b.stage(f"{m.name}/distill", settings, {"pruned": b.run.output_hash(f"{m.name}/prune"),
-                                                "kd_teacher": b.identity(m.kd_teacher)}, fn, log=b.log)
+    parents = {"pruned": b.run.output_hash(f"{m.name}/prune"), "kd_teacher": b.identity(m.kd_teacher)}
+    if cache:
+        parents["teacher_logits"] = b.run.output_hash(f"{m.name}/teacher-logits") or str(cache)
+    b.stage(f"{m.name}/distill", settings, parents, fn, log=b.log)
 
 
 def _sft(b: _Build, m: MemberSection) -> None:
@@ -308,11 +380,12 @@ def _member_loader(b: _Build, folder: Path):
 def build_member(b: _Build, m: MemberSection, until: str | None = None) -> None:
     """search -> prune -> distill -> SFT -> evaluate for one member, each stage skipped when already done."""
     scores = _importance(b, m.base)
-    shape = _search(b, m, scores) if m.params else asdict(m.shape)
+    cache, shared = _teacher_logits(b, m)
+    shape = _search(b, m, scores, cache if shared else None) if m.params else asdict(m.shape)
     if until == "search":
         return
     _prune(b, m, shape, scores)
-    _distill(b, m, shape)
+    _distill(b, m, shape, cache)
     folder = b.run.member(m.name)
     models = [(m.name, _member_loader(b, folder), folder / EVAL_FILE)]
     parents = {"distill": b.run.output_hash(f"{m.name}/distill")}

@@ -60,7 +60,7 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
     its parent's nearest search candidate, as in the dry run)."""
     from .archs import count_parameters
     from .models import load_config
-    from .pipeline import _needed_passes
+    from .pipeline import _needed_passes, cache_need
     from .prune import student_config
     from .search import candidates_for, eval_steps
 
@@ -87,6 +87,13 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
         kd = m.kd_teacher
         if kd not in n:
             n[kd] = count_parameters(load_config(kd))
+        distill_config, need, shared = cache_need(recipe, m)
+        cached = distill_config.teacher_cache == "auto"
+        if cached:  # the teacher's forward passes, once, to disk; the search and distillation then skip them
+            k = distill_config.teacher_cache_top_k
+            per_token = (k + 1) * (2 if configs[TEACHER].vocab_size <= 1 << 16 else 4) + 2 * (k + 1)
+            rows.append(Row(m.name, "teacher-logits", f"top-{k} of {kd}", n[kd], need, forward_flops(n[kd], need),
+                            need * per_token))
         if m.shape:
             configs[m.name] = student_config(configs[base], m.shape)
             model = _shape(configs[m.name])
@@ -98,7 +105,8 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
             score_tokens = search.eval_windows * search.eval_seq_len
             earliest = min(len(stops), max(1, search.stable_evals))  # settled() needs this many unchanged rankings
 
-            flops = [sum(train_flops(c.params, stops[k - 1] * per_step, n[kd])  # scored once pruned, then after
+            n_kd = 0 if cached and shared else n[kd]
+            flops = [sum(train_flops(c.params, stops[k - 1] * per_step, n_kd)  # scored once pruned, then after
                          + forward_flops(c.params, (k + 1) * score_tokens) for c in found)  # each interval
                      for k in (earliest, len(stops))]
             rows.append(Row(m.name, "search", f"{len(found)} candidates ({min(c.params for c in found) / 1e6:.1f}-"
@@ -109,7 +117,8 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
         weights = n[m.name] * size
         rows.append(Row(m.name, "prune", model, n[m.name], 0, 0, weights))
         t = recipe.distill_tokens(m)
-        rows.append(Row(m.name, "distill", model, n[m.name], t, train_flops(n[m.name], t, n[kd]), weights))
+        rows.append(Row(m.name, "distill", model, n[m.name], t, train_flops(n[m.name], t, 0 if cached else n[kd]),
+                        weights))
         evaluated = [m.name]
         if m.instruct:
             steps = recipe.sft.get("max_steps", -1)

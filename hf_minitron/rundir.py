@@ -43,6 +43,7 @@ TEACHER = "teacher"  # the teacher as a model reference, and its file names (imp
 PARENT = "parent"  # a member's parent, as a recipe's distillation teacher reference
 TEACHER_EVAL = TEACHER + ".json"  # in EVAL_DIR
 INSTRUCT_SUFFIX = "-instruct"  # <member>-instruct: the member's SFT variant
+TEACHER_LOGITS_DIR = "teacher-logits"  # in WORK_DIR: teacher-logit caches, a folder per (teacher, data, window, K)
 PRUNED_DIR = "checkpoint-pruned"  # in WORK_DIR/<member>: the pruned start point of distillation
 SEARCH_DIR = "search"  # in WORK_DIR/<member>: the architecture search's candidates
 # ---- member folder files ----
@@ -252,6 +253,9 @@ class RunDir:
 
     def work(self, member: str) -> Path:
         return self.root / WORK_DIR / member
+
+    def teacher_logits(self, name: str) -> Path:
+        return self.root / WORK_DIR / TEACHER_LOGITS_DIR / name
 
     def pruned(self, member: str) -> Path:
         return self.work(member) / PRUNED_DIR

@@ -192,12 +192,14 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget:
                prune_options=None, base_path: str = "", seed: int = 0, progress: bool = True,
                log=print) -> StageOutput:
     """Prune and score every candidate, then retrain and re-score them all in turns until the ranking settles or
-    the token budget is spent; write search.json and search.md into `out`.
+    the token budget is spent; write search.json and search.md into `out`. `teacher`: a loaded model, or a
+    `TeacherCache` whose windows and top-K the candidates then train on (`dataset` unused).
 
     Resumable: search.json is written after every candidate's turn, and a candidate continues from its last
     checkpoint. The output's record holds the winner's shape and the FLOPs spent.
     """
     from .evaluate import perplexity
+    from .teacher_cache import TeacherCache
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +246,7 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget:
     table += format_curve(rows, note)
     (out / TABLE_FILE).write_text(table + "\n")
     log(table)
-    n_teacher = count_parameters(teacher.config)
+    n_teacher = 0 if isinstance(teacher, TeacherCache) else count_parameters(teacher.config)  # a cache: counted once
     flops = sum(train_flops(c["params"], c["tokens"], n_teacher) for c in result["candidates"])
     return StageOutput(out, hash_folder(out), tokens={"search": result["tokens"]},
                        record={"flops": flops, "winner": result["winner"]["shape"]})

@@ -86,16 +86,20 @@ def train_segment(model, teacher, tokenizer, dataset, search, folder: Path, step
     """Distil `teacher` into `model` from checkpoint `resume` (or the start) up to step `stop` of a `steps`-step run;
     the checkpoint lands in `folder`/checkpoint-`stop`. `cache` keeps the packed dataset between segments."""
     from .distill import DistillConfig, MinitronDistillTrainer
+    from .teacher_cache import CachedDistillTrainer, TeacherCache
 
     cache = {} if cache is None else cache
     prepared = cache.get("search_dataset")
+    if isinstance(teacher, TeacherCache):  # a teacher-logit cache: its windows, already one per row
+        prepared = cache.setdefault("search_dataset", teacher.dataset())
     args = DistillConfig(output_dir=str(folder), max_steps=steps, per_device_train_batch_size=search.batch_size,
                          max_length=search.seq_len, learning_rate=search.lr, save_strategy="no", report_to=[],
                          logging_steps=max(1, steps // 5), gradient_checkpointing=False, seed=seed,
                          disable_tqdm=not progress, kd_chunk_tokens=1024,
                          dataset_kwargs={"skip_prepare_dataset": True} if prepared is not None else None)
-    trainer = MinitronDistillTrainer(model, teacher, args, train_dataset=dataset if prepared is None else prepared,
-                                     processing_class=tokenizer, callbacks=[_StopAt(stop)])
+    trainer_class = CachedDistillTrainer if isinstance(teacher, TeacherCache) else MinitronDistillTrainer
+    trainer = trainer_class(model, teacher, args, train_dataset=dataset if prepared is None else prepared,
+                            processing_class=tokenizer, callbacks=[_StopAt(stop)])
     cache["search_dataset"] = trainer.train_dataset
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     model.eval()

@@ -247,3 +247,36 @@ def test_teacher_correction_runs_first_and_feeds_importance_and_distillation(fil
     assert actions(result)["teacher/correction"] == "run"
     again = build(from_dict(raw), out, progress=False, log=lines.append)
     assert set(actions(again).values()) == {"skipped"}
+
+
+def test_teacher_cache_auto_feeds_the_search_and_the_distillation_and_counts_the_teacher_once(files, tmp_path,
+                                                                                              monkeypatch):
+    from hf_minitron import distill, teacher_cache
+    from hf_minitron.cost import train_flops
+
+    def live(*args, **kwargs):
+        raise AssertionError("a trainer with the live teacher")
+
+    cached = []
+    real_init = teacher_cache.CachedDistillTrainer.__init__
+    monkeypatch.setattr(distill.MinitronDistillTrainer, "__init__", live)
+    monkeypatch.setattr(teacher_cache.CachedDistillTrainer, "__init__",
+                        lambda self, *a, **k: cached.append(1) or real_init(self, *a, **k))
+    raw = tiny_recipe(files, members=[{"name": "small", "params": 2_950_000}])
+    raw["distill"].update(teacher_cache="auto", teacher_cache_top_k=16)
+    out = tmp_path / "run"
+    build(from_dict(raw), out, progress=False, log=print)
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    record = stages["small/teacher-logits"]
+    folder = out / "work" / "teacher-logits"
+    (cache,) = folder.iterdir()
+    meta = json.loads((cache / "teacher_cache.json").read_text())
+    assert meta["complete"] and meta["top_k"] == 16 and meta["tokens"] == record["teacher_tokens"]
+    teacher_params = AutoModelForCausalLM.from_pretrained(files / "teacher").num_parameters()
+    assert record["flops"] == 2 * teacher_params * meta["tokens"]  # the teacher's forward passes, once
+    assert len(cached) > 1  # the search's candidates (>= 1 segment each) and the distillation
+    assert json.loads((out / "small" / "distill_result.json").read_text())["teacher_cache"] == str(cache)
+    distilled = stages["small/distill"]
+    assert distilled["flops"] == train_flops(distilled["parameters"], distilled["tokens"]["distillation"])
+    again = build(from_dict(raw), out, progress=False, log=print)
+    assert set(actions(again).values()) == {"skipped"}

@@ -51,6 +51,18 @@ def test_rows_cover_every_stage_with_the_build_formulas(files):
     assert 0 < search.low_flops < search.flops  # the ranking may settle after 2 of its 4 intervals
 
 
+def test_a_teacher_cache_is_planned_once_and_the_stages_reading_it_skip_the_teachers_flops(files):
+    r = recipe(files, distill={"tokens": 256, "max_length": 32, "per_device_train_batch_size": 4,
+                               "teacher_cache": "auto", "teacher_cache_top_k": 16})
+    rows = {(row.member, row.stage): row for row in plan_rows(r)}
+    teacher, small = rows[("teacher", "evaluate")].params, rows[("small", "distill")].params
+    cache = rows[("small", "teacher-logits")]
+    assert cache.tokens == 256 and cache.flops == forward_flops(teacher, 256)  # search: 256 tokens of 32 too
+    assert cache.disk == 256 * (17 * 2 + 17 * 2)  # uint16 ids (the input and K) and fp16 log-probs (K and the tail)
+    assert rows[("small", "distill")].flops == train_flops(small, 256)
+    assert rows[("smaller", "teacher-logits")].params == small  # the chain's next member: its parent's logits
+
+
 def test_the_table_states_totals_and_the_estimate_with_its_basis(files):
     r = recipe(files)
     rows = plan_rows(r)
