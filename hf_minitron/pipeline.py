@@ -38,6 +38,7 @@ class _Build:
     recipe: Recipe
     run: RunDir
     source: object  # ModelSource of the teacher
+    teacher_config: object  # its config, read once (a GGUF's takes seconds)
     progress: bool = True
     log: object = print
     models: dict = field(default_factory=dict)
@@ -101,7 +102,7 @@ class _Build:
         from .models import load_config
 
         if ref == TEACHER:
-            return count_parameters(self.recipe.teacher.model_config(self.source))
+            return count_parameters(self.teacher_config)
         return count_parameters(load_config(str(self.run.member(ref)) if self.is_member(ref) else ref))
 
     def train_documents(self):
@@ -152,13 +153,12 @@ def _importance(b: _Build, base: str) -> Path:
     return folder
 
 
-def _check_positions(r: Recipe, source) -> None:
+def _check_positions(r: Recipe, config) -> None:
     """A one-line warning, before any work, for each sequence length of the recipe beyond the teacher's positions
     (the members keep the teacher's positions)."""
     from .distill import DistillConfig
     from .models import check_positions
 
-    config = r.teacher.model_config(source)
     distill = r.distill.get("max_length", DistillConfig.__dataclass_fields__["max_length"].default)
     lengths = {"importance.seq_len": r.importance.seq_len, "distill.max_length": distill,
                "evaluate.seq_len": r.evaluate.seq_len}
@@ -180,21 +180,27 @@ def _needed_passes(r: Recipe, members: list[MemberSection]):
     return replace(imp, depth_ppl_samples=ppl, head_ablation_samples=ablation)
 
 
-def cache_need(r: Recipe, m: MemberSection):
-    """(the member's DistillConfig, tokens its teacher-logit cache holds, whether its search reads it too): every
-    token its distillation's whole steps read, and its search's when the search trains on the same window."""
+def cache_need(r: Recipe, m: MemberSection) -> dict:
+    """The member's teacher-logit cache settings (`mode`: None, 'auto' or a folder; `top_k`, `temperature`,
+    `seq_len`), the `tokens` it holds (every token of its distillation's whole steps, and of its search's when the
+    search trains on the same window: `shared`). From the recipe alone: no trainer arguments are built (those check
+    the hardware)."""
     from .distill import DistillConfig
     from .search import eval_steps
 
-    config = DistillConfig(output_dir="unused", **{**r.distill, "tokens": r.distill_tokens(m)})
-    per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.max_length
-    need = -(-config.tokens // per_step) * per_step
+    fields = DistillConfig.__dataclass_fields__
+    get = lambda key: r.distill.get(key, fields[key].default)  # noqa: E731
+    mode = get("teacher_cache")
+    window = get("max_length")
+    per_step = get("per_device_train_batch_size") * get("gradient_accumulation_steps") * window
+    need = -(-r.distill_tokens(m) // per_step) * per_step
     search = m.search_settings(r.search)
-    shared = bool(m.params) and search.seq_len == config.max_length
+    shared = bool(m.params) and search.seq_len == window
     if shared:
         stops, search_step = eval_steps(search)
         need = max(need, stops[-1] * search_step)
-    return config, need, shared
+    return {"mode": None if mode in (None, "", "off", "none") else mode, "top_k": get("teacher_cache_top_k"),
+            "temperature": get("temperature"), "seq_len": window, "tokens": need, "shared": shared}
 
 
 def _teacher_logits(b: _Build, m: MemberSection) -> tuple[Path | None, bool]:
@@ -208,11 +214,11 @@ def _teacher_logits(b: _Build, m: MemberSection) -> tuple[Path | None, bool]:
     from .teacher_cache import META_FILE, TeacherCache, TeacherCacheConfig, write_teacher_cache
 
     r = b.recipe
-    config, need, shared = cache_need(r, m)
-    if config.teacher_cache != "auto":
-        return (Path(config.teacher_cache) if config.teacher_cache else None), False
-    settings = {"top_k": config.teacher_cache_top_k, "seq_len": config.max_length, "temperature": config.temperature,
-                "tokens": need, "data": asdict(r.data.distillation), "holdout": r.data.holdout}
+    plan = cache_need(r, m)
+    if plan["mode"] != "auto":
+        return (Path(plan["mode"]) if plan["mode"] else None), False
+    settings = {k: plan[k] for k in ("top_k", "seq_len", "temperature", "tokens")}
+    settings.update(data=asdict(r.data.distillation), holdout=r.data.holdout)
     parents = {"kd_teacher": b.identity(m.kd_teacher)}
     folder = b.run.teacher_logits(hash_json({**settings, **parents})[:16])
 
@@ -223,9 +229,9 @@ def _teacher_logits(b: _Build, m: MemberSection) -> tuple[Path | None, bool]:
         if reused:
             meta = TeacherCache(str(folder)).meta
         else:
-            cache_config = TeacherCacheConfig(max_tokens=need, seq_len=config.max_length, top_k=settings["top_k"],
-                                              temperature=config.temperature,
-                                              batch_size=config.per_device_train_batch_size)
+            cache_config = TeacherCacheConfig(max_tokens=plan["tokens"], seq_len=plan["seq_len"],
+                                              top_k=plan["top_k"], temperature=plan["temperature"],
+                                              batch_size=r.distill.get("per_device_train_batch_size", 8))
             meta = write_teacher_cache(b.model(m.kd_teacher), b.tokenizer(), b.train_documents(), str(folder),
                                        cache_config, text_column=r.data.distillation.text_column,
                                        identity={"source": m.kd_teacher, "weights": parents["kd_teacher"],
@@ -237,7 +243,7 @@ def _teacher_logits(b: _Build, m: MemberSection) -> tuple[Path | None, bool]:
                            files=[folder / META_FILE, *sorted(folder.glob("shard-*.arrow"))])
 
     b.stage(f"{m.name}/teacher-logits", settings, parents, fn, log=b.log)
-    return folder, shared
+    return folder, plan["shared"]
 
 
 def _search(b: _Build, m: MemberSection, scores_dir: Path, cache: Path | None = None) -> dict:
@@ -427,13 +433,14 @@ def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[
         if stage not in STAGES:
             raise ValueError(f"--force {f!r}: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     source = recipe.teacher.resolve()
-    _check_positions(recipe, source)
+    teacher_config = recipe.teacher.model_config(source)
+    _check_positions(recipe, teacher_config)
     if plan:  # before any weights load
         from .plan import print_plan
 
-        print_plan(recipe, log, source=source)
+        print_plan(recipe, log, config=teacher_config)
     with open_run(out, recipe, source.as_dict(), force) as run:
-        b = _Build(recipe, run, source, progress, log)
+        b = _Build(recipe, run, source, teacher_config, progress, log)
         started = time.time()
         names = _with_ancestors(recipe, members) if members else [m.name for m in recipe.members]
         targets = set(members or names)

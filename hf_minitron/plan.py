@@ -87,10 +87,10 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
         kd = m.kd_teacher
         if kd not in n:
             n[kd] = count_parameters(load_config(kd))
-        distill_config, need, shared = cache_need(recipe, m)
-        cached = distill_config.teacher_cache == "auto"
+        cache = cache_need(recipe, m)
+        cached, shared, need = cache["mode"] == "auto", cache["shared"], cache["tokens"]
         if cached:  # the teacher's forward passes, once, to disk; the search and distillation then skip them
-            k = distill_config.teacher_cache_top_k
+            k = cache["top_k"]
             per_token = (k + 1) * (2 if configs[TEACHER].vocab_size <= 1 << 16 else 4) + 2 * (k + 1)
             rows.append(Row(m.name, "teacher-logits", f"top-{k} of {kd}", n[kd], need, forward_flops(n[kd], need),
                             need * per_token))
@@ -179,17 +179,19 @@ def calibrate(recipe, config) -> Calibration:
 
 def format_plan(recipe, rows: list[Row], calibration: Calibration | None) -> str:
     """The table and the totals: FLOPs, disk and, with a calibration, the estimated wall time."""
-    w = max(len(r.member) for r in rows) + 2
+    w, sw = max(len(r.member) for r in rows) + 2, max(len(r.stage) for r in rows) + 2
     lines = [f"plan: family {recipe.name!r} from {recipe.teacher.source}",
-             f"{'model':<{w}}{'stage':<12}{'shape (hidden/ffn/heads/kv/layers)':<36}{'params':>8}{'tokens':>9}"
+             f"{'model':<{w}}{'stage':<{sw}}{'shape (hidden/ffn/heads/kv/layers)':<36}{'params':>8}{'tokens':>9}"
              f"{'FLOPs':>9}{'disk':>9}{'time':>9}"]
     for r in rows:
         t = r.flops / calibration.flops_per_s if calibration and r.flops is not None else None
-        lines.append(f"{r.member:<{w}}{r.stage:<12}{r.model:<36}{si(r.params):>8}{si(r.tokens):>9}"
+        lines.append(f"{r.member:<{w}}{r.stage:<{sw}}{r.model:<36}{si(r.params):>8}{si(r.tokens):>9}"
                      f"{_big(r.flops):>9}{_bytes(r.disk):>9}{_duration(t):>9}")
     flops = sum(r.flops or 0 for r in rows)
     peak = max((r.params * ADAM_BYTES * 2 for r in rows if r.stage in ("distill", "sft")), default=0)
-    lines.append(f"total: ~{_big(flops)} FLOPs; disk ~{_bytes(sum(r.disk for r in rows))} of weights (+ up to "
+    cached = sum(r.disk for r in rows if r.stage == "teacher-logits")
+    what = f"of weights and teacher logits ({_bytes(cached)})" if cached else "of weights"
+    lines.append(f"total: ~{_big(flops)} FLOPs; disk ~{_bytes(sum(r.disk for r in rows))} {what} (+ up to "
                  f"{_bytes(peak)} of training checkpoints while a member trains)")
     if any(r.tokens is None and r.stage == "sft" for r in rows):
         lines.append("SFT runs epochs of data.sft, whose size is known only once read: not in the totals")
@@ -247,10 +249,10 @@ def measure(recipe, config) -> tuple[Calibration | None, str | None]:
     return calibrate(recipe, config), None
 
 
-def print_plan(recipe, log=print, source=None, timing: bool = True) -> str:
-    """Compute, print (through `log`) and return the plan; `source`: the teacher, already resolved; `timing=False`:
+def print_plan(recipe, log=print, config=None, timing: bool = True) -> str:
+    """Compute, print (through `log`) and return the plan; `config`: the teacher's, already read; `timing=False`:
     no time estimate."""
-    config = recipe.teacher.model_config(source)
+    config = config or recipe.teacher.model_config()
     calibration, why = measure(recipe, config) if timing else (None, "not asked")
     text = format_plan(recipe, plan_rows(recipe, config), calibration)
     if why:
