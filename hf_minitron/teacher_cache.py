@@ -39,7 +39,10 @@ class TeacherCacheConfig:
     """`hf-minitron teacher-logits` flags: which tokens to run the teacher on and what to keep per token."""
 
     max_tokens: int | None = field(default=None, metadata={
-        "help": "tokens of text to cache (e.g. 20M): the first max_tokens // seq_len windows of the data"})
+        "help": "tokens of text to cache (e.g. 20M): max_tokens // seq_len windows of the data (see seed)"})
+    seed: int | None = field(default=42, metadata={
+        "help": "draw the windows at random with this seed from all of a non-streamed source's windows (what a "
+                "shuffled distillation run meets); none: its first windows in order (a stream: always its first)"})
     seq_len: int = field(default=1024, metadata={
         "help": "tokens per window (distill's max_length; a distill run from the cache uses the cache's)"})
     top_k: int = field(default=128, metadata={
@@ -124,25 +127,27 @@ def _same_teacher(a: dict, b: dict) -> bool:
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
-def cache_windows(data, tokenizer, seq_len: int, max_tokens: int | None, text_column: str = "text") -> torch.Tensor:
-    """[n, seq_len] consecutive windows of the data's documents in order (EOS after each, BOS first when the
-    tokenizer adds one), n = max_tokens // seq_len: the token convention of every stream in `data`."""
-    from .data import DataSourceError, TextSource, token_ids, window_bos
+def cache_windows(data, tokenizer, seq_len: int, max_tokens: int | None, text_column: str = "text",
+                  seed: int | None = None) -> torch.Tensor:
+    """[n, seq_len] windows of the data's documents (EOS after each, BOS first when the tokenizer adds one),
+    n = max_tokens // seq_len: with `seed`, n of all the windows of a non-streamed source drawn at random (as a
+    shuffled distillation run would meet them, not only the corpus's first part), in corpus order; else (or for a
+    stream) the first n."""
+    from .data import DataSourceError, TextSource, _cut, token_ids, window_bos
 
     bos = window_bos(tokenizer)
     body = seq_len - (bos is not None)
-    need = None if max_tokens is None else max(max_tokens // seq_len, 1) * body
-    if isinstance(data, (str, TextSource)):
-        ids = token_ids(data if isinstance(data, TextSource) else TextSource(data, text_column=text_column),
-                        tokenizer, need)
-    else:
-        ids = token_ids(TextSource("dataset", text_column=text_column), tokenizer, need, rows=data)
-    n = len(ids) // body
-    if n < 1:
+    n = None if max_tokens is None else max(max_tokens // seq_len, 1)
+    src = data if isinstance(data, TextSource) else TextSource(data if isinstance(data, str) else "dataset",
+                                                               text_column=text_column)
+    sample = seed is not None and n is not None and not src.streaming
+    need = None if n is None or sample else n * body
+    ids = token_ids(src, tokenizer, need, rows=None if isinstance(data, (str, TextSource)) else data)
+    windows = _cut(ids, seq_len, bos)
+    if len(windows) < 1:
         raise DataSourceError(f"the data gives {len(ids)} tokens, fewer than one window of {seq_len}")
-    windows = ids[: n * body].view(n, body)
-    if bos is not None:
-        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
+    if sample and len(windows) > n:
+        windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
     return windows
 
 
@@ -187,14 +192,14 @@ def write_teacher_cache(teacher, tokenizer, data, out: str, config: TeacherCache
     from tqdm.auto import tqdm
 
     config = config or TeacherCacheConfig()
-    windows = cache_windows(data, tokenizer, config.seq_len, config.max_tokens, text_column)
+    windows = cache_windows(data, tokenizer, config.seq_len, config.max_tokens, text_column, config.seed)
     vocab = teacher.get_output_embeddings().out_features
     k = min(config.top_k, vocab)
     pa_id, np_id = _id_type(vocab)
     lp_np = np.dtype(config.logprob_dtype)
     meta = {"format": FORMAT, "teacher": identity or teacher_identity(teacher), "tokenizer": tokenizer_hash(tokenizer),
             "data": data_identity(data, text_column), "top_k": k, "top_p": None, "temperature": config.temperature,
-            "seq_len": config.seq_len, "vocab_size": vocab, "max_tokens": config.max_tokens,
+            "seq_len": config.seq_len, "vocab_size": vocab, "max_tokens": config.max_tokens, "seed": config.seed,
             "id_dtype": np.dtype(np_id).name, "logprob_dtype": config.logprob_dtype, "windows": len(windows),
             "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
             "shard_windows": config.shard_windows, "complete": False}

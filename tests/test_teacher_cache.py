@@ -38,13 +38,23 @@ def test_cache_round_trips_through_datasets(tmp_path):
     ds = load_dataset("arrow", data_files=sorted(str(p) for p in folder.glob("shard-*.arrow")), split="train")
     assert ds.features["topk_ids"].feature.dtype == "uint16"
     assert ds.features["topk_logprobs"].feature.dtype == "float16"
-    windows = cache_windows(data, tiny_tokenizer(), 32, 6 * 32)
+    windows = cache_windows(data, tiny_tokenizer(), 32, 6 * 32, seed=42)
     ids, logp, tail = teacher_top_k(teacher, windows, 8)
     row = TeacherCache(str(folder)).dataset()[5]
     assert (row["input_ids"] == windows[5].numpy()).all()
     assert (row["topk_ids"].reshape(31, 8) == ids[5].numpy()).all()
     np.testing.assert_allclose(row["topk_logprobs"].reshape(31, 8), logp[5].numpy(), rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(row["tail_logprob"], tail[5].numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_a_cache_smaller_than_the_data_draws_its_windows_from_all_of_it():
+    data, tok = text_dataset(), tiny_tokenizer()
+    every = cache_windows(data, tok, 32, None)
+    drawn, first = cache_windows(data, tok, 32, 4 * 32, seed=42), cache_windows(data, tok, 32, 4 * 32)
+    assert len(every) > 8 and torch.equal(first, every[:4])
+    rows = [next(i for i, w in enumerate(every) if torch.equal(w, d)) for d in drawn]
+    assert rows == sorted(rows) and rows[-1] >= 4  # in corpus order, not only from its start
+    assert torch.equal(drawn, cache_windows(data, tok, 32, 4 * 32, seed=42))
 
 
 def test_cached_log_probs_and_tail_make_one_distribution(tmp_path):
@@ -129,7 +139,7 @@ def test_distill_from_a_full_cache_never_loads_the_teacher_and_follows_the_live_
 
     teacher, data = _teacher(), text_dataset()
     _write(tmp_path, teacher=teacher, data=data, top_k=VOCAB, logprob_dtype="float32", max_tokens=8 * 32)
-    windows = cache_windows(data, tiny_tokenizer(), 32, 8 * 32)
+    windows = cache_windows(data, tiny_tokenizer(), 32, 8 * 32, seed=42)
     live = _distill(tmp_path, "live", teacher, Dataset.from_dict({"input_ids": windows.tolist()}), "input_ids")
 
     def only_loaded(spec, *a):  # the student is given loaded; any teacher load would come here
