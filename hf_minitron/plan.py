@@ -60,7 +60,7 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
     its parent's nearest search candidate, as in the dry run)."""
     from .archs import count_parameters
     from .models import load_config
-    from .pipeline import _needed_passes, cache_need
+    from .build_stages import cache_need, needed_passes
     from .prune import student_config
     from .search import candidates_for, eval_steps
 
@@ -81,7 +81,7 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
         base = m.base
         if base not in scored:  # importance once per base model
             scored.add(base)
-            imp = _needed_passes(recipe, [x for x in recipe.members if x.base == base])
+            imp = needed_passes(recipe, [x for x in recipe.members if x.base == base])
             t = imp.samples * imp.seq_len
             rows.append(Row(base, "importance", _shape(configs[base]), n[base], t, forward_flops(n[base], t)))
         kd = m.kd_teacher
