@@ -186,9 +186,12 @@ def write_teacher_cache(teacher, tokenizer, data, out: str, config: TeacherCache
 
     `identity` is the teacher's record (`teacher_identity` of its spec, what a later distill compares); by default
     a hash of the loaded parameters. Finished shards of an interrupted run with the same inputs are kept; a cache in
-    `out` computed from another teacher, tokenizer, data or settings is refused.
+    `out` computed from another teacher, tokenizer, data or settings is refused. Under `accelerate launch` each
+    process runs the teacher on every world-th shard (the same shards as one process would write); training from
+    the cache then splits its windows across processes as the Trainer splits any dataset.
     """
     import pyarrow as pa
+    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     config = config or TeacherCacheConfig()
@@ -214,19 +217,25 @@ def write_teacher_cache(teacher, tokenizer, data, out: str, config: TeacherCache
                 raise ValueError(f"teacher cache {out!r} holds another {key}; give a new --out or delete it")
         if old.get("complete"):
             return old
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.tmp"):
-        stale.unlink()
-    _write_json(path, meta)
+    # under `accelerate launch` every process writes every world-th shard; one process alone writes them all
+    state = PartialState(cpu=teacher.device.type == "cpu")  # cpu=True: the ranks of a CPU launch use gloo
+    rank, world = state.process_index, state.num_processes
+    state.wait_for_everyone()  # every rank has read the old metadata before the main one rewrites it
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.tmp"):
+            stale.unlink()
+        _write_json(path, {**meta, "processes": world})
+    state.wait_for_everyone()
     schema = pa.schema([("input_ids", pa.list_(pa_id)), ("topk_ids", pa.list_(pa_id)),
                         ("topk_logprobs", pa.list_(pa.from_numpy_dtype(lp_np))),
                         ("tail_logprob", pa.list_(pa.from_numpy_dtype(lp_np)))])
     shards = math.ceil(len(windows) / config.shard_windows)
-    batches = [(s, i) for s in range(shards) if not (folder / SHARD.format(s)).is_file()
+    batches = [(s, i) for s in range(rank, shards, world) if not (folder / SHARD.format(s)).is_file()
                for i in range(s * config.shard_windows, min((s + 1) * config.shard_windows, len(windows)),
                               config.batch_size)]
-    bar = tqdm(total=len(batches), desc="teacher logits", unit="batch", disable=not progress)
-    for s in sorted({s for s, _ in batches}):
+    bar = tqdm(total=len(batches), desc="teacher logits", unit="batch", disable=not progress or rank > 0)
+    for s in sorted({s for s, _ in batches}):  # this rank's missing shards
         end = min((s + 1) * config.shard_windows, len(windows))
         final, tmp = folder / SHARD.format(s), folder / (SHARD.format(s) + ".tmp")
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -239,11 +248,15 @@ def write_teacher_cache(teacher, tokenizer, data, out: str, config: TeacherCache
                 bar.update(1)
         os.replace(tmp, final)
     bar.close()
-    tokens = len(windows) * (config.seq_len - 1)
-    size = sum(p.stat().st_size for p in folder.glob("shard-*.arrow"))
-    meta.update(complete=True, shards=shards, tokens=tokens, bytes=size, bytes_per_token=round(size / tokens, 2))
-    _write_json(path, meta)
-    return meta
+    state.wait_for_everyone()  # every shard is written
+    if state.is_main_process:
+        tokens = len(windows) * (config.seq_len - 1)
+        size = sum(p.stat().st_size for p in folder.glob("shard-*.arrow"))
+        meta.update(complete=True, shards=shards, tokens=tokens, bytes=size, bytes_per_token=round(size / tokens, 2),
+                    processes=world)
+        _write_json(path, meta)
+    state.wait_for_everyone()
+    return json.loads(path.read_text())
 
 
 def _rows(array: np.ndarray):

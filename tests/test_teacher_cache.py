@@ -203,3 +203,34 @@ def test_teacher_logits_and_distill_commands(tmp_path, capsys, one_thread):
     assert "other data" in capsys.readouterr().err
     assert main([*train, "--is-layers", "0:0", "--out", str(tmp_path / "d")]) == 2
     assert "need the live teacher" in capsys.readouterr().err
+
+
+CACHE_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_distill import text_dataset, tiny_llama, tiny_tokenizer
+from hf_minitron.teacher_cache import TeacherCacheConfig, write_teacher_cache
+config = TeacherCacheConfig(max_tokens=6 * 32, seq_len=32, top_k=8, batch_size=2, shard_windows=2)
+write_teacher_cache(tiny_llama(512, layers=2, seed=0).eval(), tiny_tokenizer(), text_dataset(), sys.argv[1], config,
+                    progress=False)
+"""
+
+
+def test_two_processes_write_the_shards_one_process_writes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "write.py"
+    script.write_text(CACHE_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+                    str(tmp_path / "two")], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env, timeout=300)
+    one, two = TeacherCache(str(tmp_path / "one")), TeacherCache(str(tmp_path / "two"))
+    assert (two.meta["processes"], one.meta["processes"], two.meta["shards"]) == (2, 1, 3)
+    assert two.meta["windows_sha256"] == one.meta["windows_sha256"] and two.meta["bytes"] == one.meta["bytes"]
+    for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob"):
+        np.testing.assert_array_equal(np.stack(two.dataset()[name]), np.stack(one.dataset()[name]))

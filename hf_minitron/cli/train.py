@@ -98,6 +98,10 @@ def run_teacher_logits(args) -> int:
     source = teacher.resolve()
     if args.overwrite:
         shutil.rmtree(args.out, ignore_errors=True)
+    if "device" not in given(args, "teacher"):  # under `accelerate launch`, each process on its own device
+        from accelerate import PartialState
+
+        teacher.device = str(PartialState().device)
     model, tokenizer = teacher.load(source, seq_len=config.seq_len)
     meta = write_teacher_cache(model, tokenizer, data, args.out, config, text_column=data.text_column,
                                identity=teacher_identity(source))
