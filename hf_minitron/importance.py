@@ -251,7 +251,6 @@ def _hooks(model, spec, acc: dict, hidden_states: list | None, neuron_site: str 
             h.remove()
 
 
-@torch.no_grad()
 def width_accumulators(model, spec) -> dict:
     """Empty running statistics for every width unit the hooks of `_hooks` fill, on the model's device."""
     cfg, device = model.config, next(model.parameters()).device
@@ -262,6 +261,7 @@ def width_accumulators(model, spec) -> dict:
             "channels": _Accumulator(n_layers * len(spec.layer_norms) + 1, cfg.hidden_size, device=device)}
 
 
+@torch.no_grad()  # forward passes only: without it every hook's running sum would chain the batches' graphs
 def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig | None = None,
                        metadata: dict | None = None, progress: bool = True) -> ImportanceScores:
     """Score every width and depth unit of `model` on calibration sequences `input_ids` [samples, seq_len]."""

@@ -19,6 +19,7 @@ from .rundir import INSTRUCT_SUFFIX, TEACHER
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAM_BYTES = 12  # fp32 master weights (4) + two Adam moments (8) per parameter in a trainer checkpoint
+TIMED_STEPS = 3  # timed steps per calibration model (their median)
 
 
 @dataclass
@@ -132,20 +133,25 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
     return rows
 
 
-def _step_seconds(config, batch: int, window: int, device: str, dtype) -> float:
-    """One timed forward/backward step of a random model of `config` (after a small warm-up step)."""
+def _step_seconds(config, batch: int, window: int, device: str, dtype, repeats: int = TIMED_STEPS) -> float:
+    """The median of `repeats` timed forward/backward steps of a random model of `config`, after a small warm-up
+    step (one step alone varied by 40% between two runs on an idle 2-core machine)."""
+    import statistics
+
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).train()
     ids = torch.randint(0, config.vocab_size, (batch, window), device=device)
-    for part in (ids[:1, :64], ids):  # warm-up, then the timed step
+    times = []
+    for part in (ids[:1, :64], *[ids] * repeats):  # warm-up, then the timed steps
         t0 = time.perf_counter()
         model(input_ids=part, labels=part).loss.backward()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-    return time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def calibrate(recipe, config) -> Calibration:

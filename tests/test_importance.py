@@ -53,6 +53,15 @@ def test_default_aggregation_is_batch_l2_seq_mean():
         aggregate(scores.tensors["heads"], 6, "max", "mean")
 
 
+def test_scoring_builds_no_autograd_graph():
+    model = tiny_model("llama")
+    grad_on = []
+    hook = model.model.layers[0].register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
+    compute_importance(model, IDS, ImportanceConfig(depth_ppl_samples=2), progress=False)
+    hook.remove()
+    assert grad_on and not any(grad_on)  # a graph per batch, chained by the running sums, cost 17 GB on SmolLM2
+
+
 def test_block_importance_and_perplexity_drop():
     model = tiny_model("gemma2")
     scores = compute_importance(model, IDS, ImportanceConfig(batch_size=2, depth_ppl_samples=6, depth_ppl_runs=[1, 2]),
