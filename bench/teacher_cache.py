@@ -81,7 +81,7 @@ def build_student(teacher, tokenizer, data_dir: str, out: str):
 def bench_write(args, teacher, tok, src) -> dict:
     from hf_minitron.teacher_cache import TeacherCacheConfig, cache_windows, teacher_identity, write_teacher_cache
 
-    windows = cache_windows(_source(args), tok, args.seq_len, args.cache_tokens)
+    windows = cache_windows(_source(args), tok, args.seq_len, args.cache_tokens, seed=TeacherCacheConfig().seed)
     tokens = windows.numel()
     before = plain_forward_s(teacher, windows, args.batch)
     rows = {}

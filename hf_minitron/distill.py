@@ -128,7 +128,7 @@ class DistillConfig(TextTrainingConfig):
                 "(sparse forward KL), never loading the teacher; no intermediate-state losses. In a build also "
                 "'auto': the build writes one cache per teacher, data and window (teacher_cache_top_k) and every "
                 "search candidate and distillation from that teacher reads it; 'off' or empty: the live teacher"})
-    teacher_cache_top_k: int = field(default=128, metadata={
+    teacher_cache_top_k: int = field(default=512, metadata={
         "help": "K of the caches a build's teacher_cache 'auto' writes (build only; hf-minitron teacher-logits has "
                 "--top-k): the teacher's K most likely tokens per position, plus one bucket for the rest"})
 
