@@ -4,8 +4,9 @@ One row per stage: the member, the model it runs on (a shape, or the search's ca
 parameters, tokens, FLOPs (the same formulas `cost.py` records afterwards) and the disk its outputs take. The wall
 time is an estimate: the FLOPs over a throughput measured on this machine by timing real forward/backward steps of
 teacher-shaped models (random weights, from the config alone): the time of a layer and of the vocabulary's part,
-added up to the teacher's depth; model loading, tokenization and saving are not in it. `hf-minitron build
---dry-run` prints it and stops.
+added up to the teacher's depth, for each kind of work a stage does (forward passes, training steps, distillation
+steps with their logit loss over the vocabulary); model loading, tokenization and saving are not in it.
+`hf-minitron build --dry-run` prints it and stops.
 """
 
 from __future__ import annotations
@@ -31,17 +32,36 @@ class Row:
     model: str  # shape "hidden/ffn/heads/kv/layers", or "N candidates ..."
     params: int
     tokens: int | None  # None: not known before the data is read (SFT epochs)
-    flops: int | None
+    work: dict[str, int] | None  # FLOPs by kind of work (WORK), each timed at its own measured rate
     disk: int = 0  # bytes its outputs leave in the run folder
-    low_flops: int | None = None  # the search: when the ranking settles at the earliest evaluation it can
+    low_work: dict[str, int] | None = None  # the search: when the ranking settles at the earliest evaluation it can
+
+    @property
+    def flops(self) -> int | None:
+        return None if self.work is None else sum(self.work.values())
+
+    @property
+    def low_flops(self) -> int | None:
+        return None if self.low_work is None else sum(self.low_work.values())
 
 
 @dataclass
 class Calibration:
-    """Training throughput measured here: FLOPs (6 N per token) per second of a teacher-shaped model."""
+    """Throughputs measured here, FLOPs per second of a teacher-shaped model for each kind of work (WORK)."""
 
-    flops_per_s: float
+    rates: dict[str, float]
     basis: str
+
+    def seconds(self, work: dict[str, int] | None) -> float | None:
+        return None if work is None else sum(f / self.rates[kind] for kind, f in work.items())
+
+
+WORK = ("forward", "train", "distill")  # forward passes (2 N per token); training steps (6 N); distillation
+# steps (6 N of the student + 2 N of its teacher, then the logit loss over the vocabulary)
+
+
+def _work(kind: str, flops: int | None) -> dict[str, int] | None:
+    return None if flops is None else {kind: flops}
 
 
 def _shape(config) -> str:
@@ -71,12 +91,13 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
     rows: list[Row] = []
     if recipe.teacher_correction.get("tokens"):
         t = recipe.teacher_correction["tokens"]
-        rows.append(Row(TEACHER, "correction", _shape(configs[TEACHER]), n[TEACHER], t, train_flops(n[TEACHER], t),
+        rows.append(Row(TEACHER, "correction", _shape(configs[TEACHER]), n[TEACHER], t,
+                        _work("train", train_flops(n[TEACHER], t)),
                         n[TEACHER] * size))
     ev = recipe.evaluate.seq_len * (recipe.evaluate.windows or 0) or None
     if recipe.evaluate.teacher:
         rows.append(Row(TEACHER, "evaluate", _shape(configs[TEACHER]), n[TEACHER], ev,
-                        ev and forward_flops(n[TEACHER], ev)))
+                        _work("forward", ev and forward_flops(n[TEACHER], ev))))
     scored = set()
     for m in recipe.members:
         base = m.base
@@ -84,7 +105,8 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
             scored.add(base)
             imp = needed_passes(recipe, [x for x in recipe.members if x.base == base])
             t = imp.samples * imp.seq_len
-            rows.append(Row(base, "importance", _shape(configs[base]), n[base], t, forward_flops(n[base], t)))
+            rows.append(Row(base, "importance", _shape(configs[base]), n[base], t,
+                            _work("forward", forward_flops(n[base], t))))
         kd = m.kd_teacher
         if kd not in n:
             n[kd] = count_parameters(load_config(kd))
@@ -93,7 +115,8 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
         if cached:  # the teacher's forward passes, once, to disk; the search and distillation then skip them
             k = cache["top_k"]
             per_token = (k + 1) * (2 if configs[TEACHER].vocab_size <= 1 << 16 else 4) + 2 * (k + 1)
-            rows.append(Row(m.name, "teacher-logits", f"top-{k} of {kd}", n[kd], need, forward_flops(n[kd], need),
+            rows.append(Row(m.name, "teacher-logits", f"top-{k} of {kd}", n[kd], need,
+                            _work("forward", forward_flops(n[kd], need)),
                             need * per_token))
         if m.shape:
             configs[m.name] = student_config(configs[base], m.shape)
@@ -107,18 +130,20 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
             earliest = min(len(stops), max(1, search.stable_evals))  # settled() needs this many unchanged rankings
 
             n_kd = 0 if cached and shared else n[kd]
-            flops = [sum(train_flops(c.params, stops[k - 1] * per_step, n_kd)  # scored once pruned, then after
-                         + forward_flops(c.params, (k + 1) * score_tokens) for c in found)  # each interval
-                     for k in (earliest, len(stops))]
+            step = "distill" if n_kd else "train"
+            work = [{step: sum(train_flops(c.params, stops[k - 1] * per_step, n_kd) for c in found),
+                     "forward": sum(forward_flops(c.params, (k + 1) * score_tokens) for c in found)}  # scored once
+                    for k in (earliest, len(stops))]  # pruned, then after each interval
             rows.append(Row(m.name, "search", f"{len(found)} candidates ({min(c.params for c in found) / 1e6:.1f}-"
                             f"{max(c.params for c in found) / 1e6:.1f}M)", m.params,
-                            stops[-1] * per_step * len(found), flops[1], low_flops=flops[0]))
+                            stops[-1] * per_step * len(found), work[1], low_work=work[0]))
             model = f"e.g. {_shape(configs[m.name])}"
         n[m.name] = count_parameters(configs[m.name])
         weights = n[m.name] * size
-        rows.append(Row(m.name, "prune", model, n[m.name], 0, 0, weights))
+        rows.append(Row(m.name, "prune", model, n[m.name], 0, {}, weights))
         t = recipe.distill_tokens(m)
-        rows.append(Row(m.name, "distill", model, n[m.name], t, train_flops(n[m.name], t, 0 if cached else n[kd]),
+        rows.append(Row(m.name, "distill", model, n[m.name], t,
+                        _work("train" if cached else "distill", train_flops(n[m.name], t, 0 if cached else n[kd])),
                         weights))
         evaluated = [m.name]
         if m.instruct:
@@ -126,39 +151,80 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
             sft_tokens = steps * recipe.sft.get("per_device_train_batch_size", 8) * \
                 recipe.sft.get("max_length", 1024) if steps and steps > 0 else None
             rows.append(Row(m.name + INSTRUCT_SUFFIX, "sft", model, n[m.name], sft_tokens,
-                            sft_tokens and train_flops(n[m.name], sft_tokens), weights))
+                            _work("train", sft_tokens and train_flops(n[m.name], sft_tokens)), weights))
             evaluated.append(m.name + INSTRUCT_SUFFIX)
         for name in evaluated:
-            rows.append(Row(name, "evaluate", model, n[m.name], ev, ev and forward_flops(n[m.name], ev)))
+            rows.append(Row(name, "evaluate", model, n[m.name], ev,
+                            _work("forward", ev and forward_flops(n[m.name], ev))))
     return rows
 
 
-def _step_seconds(config, batch: int, window: int, device: str, dtype, repeats: int = TIMED_STEPS) -> float:
-    """The median of `repeats` timed forward/backward steps of a random model of `config`, after a small warm-up
-    step (one step alone varied by 40% between two runs on an idle 2-core machine)."""
+def _step_seconds(config, kind: str, batch: int, window: int, device: str, dtype, distill: dict,
+                  repeats: int = TIMED_STEPS) -> float:
+    """The median of `repeats` timed steps of `kind` (WORK) on a random model of `config`, after a small warm-up
+    step (one step alone varied by 40% between two runs on an idle 2-core machine). Training steps include the
+    AdamW update; distillation steps the teacher's forward and the build's logit loss (`chunked_logit_losses`
+    with the recipe's loss, temperature, top-k and chunking)."""
     import statistics
 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .losses import chunked_logit_losses
+
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).train()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).train(kind != "forward")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7) if kind != "forward" else None
+    teacher = None
+    if kind == "distill":
+        teacher = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval().requires_grad_(False)
+    none = torch.empty(0, dtype=torch.long, device=device)
+
+    def step(x):
+        if kind == "forward":
+            with torch.no_grad():
+                return model(input_ids=x, labels=x)
+        if kind == "train":
+            model(input_ids=x, labels=x).loss.backward()
+        else:
+            h = model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=none).hidden_states[-1]
+            with torch.no_grad():
+                t = teacher(input_ids=x, use_cache=False, output_hidden_states=True,
+                            logits_to_keep=none).hidden_states[-1]
+            kd, ce = chunked_logit_losses(
+                h[:, :-1].flatten(0, 1), t[:, :-1].flatten(0, 1), x[:, 1:].flatten(), model.get_output_embeddings(),
+                teacher.get_output_embeddings(), kind=distill["logit_loss"], temperature=distill["temperature"],
+                top_k=distill["top_k"], chunk_tokens=distill["kd_chunk_tokens"], with_ce=distill["w_clm"] != 0)
+            ((kd + distill["w_clm"] * ce) / x[:, 1:].numel()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     ids = torch.randint(0, config.vocab_size, (batch, window), device=device)
     times = []
     for part in (ids[:1, :64], *[ids] * repeats):  # warm-up, then the timed steps
         t0 = time.perf_counter()
-        model(input_ids=part, labels=part).loss.backward()
+        step(part)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
 
+def _distill_settings(recipe) -> dict:
+    """The logit loss's settings a build's distillation uses: the recipe's, else DistillConfig's defaults."""
+    from .distill import DistillConfig
+
+    fields = DistillConfig.__dataclass_fields__
+    return {k: recipe.distill.get(k, fields[k].default)
+            for k in ("logit_loss", "temperature", "top_k", "kd_chunk_tokens", "w_clm")}
+
+
 def calibrate(recipe, config) -> Calibration:
-    """Throughput of this machine on the teacher's shapes, at the distillation's batch and window (at most 2,048
-    tokens), on the teacher's device and dtype: a step of 4 of its layers with a small vocabulary gives the time per
-    layer, a step of 1 layer with its whole vocabulary the embeddings, LM head and loss; the teacher's step is the
-    head plus its depth times a layer, and FLOPs (6 N per token) over that step the rate."""
+    """Throughputs of this machine on the teacher's shapes, at the distillation's batch and window (at most 2,048
+    tokens), on the teacher's device and dtype, for each kind of work: a step of 4 of its layers with a small
+    vocabulary gives the time per layer, a step of 1 layer with its whole vocabulary the embeddings, LM head and
+    loss; the teacher's step is the head plus its depth times a layer, and its FLOPs over that step the rate (a
+    distillation step: the teacher distilling into a copy of itself, 6 N + 2 N per token)."""
     import torch
 
     from .archs import count_parameters
@@ -169,18 +235,21 @@ def calibrate(recipe, config) -> Calibration:
     dtype = DTYPES.get(recipe.teacher.dtype or "float32", torch.float32)
     window = min(recipe.distill.get("max_length") or 1024, 1024)
     batch = max(1, min(recipe.distill.get("per_device_train_batch_size", 8), 2048 // window))  # the build's step
-    depth = config.num_hidden_layers
+    depth, n = config.num_hidden_layers, count_parameters(config)
     deep = student_config(config, PruneTarget(num_layers=min(4, depth)))
     deep.vocab_size, deep.pad_token_id = 256, None  # the layers' time, without the vocabulary's
-    layer = _step_seconds(deep, batch, window, device, dtype) / deep.num_hidden_layers
-    head = max(_step_seconds(student_config(config, PruneTarget(num_layers=1)), batch, window, device, dtype)
-               - layer, 0.0)
-    step = head + depth * layer
-    rate = 6 * count_parameters(config) * batch * window / step
-    return Calibration(rate, f"one forward+backward step of {batch} x {window} tokens timed on random models of "
-                             f"the teacher's shapes ({device}, {str(dtype).replace('torch.', '')}): {layer:.2f} s per "
-                             f"layer, {head:.2f} s for embeddings, LM head and loss, so {step:.1f} s for its {depth} "
-                             f"layers: {si(rate)}FLOP/s")
+    shallow = student_config(config, PruneTarget(num_layers=1))
+    settings = _distill_settings(recipe)
+    rates, parts = {}, []
+    for kind, flops_per_token in zip(WORK, (2 * n, 6 * n, 8 * n)):
+        layer = _step_seconds(deep, kind, batch, window, device, dtype, settings) / deep.num_hidden_layers
+        head = max(_step_seconds(shallow, kind, batch, window, device, dtype, settings) - layer, 0.0)
+        step = head + depth * layer
+        rates[kind] = flops_per_token * batch * window / step
+        parts.append(f"{kind} {layer:.2f} s per layer + {head:.2f} s = {step:.1f} s, {si(rates[kind])}FLOP/s")
+    return Calibration(rates, f"steps of {batch} x {window} tokens timed on random models of the teacher's shapes "
+                              f"({device}, {str(dtype).replace('torch.', '')}), a layer's time and the embeddings', "
+                              f"LM head's and loss's, added up to its {depth} layers: " + "; ".join(parts))
 
 
 def format_plan(recipe, rows: list[Row], calibration: Calibration | None) -> str:
@@ -190,7 +259,7 @@ def format_plan(recipe, rows: list[Row], calibration: Calibration | None) -> str
              f"{'model':<{w}}{'stage':<{sw}}{'shape (hidden/ffn/heads/kv/layers)':<36}{'params':>8}{'tokens':>9}"
              f"{'FLOPs':>9}{'disk':>9}{'time':>9}"]
     for r in rows:
-        t = r.flops / calibration.flops_per_s if calibration and r.flops is not None else None
+        t = calibration.seconds(r.work) if calibration else None
         lines.append(f"{r.member:<{w}}{r.stage:<{sw}}{r.model:<36}{si(r.params):>8}{si(r.tokens):>9}"
                      f"{_big(r.flops):>9}{_bytes(r.disk):>9}{_duration(t):>9}")
     flops = sum(r.flops or 0 for r in rows)
@@ -202,11 +271,11 @@ def format_plan(recipe, rows: list[Row], calibration: Calibration | None) -> str
     if any(r.tokens is None and r.stage == "sft" for r in rows):
         lines.append("SFT runs epochs of data.sft, whose size is known only once read: not in the totals")
     if calibration:
-        high = flops / calibration.flops_per_s
-        low = sum(r.low_flops if r.low_flops is not None else r.flops or 0 for r in rows) / calibration.flops_per_s
+        high = sum(calibration.seconds(r.work) or 0 for r in rows)
+        low = sum(calibration.seconds(r.low_work if r.low_work is not None else r.work) or 0 for r in rows)
         lines.append(f"estimated wall time on this machine: ~{_duration((low + high) / 2)} (from {_duration(low)} if "
                      f"every search ranking settles at once to {_duration(high)} for its whole budget)")
-        lines.append(f"  an estimate: the FLOPs above at the throughput measured just now, {calibration.basis}; "
+        lines.append(f"  an estimate: the FLOPs above at the throughputs measured just now, {calibration.basis}; "
                      "loading, tokenizing and saving are not in it")
     return "\n".join(lines)
 
@@ -245,7 +314,8 @@ def measure(recipe, config) -> tuple[Calibration | None, str | None]:
     if device.startswith("cuda") and not torch.cuda.is_available():
         return None, f"the teacher's device {device} is not on this machine"
     n = count_parameters(student_config(config, PruneTarget(num_layers=min(2, config.num_hidden_layers))))
-    need = n * (BYTES.get(recipe.teacher.dtype or "float32", 4) + 4) * 2  # weights, gradients, activations
+    # a student's and a teacher's weights, gradients, Adam moments, activations:
+    need = n * (BYTES.get(recipe.teacher.dtype or "float32", 4) + 4) * 3
     if device == "cpu" or not torch.cuda.is_available():
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     else:

@@ -66,10 +66,12 @@ def test_a_teacher_cache_is_planned_once_and_the_stages_reading_it_skip_the_teac
 def test_the_table_states_totals_and_the_estimate_with_its_basis(files):
     r = recipe(files)
     rows = plan_rows(r)
-    text = format_plan(r, rows, Calibration(1e9, "BASIS"))
+    text = format_plan(r, rows, Calibration({"forward": 3e9, "train": 1e9, "distill": 2e9}, "BASIS"))
     assert "plan: family 'tiny'" in text and "total: ~" in text and "BASIS" in text
-    high = sum(row.flops or 0 for row in rows) / 1e9
-    low = high - sum(row.flops - row.low_flops for row in rows if row.low_flops) / 1e9
+    rate = {"forward": 3e9, "train": 1e9, "distill": 2e9}
+    high = sum(f / rate[k] for row in rows for k, f in (row.work or {}).items())
+    low = high - sum(f / rate[k] for row in rows if row.low_work for k, f in row.work.items()) \
+        + sum(f / rate[k] for row in rows if row.low_work for k, f in row.low_work.items())
     assert f"~{round((low + high) / 2)} s (from {round(low)} s" in text
     assert "estimated wall time" not in format_plan(r, rows, None)
 
@@ -80,7 +82,8 @@ def test_calibration_times_real_steps_of_the_teacher_shape_quickly(files):
     r = recipe(files)
     start = time.time()
     c = calibrate(r, r.teacher.model_config())
-    assert c.flops_per_s > 0 and "step of 4 x 32 tokens" in c.basis and "s for its 4 layers" in c.basis
+    assert set(c.rates) == {"forward", "train", "distill"} and all(v > 0 for v in c.rates.values())
+    assert "steps of 4 x 32 tokens" in c.basis and "added up to its 4 layers" in c.basis
     assert time.time() - start < 30
 
 
