@@ -49,8 +49,13 @@ def _source(args):
     return TextSource(f"{args.data_dir}/tinyshakespeare.txt,{args.data_dir}/wikitext2_valid.txt")
 
 
-def _cache_dir(args, k: int) -> str:
-    return os.path.join(args.out_dir, f"cache_k{k}")
+def _cache_dir(args, k: int, top_p: float | None = None) -> str:
+    return os.path.join(args.out_dir, f"cache_k{k}" + (f"_p{top_p}" if top_p else ""))
+
+
+def _caches(args) -> list[tuple[str, int, float | None]]:
+    """(arm name, K, top-P) of every cache: each K of --ks, then the largest K with each P of --top-ps."""
+    return [(f"k{k}", k, None) for k in args.ks] + [(f"k{max(args.ks)}p{p}", max(args.ks), p) for p in args.top_ps]
 
 
 def _load_teacher():
@@ -85,19 +90,20 @@ def bench_write(args, teacher, tok, src) -> dict:
     tokens = windows.numel()
     before = plain_forward_s(teacher, windows, args.batch)
     rows = {}
-    for k in args.ks:
-        folder = _cache_dir(args, k)
+    for name, k, top_p in _caches(args):
+        folder = _cache_dir(args, k, top_p)
         if os.path.isdir(folder):
             import shutil
 
             shutil.rmtree(folder)
-        cfg = TeacherCacheConfig(max_tokens=args.cache_tokens, seq_len=args.seq_len, top_k=k, batch_size=args.batch)
+        cfg = TeacherCacheConfig(max_tokens=args.cache_tokens, seq_len=args.seq_len, top_k=k, top_p=top_p,
+                                 batch_size=args.batch)
         t0 = time.perf_counter()
         meta = write_teacher_cache(teacher, tok, _source(args), folder, cfg, identity=teacher_identity(src),
                                    progress=False)
-        rows[k] = {"write_s": time.perf_counter() - t0, "bytes_per_token": meta["bytes_per_token"],
-                   "bytes": meta["bytes"], "tokens": meta["tokens"]}
-        print(f"WRITE K={k}: {rows[k]['write_s']:.1f} s, {meta['bytes_per_token']} B/token, {meta['bytes']:,} B",
+        rows[name] = {"write_s": time.perf_counter() - t0, "bytes_per_token": meta["bytes_per_token"],
+                      "bytes": meta["bytes"], "tokens": meta["tokens"]}
+        print(f"WRITE {name}: {rows[name]['write_s']:.1f} s, {meta['bytes_per_token']} B/token, {meta['bytes']:,} B",
               flush=True)
     after = plain_forward_s(teacher, windows, args.batch)
     plain = (before + after) / 2
@@ -114,7 +120,7 @@ def step_child(args) -> dict:
 
     from hf_minitron.distill import DistillConfig, MinitronDistillTrainer
     from hf_minitron.models import load_model
-    from hf_minitron.teacher_cache import CachedDistillTrainer, TeacherCache, collate_cached
+    from hf_minitron.cached_distill import CachedDistillTrainer, TeacherCache, collate_cached
 
     torch.manual_seed(0)
     base = _rss_mb()
@@ -196,7 +202,7 @@ def bench_quality(args, teacher, tok) -> dict:
     from hf_minitron.data import token_windows
     from hf_minitron.distill import distill
     from hf_minitron.models import load_model
-    from hf_minitron.teacher_cache import TeacherCache
+    from hf_minitron.cached_distill import TeacherCache
 
     test = token_windows(f"{args.data_dir}/wikitext2_test.txt", tok, 512, windows=args.test_windows)
     pruned = load_model(os.path.join(args.out_dir, "pruned"), dtype="float32")
@@ -207,8 +213,8 @@ def bench_quality(args, teacher, tok) -> dict:
     live_data = Dataset.from_dict({"input_ids": [list(map(int, w)) for w in windows]})
     out = {"pruned": {"ppl": float(torch.exp(window_nll(pruned, test).mean()))}}
     print(f"PPL pruned, no retraining: {out['pruned']['ppl']:.3f}", flush=True)
-    arms = [("full", None)] + [(f"k{k}", k) for k in args.ks]
-    for name, k in arms:
+    arms = [("full", None, None)] + _caches(args)
+    for name, k, top_p in arms:
         t0 = time.perf_counter()
         student = copy.deepcopy(pruned)
         if k is None:
@@ -216,7 +222,7 @@ def bench_quality(args, teacher, tok) -> dict:
                           text_column="input_ids", **common)
         else:
             res = distill(None, student, None, os.path.join(args.out_dir, f"kd_{name}"), args.kd_tokens,
-                          teacher_cache=_cache_dir(args, k), **common)
+                          teacher_cache=_cache_dir(args, k, top_p), **common)
         wall = time.perf_counter() - t0
         nll = window_nll(student, test)
         ppl = float(torch.exp(nll.mean()))
@@ -238,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="windows per teacher batch and per KD step (default: 4)")
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32, 128, 512],
                    help="top-K values (default: 8,32,128,512)")
+    p.add_argument("--top-ps", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
+                   help="comma list of top-P values, each cached at the largest K of --ks (default: none)")
     p.add_argument("--step-k", type=int, default=128, help="K of the cache the step timing reads (default: 128)")
     p.add_argument("--steps", type=int, default=4, help="timed KD steps per child after one warm-up (default: 4)")
     p.add_argument("--reps", type=int, default=2, help="live/cache child pairs (default: 2)")

@@ -177,7 +177,8 @@ def cache_need(r: Recipe, m: MemberSection) -> dict:
         stops, search_step = eval_steps(search)
         need = max(need, stops[-1] * search_step)
     return {"mode": None if mode in (None, "", "off", "none") else mode, "top_k": get("teacher_cache_top_k"),
-            "temperature": get("temperature"), "seq_len": window, "tokens": need, "shared": shared}
+            "top_p": get("teacher_cache_top_p"), "temperature": get("temperature"), "seq_len": window,
+            "tokens": need, "shared": shared, "batch_size": get("per_device_train_batch_size")}
 
 
 def teacher_logits_stage(b: Build, m: MemberSection) -> tuple[Path | None, bool]:
@@ -188,13 +189,15 @@ def teacher_logits_stage(b: Build, m: MemberSection) -> tuple[Path | None, bool]
     folder named by what it was computed from: a rerun, or another member asking the same, finds it done and
     counts its FLOPs once. A folder path in the recipe is used as it is (the distillation only).
     """
-    from .teacher_cache import META_FILE, TeacherCache, TeacherCacheConfig, write_teacher_cache
+    from .teacher_cache import META_FILE, TeacherCacheConfig, write_teacher_cache
 
     r = b.recipe
     plan = cache_need(r, m)
     if plan["mode"] != "auto":
         return (Path(plan["mode"]) if plan["mode"] else None), False
     settings = {k: plan[k] for k in ("top_k", "seq_len", "temperature", "tokens")}
+    if plan["top_p"] is not None:  # only when set: caches written before top_p existed keep their folder
+        settings["top_p"] = plan["top_p"]
     settings.update(data=asdict(r.data.distillation), holdout=r.data.holdout)
     parents = {"kd_teacher": b.identity(m.kd_teacher)}
     folder = b.run.teacher_logits(hash_json({**settings, **parents})[:16])
@@ -202,13 +205,12 @@ def teacher_logits_stage(b: Build, m: MemberSection) -> tuple[Path | None, bool]
     def fn(action) -> StageOutput:
         if action == "redo":
             shutil.rmtree(folder, ignore_errors=True)
-        reused = (folder / META_FILE).is_file() and json.loads((folder / META_FILE).read_text()).get("complete")
-        if reused:
-            meta = TeacherCache(str(folder)).meta
-        else:
+        meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
+        reused = bool(meta.get("complete"))
+        if not reused:
             cache_config = TeacherCacheConfig(max_tokens=plan["tokens"], seq_len=plan["seq_len"],
-                                              top_k=plan["top_k"], temperature=plan["temperature"],
-                                              batch_size=r.distill.get("per_device_train_batch_size", 8))
+                                              top_k=plan["top_k"], top_p=plan["top_p"],
+                                              temperature=plan["temperature"], batch_size=plan["batch_size"])
             meta = write_teacher_cache(b.model(m.kd_teacher), b.tokenizer(), b.train_documents(), str(folder),
                                        cache_config, text_column=r.data.distillation.text_column,
                                        identity={"source": m.kd_teacher, "weights": parents["kd_teacher"],
@@ -229,7 +231,7 @@ def search_stage(b: Build, m: MemberSection, scores_dir: Path, cache: Path | Non
     from .data import token_windows
     from .importance import ImportanceScores
     from .search import run_search
-    from .teacher_cache import TeacherCache
+    from .cached_distill import TeacherCache
 
     r, folder = b.recipe, b.run.work(m.name) / SEARCH_DIR
     search = m.search_settings(r.search)

@@ -272,6 +272,13 @@ def _cut(ids: list[int] | torch.Tensor, seq_len: int, bos: int | None) -> torch.
     return windows
 
 
+def pick_windows(windows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """`n` of `windows` drawn at random (seeded), in corpus order: calibration and caches see all of a corpus."""
+    if len(windows) <= n:
+        return windows
+    return windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
+
+
 def token_windows(source: TextSource | str, tokenizer, seq_len: int, windows: int | None = None,
                   stride: int | None = None, holdout: float = 0.0, cache: dict | None = None) -> torch.Tensor:
     """The evaluation tokens of a source, for perplexity and search scoring alike, so their figures compare.
@@ -344,11 +351,7 @@ def pack_tokens(source: TextSource | str, tokenizer, samples: int, seq_len: int,
     if windows < samples:
         raise DataSourceError(f"data source {src.path!r} gives {len(ids)} tokens: {windows} windows of {seq_len}, "
                               f"fewer than the {samples} samples asked for")
-    if windows > samples and not src.streaming:
-        pick = torch.randperm(windows, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
-        chosen = all_windows[pick]
-    else:
-        chosen = all_windows[:samples]
+    chosen = all_windows[:samples] if src.streaming else pick_windows(all_windows, samples, seed)
     meta = {**src.as_dict(), "samples": samples, "seq_len": seq_len, "seed": seed, "corpus_tokens": len(ids),
             "bos": bos}
     if src.streaming:

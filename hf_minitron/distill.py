@@ -131,6 +131,9 @@ class DistillConfig(TextTrainingConfig):
     teacher_cache_top_k: int = field(default=512, metadata={
         "help": "K of the caches a build's teacher_cache 'auto' writes (build only; hf-minitron teacher-logits has "
                 "--top-k): the teacher's K most likely tokens per position, plus one bucket for the rest"})
+    teacher_cache_top_p: float | None = field(default=None, metadata={
+        "help": "top-P of those caches (build only; --top-p of hf-minitron teacher-logits): per token only the "
+                "fewest of the top-K whose probabilities add up to P; none: always K"})
 
     def __post_init__(self):
         if self.ddp_find_unused_parameters is None:
@@ -348,7 +351,7 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
                          "folder); for one run write a cache with `hf-minitron teacher-logits --out CACHE` and pass "
                          "--teacher-cache CACHE")
     if config.teacher_cache:  # the teacher's top-K come from disk: it is never loaded
-        from .teacher_cache import CachedDistillTrainer, TeacherCache, cached_dataset
+        from .cached_distill import CachedDistillTrainer, TeacherCache, cached_dataset
 
         cache, teacher_model, teacher_tok = TeacherCache(config.teacher_cache), None, None
     else:

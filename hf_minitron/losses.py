@@ -114,7 +114,8 @@ def chunked_logit_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Ten
 def sparse_forward_kl(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor,
                       tail_logp: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token forward KL [N] from a cached teacher: its K most likely tokens `top_ids` [N, K] with log-probs
-    `top_logp` [N, K], plus one tail bucket holding the rest of its mass (`tail_logp` [N], -inf when K = vocab).
+    `top_logp` [N, K] (-inf: padding, no mass), plus one tail bucket holding the rest of its mass (`tail_logp` [N],
+    -inf when K = vocab).
 
     The student's distribution (at the same temperature, cut to the teacher's vocabulary by the caller) is folded
     onto the same K + 1 buckets, so the loss is exact when K = vocab and a lower bound of the full KL otherwise
@@ -126,9 +127,10 @@ def sparse_forward_kl(student_logits: torch.Tensor, top_ids: torch.Tensor, top_l
     # the student's remaining mass; a large finite fill instead of -inf keeps the gradient finite when K = vocab
     ls_tail = zs.scatter(-1, top_ids, torch.finfo(zs.dtype).min).logsumexp(-1) - log_z
     lt_top, lt_tail = top_logp.float(), tail_logp.float()
-    pt_tail = lt_tail.exp()
-    tail = pt_tail * (torch.where(pt_tail > 0, lt_tail, 0.0) - ls_tail)  # 0 * log 0 = 0
-    return temperature ** 2 * ((lt_top.exp() * (lt_top - ls_top)).sum(-1) + tail)
+    pt_top, pt_tail = lt_top.exp(), lt_tail.exp()
+    top = pt_top * (torch.where(pt_top > 0, lt_top, 0.0) - ls_top)  # 0 * log 0 = 0: a top-P cache's padding
+    tail = pt_tail * (torch.where(pt_tail > 0, lt_tail, 0.0) - ls_tail)
+    return temperature ** 2 * (top.sum(-1) + tail)
 
 
 def _sparse_chunk(h_s: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor, tail_logp: torch.Tensor,

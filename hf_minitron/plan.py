@@ -84,6 +84,7 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
     from .build_stages import cache_need, needed_passes
     from .prune import student_config
     from .search import candidates_for, eval_steps
+    from .teacher_cache import bytes_per_token
 
     configs = {TEACHER: teacher_config or recipe.teacher.model_config()}
     n = {TEACHER: count_parameters(configs[TEACHER])}
@@ -114,8 +115,9 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
         cached, shared, need = cache["mode"] == "auto", cache["shared"], cache["tokens"]
         if cached:  # the teacher's forward passes, once, to disk; the search and distillation then skip them
             k = cache["top_k"]
-            per_token = (k + 1) * (2 if configs[TEACHER].vocab_size <= 1 << 16 else 4) + 2 * (k + 1)
-            rows.append(Row(m.name, "teacher-logits", f"top-{k} of {kd}", n[kd], need,
+            per_token = bytes_per_token(k, configs[TEACHER].vocab_size)  # at most: top_p keeps fewer
+            kept = f"top-{k}" + (f" (p {cache['top_p']})" if cache["top_p"] else "")
+            rows.append(Row(m.name, "teacher-logits", f"{kept} of {kd}", n[kd], need,
                             _work("forward", forward_flops(n[kd], need)),
                             need * per_token))
         if m.shape:

@@ -199,7 +199,7 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget:
     checkpoint. The output's record holds the winner's shape and the FLOPs spent.
     """
     from .evaluate import perplexity
-    from .teacher_cache import TeacherCache
+    from .cached_distill import TeacherCache
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

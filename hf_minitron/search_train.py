@@ -86,7 +86,7 @@ def train_segment(model, teacher, tokenizer, dataset, search, folder: Path, step
     """Distil `teacher` into `model` from checkpoint `resume` (or the start) up to step `stop` of a `steps`-step run;
     the checkpoint lands in `folder`/checkpoint-`stop`. `cache` keeps the packed dataset between segments."""
     from .distill import DistillConfig, MinitronDistillTrainer
-    from .teacher_cache import CachedDistillTrainer, TeacherCache
+    from .cached_distill import CachedDistillTrainer, TeacherCache
 
     cache = {} if cache is None else cache
     prepared = cache.get("search_dataset")

@@ -24,9 +24,7 @@ import numpy as np
 import torch
 
 from .archs import logit_transform
-from .distill import MinitronDistillTrainer
-from .losses import check_loss_name, chunked_sparse_losses
-from .schedule import resolve_schedule
+from .losses import check_loss_name
 
 META_FILE = "teacher_cache.json"
 SHARD = "shard-{:05d}.arrow"
@@ -49,6 +47,10 @@ class TeacherCacheConfig:
         "help": "teacher log-probs kept per token (its K most likely tokens, plus one bucket for the rest); "
                 "bench/RESULTS.md: after equal KD budgets, K 8/32/128/512 cost +7.0/+4.9/+2.6/+0.9% held-out "
                 "perplexity against full KD, so 512"})
+    top_p: float | None = field(default=None, metadata={
+        "help": "keep per token only the fewest of its top-K whose probabilities add up to P (e.g. 0.99; at least "
+                "one), the rest joining the tail bucket: confident tokens then take a few entries, not K; "
+                "none: always K"})
     temperature: float = field(default=1.0, metadata={
         "help": "softmax temperature of the cached log-probs; distill from the cache must use the same"})
     logprob_dtype: LogProbDtype = field(default="float16", metadata={
@@ -66,6 +68,8 @@ class TeacherCacheConfig:
                 raise ValueError(f"teacher cache {name} must be positive (seq_len >= 2), got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"teacher cache top_p must be in (0, 1], got {self.top_p}")
 
 
 # ---- identities: what a cache was computed from ------------------------------------------------------------------
@@ -122,7 +126,7 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _same_teacher(a: dict, b: dict) -> bool:
+def same_teacher(a: dict, b: dict) -> bool:
     if a.get("kind") == b.get("kind") and a.get("weights") and b.get("weights"):
         return a["weights"] == b["weights"]
     return a.get("source") == b.get("source")
@@ -135,7 +139,7 @@ def cache_windows(data, tokenizer, seq_len: int, max_tokens: int | None, text_co
     n = max_tokens // seq_len: with `seed`, n of all the windows of a non-streamed source drawn at random (as a
     shuffled distillation run would meet them, not only the corpus's first part), in corpus order; else (or for a
     stream) the first n."""
-    from .data import DataSourceError, TextSource, _cut, token_ids, window_bos
+    from .data import DataSourceError, TextSource, _cut, pick_windows, token_ids, window_bos
 
     bos = window_bos(tokenizer)
     body = seq_len - (bos is not None)
@@ -148,9 +152,7 @@ def cache_windows(data, tokenizer, seq_len: int, max_tokens: int | None, text_co
     windows = _cut(ids, seq_len, bos)
     if len(windows) < 1:
         raise DataSourceError(f"the data gives {len(ids)} tokens, fewer than one window of {seq_len}")
-    if sample and len(windows) > n:
-        windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
-    return windows
+    return pick_windows(windows, n, seed) if sample else windows
 
 
 def _id_type(vocab: int):
@@ -162,7 +164,8 @@ def _id_type(vocab: int):
 @torch.no_grad()
 def teacher_top_k(teacher, input_ids: torch.Tensor, k: int, temperature: float = 1.0, chunk_tokens: int = 1024):
     """(ids [B, L-1, K], log-probs [B, L-1, K], log tail mass [B, L-1]) of the teacher's next-token distributions at
-    the scored positions of `input_ids` [B, L], at `temperature`; the LM head runs per chunk of tokens."""
+    the scored positions of `input_ids` [B, L], at `temperature`; the LM head runs per chunk of tokens. Entries come
+    most likely first (`top_p_counts` keeps a prefix)."""
     dev = teacher.device
     out = teacher(input_ids=input_ids.to(dev), use_cache=False, output_hidden_states=True,
                   logits_to_keep=torch.empty(0, dtype=torch.long, device=dev))
@@ -180,6 +183,18 @@ def teacher_top_k(teacher, input_ids: torch.Tensor, k: int, temperature: float =
         parts.append((ids, top - log_z, tail))
     ids, logp, tail = (torch.cat(p).cpu() for p in zip(*parts))
     return ids.view(b, n, -1), logp.view(b, n, -1), tail.view(b, n)
+
+
+def top_p_counts(logp: torch.Tensor, tail: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entries kept per token [...], the tail's new log mass [...]) when each token of top-K log-probs `logp`
+    [..., K] (most likely first) keeps the fewest entries whose probabilities add up to `p`, at least one: an entry
+    is kept while the mass before it is under `p`; the dropped entries' mass joins `tail`."""
+    probs = logp.float().exp()
+    before = probs.cumsum(-1) - probs
+    counts = (before < p).sum(-1).clamp(min=1)
+    dropped = torch.arange(logp.shape[-1]) >= counts[..., None]
+    new_tail = torch.cat([logp.float().masked_fill(~dropped, float("-inf")), tail.float()[..., None]], -1)
+    return counts, new_tail.logsumexp(-1)
 
 
 def write_teacher_cache(teacher, tokenizer, data, out: str, config: TeacherCacheConfig | None = None, *,
@@ -203,7 +218,8 @@ def write_teacher_cache(teacher, tokenizer, data, out: str, config: TeacherCache
     pa_id, np_id = _id_type(vocab)
     lp_np = np.dtype(config.logprob_dtype)
     meta = {"format": FORMAT, "teacher": identity or teacher_identity(teacher), "tokenizer": tokenizer_hash(tokenizer),
-            "data": data_identity(data, text_column), "top_k": k, "top_p": None, "temperature": config.temperature,
+            "data": data_identity(data, text_column), "top_k": k, "top_p": config.top_p,
+            "temperature": config.temperature,
             "seq_len": config.seq_len, "vocab_size": vocab, "max_tokens": config.max_tokens, "seed": config.seed,
             "id_dtype": np.dtype(np_id).name, "logprob_dtype": config.logprob_dtype, "windows": len(windows),
             "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
@@ -212,9 +228,9 @@ def write_teacher_cache(teacher, tokenizer, data, out: str, config: TeacherCache
     path = folder / META_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        for key in ("teacher", "tokenizer", "data", "top_k", "temperature", "seq_len", "logprob_dtype",
+        for key in ("teacher", "tokenizer", "data", "top_k", "top_p", "temperature", "seq_len", "logprob_dtype",
                     "windows_sha256", "shard_windows"):
-            same = _same_teacher(old[key], meta[key]) if key == "teacher" else old.get(key) == meta[key]
+            same = same_teacher(old[key], meta[key]) if key == "teacher" else old.get(key) == meta[key]
             if not same:
                 raise ValueError(f"teacher cache {out!r} holds another {key}; give a new --out or delete it")
         if old.get("complete"):
@@ -229,9 +245,12 @@ def write_teacher_cache(teacher, tokenizer, data, out: str, config: TeacherCache
             stale.unlink()
         _write_json(path, {**meta, "processes": world})
     state.wait_for_everyone()
-    schema = pa.schema([("input_ids", pa.list_(pa_id)), ("topk_ids", pa.list_(pa_id)),
-                        ("topk_logprobs", pa.list_(pa.from_numpy_dtype(lp_np))),
-                        ("tail_logprob", pa.list_(pa.from_numpy_dtype(lp_np)))])
+    columns = [("input_ids", pa.list_(pa_id)), ("topk_ids", pa.list_(pa_id)),
+               ("topk_logprobs", pa.list_(pa.from_numpy_dtype(lp_np))),
+               ("tail_logprob", pa.list_(pa.from_numpy_dtype(lp_np)))]
+    if config.top_p is not None:  # a variable number of entries per token: ids and log-probs of the kept ones
+        columns.append(("topk_counts", pa.list_(pa_id)))  # counts <= K <= vocab: the ids' type holds them
+    schema = pa.schema(columns)
     shards = math.ceil(len(windows) / config.shard_windows)
     batches = [(s, i) for s in range(rank, shards, world) if not (folder / SHARD.format(s)).is_file()
                for i in range(s * config.shard_windows, min((s + 1) * config.shard_windows, len(windows)),
@@ -244,9 +263,15 @@ def write_teacher_cache(teacher, tokenizer, data, out: str, config: TeacherCache
             for start in range(s * config.shard_windows, end, config.batch_size):
                 x = windows[start:min(start + config.batch_size, end)]
                 ids, logp, tail = teacher_top_k(teacher, x, k, config.temperature, config.chunk_tokens)
-                cols = [x.numpy().astype(np_id), ids.numpy().astype(np_id), logp.numpy().astype(lp_np),
-                        tail.numpy().astype(lp_np)]
-                writer.write_batch(pa.record_batch([_rows(c) for c in cols], schema=schema))
+                if config.top_p is None:
+                    cols = [_rows(c) for c in (x.numpy().astype(np_id), ids.numpy().astype(np_id),
+                                               logp.numpy().astype(lp_np), tail.numpy().astype(lp_np))]
+                else:
+                    counts, tail = top_p_counts(logp, tail, config.top_p)
+                    kept = torch.arange(ids.shape[-1]) < counts[..., None]
+                    cols = [_rows(x.numpy().astype(np_id)), _ragged(ids, kept, np_id), _ragged(logp, kept, lp_np),
+                            _rows(tail.numpy().astype(lp_np)), _rows(counts.numpy().astype(np_id))]
+                writer.write_batch(pa.record_batch(cols, schema=schema))
                 bar.update(1)
         os.replace(tmp, final)
     bar.close()
@@ -270,133 +295,22 @@ def _rows(array: np.ndarray):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.reshape(-1)))
 
 
+def _ragged(values: torch.Tensor, kept: torch.Tensor, dtype):
+    """[B, n, K] values and [B, n, K] kept mask -> an Arrow list array of B rows, each its kept values in order."""
+    import pyarrow as pa
+
+    per_row = kept.flatten(1).sum(-1).numpy()
+    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[kept].numpy().astype(dtype)))
+
+
+def bytes_per_token(top_k: int, vocab: int, logprob_dtype: str = "float16") -> int:
+    """Bytes a cache holds per scored token at most (all K entries): K + 1 ids (the input's and the top-K's) in the
+    fewest bits the vocabulary needs, K log-probs and the tail's (what the plan states before writing)."""
+    return (top_k + 1) * np.dtype(_id_type(vocab)[1]).itemsize + (top_k + 1) * np.dtype(logprob_dtype).itemsize
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
-
-
-# ---- reading ------------------------------------------------------------------------------------------------
-class TeacherCache:
-    """A finished cache folder: its metadata, its windows as a `datasets.Dataset`, the checks of a distill run."""
-
-    def __init__(self, folder: str):
-        self.folder = Path(folder)
-        path = self.folder / META_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{folder!r} is not a teacher cache (no {META_FILE}; write one with "
-                                    f"hf-minitron teacher-logits)")
-        self.meta = json.loads(path.read_text())
-        if not self.meta.get("complete"):
-            raise ValueError(f"teacher cache {folder!r} is incomplete: rerun hf-minitron teacher-logits to finish it")
-
-    def dataset(self):
-        """Every window, memory-mapped (no copy), rows as numpy arrays."""
-        from datasets import Dataset, concatenate_datasets
-
-        parts = [Dataset.from_file(str(self.folder / SHARD.format(s))) for s in range(self.meta["shards"])]
-        return concatenate_datasets(parts).with_format("numpy")
-
-    def check(self, tokenizer, teacher=None, data=None, text_column: str = "text") -> None:
-        """One-line ValueError naming the first of tokenizer, teacher (when given), data (when given) that is not
-        what the cache was computed from."""
-        m, name = self.meta, str(self.folder)
-        if tokenizer_hash(tokenizer) != m["tokenizer"]:
-            raise ValueError(f"teacher cache {name!r} was written with another tokenizer")
-        if teacher is not None and not _same_teacher(m["teacher"], teacher_identity(teacher)):
-            raise ValueError(f"teacher cache {name!r} holds the logits of {m['teacher'].get('source')!r}, not of "
-                             f"the teacher given")
-        if data is not None and data_identity(data, text_column)["hash"] != m["data"]["hash"]:
-            what = m["data"].get("path") or "a dataset"
-            raise ValueError(f"teacher cache {name!r} was written from other data ({what})")
-
-    def check_config(self, config, student_vocab: int) -> None:
-        """The distill settings a cache can serve: forward KL at its temperature, no intermediate states."""
-        from .intermediate import AUTO
-
-        m, name = self.meta, str(self.folder)
-        if config.logit_loss != "forward_kl" or config.top_k:
-            raise ValueError(f"a teacher cache serves logit_loss forward_kl without top_k (it keeps its own K = "
-                             f"{m['top_k']}), not {config.logit_loss!r} with top_k {config.top_k}")
-        if not math.isclose(config.temperature, m["temperature"]):
-            raise ValueError(f"teacher cache {name!r} holds log-probs at temperature {m['temperature']}, the run "
-                             f"asks for {config.temperature}")
-        if config.is_layers not in (None, "", "off", "none", AUTO) or "attention" in config.is_sites:
-            raise ValueError("intermediate-state losses (is_layers, is_sites attention) need the live teacher: "
-                             "drop them or the teacher cache")
-        if student_vocab < m["vocab_size"]:
-            raise ValueError(f"the student has {student_vocab} logits, fewer than the cached teacher's "
-                             f"{m['vocab_size']}")
-
-
-def cached_dataset(cache: TeacherCache, config, student, tokenizer, teacher=None, data=None, text_column="text"):
-    """The cache's windows to distil `student` on, once the run's settings, tokenizer, teacher (a spec or model,
-    when given: never loaded) and data (when given) are found to be the cache's; the windows set max_length."""
-    cache.check_config(config, student.get_output_embeddings().out_features)
-    cache.check(tokenizer, teacher, data, text_column)
-    seq_len = cache.meta["seq_len"]
-    if config.max_length != seq_len:
-        print(f"teacher cache: training on its windows of {seq_len} tokens (max_length {config.max_length} "
-              f"set to {seq_len})", flush=True)
-        config.max_length = seq_len
-    return cache.dataset()
-
-
-def collate_cached(rows: list[dict]) -> dict:
-    """Cache rows -> a training batch: input_ids/labels [B, L], topk_ids [B, L-1, K], log-probs, tail [B, L-1]."""
-    ids = torch.from_numpy(np.stack([r["input_ids"] for r in rows]).astype(np.int64))
-    b, n = ids.shape[0], ids.shape[1] - 1
-    top = torch.from_numpy(np.stack([r["topk_ids"] for r in rows]).astype(np.int64)).view(b, n, -1)
-    logp = torch.from_numpy(np.stack([r["topk_logprobs"] for r in rows]).astype(np.float32)).view(b, n, -1)
-    tail = torch.from_numpy(np.stack([r["tail_logprob"] for r in rows]).astype(np.float32)).view(b, n)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "topk_ids": top,
-            "topk_logprobs": logp, "tail_logprob": tail}
-
-
-# ---- training from a cache -------------------------------------------------------------------------------------
-class _NoStates:
-    def remove(self) -> None:
-        pass
-
-
-class CachedDistillTrainer(MinitronDistillTrainer):
-    """`MinitronDistillTrainer` whose teacher is a `TeacherCache`: the logit loss (and L_CLM) from the cached top-K,
-    on the cache's windows as they are (no packing: each row already is one window), no teacher in memory."""
-
-    def __init__(self, model, cache: TeacherCache, args, **kwargs):
-        from trl import SFTTrainer
-
-        resolve_schedule(args)
-        self.cache, self.teacher, self.state_pairs, self.is_note = cache, None, [], None
-        self.att_index, self.proj_index, self.s_reader = [], [], _NoStates()
-        self.t_reader, self.save_dtype = self.s_reader, None
-        self.logit_transforms = (logit_transform(model.config), None)
-        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-        SFTTrainer.__init__(self, model=model, args=args, data_collator=collate_cached, **kwargs)
-        self.model_accepts_loss_kwargs = True
-
-    def _set_signature_columns_if_needed(self):
-        self._signature_columns = ["input_ids", "topk_ids", "topk_logprobs", "tail_logprob"]
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        cfg, labels = self.args, inputs["labels"]
-        mask = labels[:, 1:] != -100
-        none = torch.empty(0, dtype=torch.long, device=labels.device)
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                    output_hidden_states=True, logits_to_keep=none)
-        s_final = out.hidden_states[-1]
-        del out
-        kd_sum, ce_sum = chunked_sparse_losses(
-            s_final[:, :-1][mask], inputs["topk_ids"][mask], inputs["topk_logprobs"][mask],
-            inputs["tail_logprob"][mask], labels[:, 1:][mask],
-            self.accelerator.unwrap_model(model).get_output_embeddings(), self.cache.meta["vocab_size"],
-            cfg.temperature, cfg.kd_chunk_tokens, cfg.w_clm != 0, self.logit_transforms[0])
-        n_local = mask.sum()
-        n = num_items_in_batch if num_items_in_batch is not None else n_local.clamp(min=1)
-        loss = cfg.w_logit * kd_sum / n + cfg.w_clm * ce_sum / n
-        if num_items_in_batch is None and model.training:  # as MinitronDistillTrainer.compute_loss
-            loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
-        elif cfg.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes
-        self._log_parts(kd_sum, ce_sum, None, n, n_local, inputs)
-        return (loss, None) if return_outputs else loss

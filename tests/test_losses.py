@@ -32,6 +32,19 @@ def test_sparse_kl_with_k_equal_vocab_is_the_full_forward_kl_and_its_gradient(te
     torch.testing.assert_close(g_sparse, g_full, rtol=1e-5, atol=1e-6)
 
 
+def test_sparse_kl_ignores_padding_entries_of_no_mass():
+    torch.manual_seed(2)
+    z_s, z_t = torch.randn(5, 40, requires_grad=True), torch.randn(5, 40) * 2
+    ids, logp, tail = _cached(z_t, 3, 1.0)
+    padded_ids = torch.cat([ids, ids[:, :1].expand(5, 2)], -1)  # a top-P batch: the first id again, log-prob -inf
+    padded_logp = torch.cat([logp, torch.full((5, 2), float("-inf"))], -1)
+    plain, padded = sparse_forward_kl(z_s, ids, logp, tail), sparse_forward_kl(z_s, padded_ids, padded_logp, tail)
+    torch.testing.assert_close(padded, plain)
+    grads = [torch.autograd.grad(x.sum(), z_s)[0] for x in (plain, padded)]
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 @pytest.mark.parametrize("k", [1, 4, 16])
 def test_sparse_kl_with_small_k_is_finite_non_negative_and_at_most_the_full_kl(k):
     torch.manual_seed(1)

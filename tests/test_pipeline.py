@@ -251,16 +251,16 @@ def test_teacher_correction_runs_first_and_feeds_importance_and_distillation(fil
 
 def test_teacher_cache_auto_feeds_the_search_and_the_distillation_and_counts_the_teacher_once(files, tmp_path,
                                                                                               monkeypatch):
-    from hf_minitron import distill, teacher_cache
+    from hf_minitron import cached_distill, distill
     from hf_minitron.cost import train_flops
 
     def live(*args, **kwargs):
         raise AssertionError("a trainer with the live teacher")
 
     cached = []
-    real_init = teacher_cache.CachedDistillTrainer.__init__
+    real_init = cached_distill.CachedDistillTrainer.__init__
     monkeypatch.setattr(distill.MinitronDistillTrainer, "__init__", live)
-    monkeypatch.setattr(teacher_cache.CachedDistillTrainer, "__init__",
+    monkeypatch.setattr(cached_distill.CachedDistillTrainer, "__init__",
                         lambda self, *a, **k: cached.append(1) or real_init(self, *a, **k))
     raw = tiny_recipe(files, members=[{"name": "small", "params": 2_950_000}])
     raw["distill"].update(teacher_cache="auto", teacher_cache_top_k=16)

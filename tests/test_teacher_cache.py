@@ -1,4 +1,4 @@
-"""Teacher-logit cache: written once, read by distill without the teacher, refused when it is not the run's."""
+"""Teacher-logit cache: written once (one process or several), resumed, refused when its inputs change; the commands."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from test_distill import DATA, text_dataset, tiny_llama, tiny_tokenizer
 
-from hf_minitron.teacher_cache import (META_FILE, TeacherCache, TeacherCacheConfig, cache_windows, teacher_top_k,
-                                       write_teacher_cache)
+from hf_minitron.cached_distill import TeacherCache
+from hf_minitron.teacher_cache import (META_FILE, TeacherCacheConfig, bytes_per_token, cache_windows, teacher_top_k,
+                                       top_p_counts, write_teacher_cache)
 
 VOCAB = 512
 
@@ -64,6 +65,32 @@ def test_cached_log_probs_and_tail_make_one_distribution(tmp_path):
     np.testing.assert_allclose(total, 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("p, kept, tail", [(0.75, 2, 0.2), (0.85, 3, 0.1), (1.0, 4, 0.05), (0.1, 1, 0.5)])
+def test_top_p_keeps_the_fewest_entries_whose_mass_reaches_p_and_moves_the_rest_to_the_tail(p, kept, tail):
+    logp = torch.tensor([[0.5, 0.3, 0.1, 0.05]]).log()
+    counts, new_tail = top_p_counts(logp, torch.tensor([0.05]).log(), p)
+    assert counts.tolist() == [kept]
+    torch.testing.assert_close(new_tail.exp(), torch.tensor([tail]))
+
+
+def test_a_top_p_cache_keeps_fewer_entries_that_still_make_one_distribution(tmp_path):
+    from hf_minitron.cached_distill import collate_cached
+
+    sharp = {"top_k": 64, "logprob_dtype": "float32", "temperature": 0.05}  # a random teacher is near uniform
+    full = _write(tmp_path, name="full", **sharp)
+    meta = _write(tmp_path, top_p=0.5, **sharp)
+    assert meta["top_p"] == 0.5 and meta["bytes_per_token"] < full["bytes_per_token"]
+    assert abs(full["bytes_per_token"] / bytes_per_token(64, VOCAB, "float32") - 1) < 0.05  # + Arrow framing
+    rows = [TeacherCache(str(tmp_path / "cache")).dataset()[i] for i in (0, 1)]
+    assert rows[0]["topk_counts"].min() >= 1 and rows[0]["topk_counts"].max() < 64
+    batch = collate_cached(rows)
+    total = batch["topk_logprobs"].exp().sum(-1) + batch["tail_logprob"].exp()
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=1e-5, atol=1e-5)
+    reference = collate_cached([TeacherCache(str(tmp_path / "full")).dataset()[i] for i in (0, 1)])
+    first = batch["topk_ids"][..., 0]
+    assert torch.equal(first, reference["topk_ids"][..., 0])  # the most likely token is always kept
+
+
 def test_an_interrupted_cache_resumes_at_its_first_missing_shard(tmp_path, monkeypatch):
     import hf_minitron.teacher_cache as tc
 
@@ -86,7 +113,7 @@ def test_an_interrupted_cache_resumes_at_its_first_missing_shard(tmp_path, monke
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"top_k": 16}, "another top_k"), ({"seq_len": 16}, "another seq_len"),
+    ({"top_k": 16}, "another top_k"), ({"seq_len": 16}, "another seq_len"), ({"top_p": 0.9}, "another top_p"),
     ({"teacher": "other"}, "another teacher"), ({"data": "other"}, "another data"),
 ])
 def test_resuming_a_cache_of_other_inputs_is_refused(tmp_path, change, message):
@@ -98,81 +125,6 @@ def test_resuming_a_cache_of_other_inputs_is_refused(tmp_path, change, message):
         kwargs["data"] = text_dataset(30)
     with pytest.raises(ValueError, match=message):
         _write(tmp_path, **kwargs)
-
-
-def test_a_cache_is_refused_for_another_tokenizer_teacher_or_data(tmp_path):
-    _write(tmp_path)
-    cache = TeacherCache(str(tmp_path / "cache"))
-    other_tok = tiny_tokenizer()
-    other_tok.add_tokens(["<extra>"])
-    with pytest.raises(ValueError, match="another tokenizer"):
-        cache.check(other_tok)
-    with pytest.raises(ValueError, match="holds the logits of"):
-        cache.check(tiny_tokenizer(), teacher=_teacher(seed=1))
-    with pytest.raises(ValueError, match="other data"):
-        cache.check(tiny_tokenizer(), data=text_dataset(30))
-    cache.check(tiny_tokenizer(), teacher=_teacher(), data=text_dataset())  # its own inputs pass
-
-
-def test_an_incomplete_cache_is_not_trained_from(tmp_path):
-    _write(tmp_path)
-    path = tmp_path / "cache" / META_FILE
-    path.write_text(json.dumps({**json.loads(path.read_text()), "complete": False}))
-    with pytest.raises(ValueError, match="incomplete"):
-        TeacherCache(str(tmp_path / "cache"))
-
-
-# ---- distill from the cache ----------------------------------------------------------------------------------
-def _distill(tmp_path, name, teacher, data, text_column="text", **cfg):
-    from hf_minitron.distill import distill
-
-    cfg = {"max_length": 32, "per_device_train_batch_size": 2, "kd_chunk_tokens": 16, "report_to": [],
-           "save_strategy": "no", "logging_steps": 1, "learning_rate": 1e-3, "is_layers": "off", "seed": 0, **cfg}
-    return distill(teacher, tiny_llama(VOCAB, layers=1, seed=3), data, str(tmp_path / name), 4 * 64,
-                   tokenizer=tiny_tokenizer(), text_column=text_column, **cfg)
-
-
-def test_distill_from_a_full_cache_never_loads_the_teacher_and_follows_the_live_loss_curve(tmp_path, monkeypatch,
-                                                                                            one_thread):
-    import hf_minitron.distill as distill_module
-    from datasets import Dataset
-
-    teacher, data = _teacher(), text_dataset()
-    _write(tmp_path, teacher=teacher, data=data, top_k=VOCAB, logprob_dtype="float32", max_tokens=8 * 32)
-    windows = cache_windows(data, tiny_tokenizer(), 32, 8 * 32, seed=42)
-    live = _distill(tmp_path, "live", teacher, Dataset.from_dict({"input_ids": windows.tolist()}), "input_ids")
-
-    def only_loaded(spec, *a):  # the student is given loaded; any teacher load would come here
-        if not isinstance(spec, torch.nn.Module):
-            raise AssertionError(f"a model was loaded from {spec!r}")
-        return spec, None
-
-    def no_load(*a, **k):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(distill_module, "load_model_spec", only_loaded)
-    monkeypatch.setattr("hf_minitron.models.load_model", no_load)
-    cached = _distill(tmp_path, "cached", None, None, teacher_cache=str(tmp_path / "cache"))
-    curve = [[h["kd_logit"] for h in r["log_history"] if "kd_logit" in h] for r in (live, cached)]
-    assert len(curve[0]) == 4 and cached["teacher_cache"] == str(tmp_path / "cache")
-    np.testing.assert_allclose(curve[1], curve[0], rtol=1e-4)
-
-
-def test_distill_from_a_small_k_cache_trains(tmp_path, one_thread):
-    _write(tmp_path, top_k=4, max_tokens=8 * 32)
-    result = _distill(tmp_path, "cached", None, text_dataset(), teacher_cache=str(tmp_path / "cache"), w_clm=0.5)
-    kd = [h["kd_logit"] for h in result["log_history"] if "kd_logit" in h]
-    assert all(np.isfinite(kd)) and all(k >= 0 for k in kd) and result["steps"] == 4
-
-
-@pytest.mark.parametrize("settings, message", [
-    ({"is_layers": "0:0"}, "need the live teacher"), ({"is_sites": ["attention"]}, "need the live teacher"),
-    ({"logit_loss": "reverse_kl"}, "forward_kl"), ({"temperature": 2.0}, "temperature"),
-])
-def test_settings_a_cache_cannot_serve_are_refused(tmp_path, settings, message):
-    _write(tmp_path)
-    with pytest.raises(ValueError, match=message):
-        _distill(tmp_path, "cached", None, None, teacher_cache=str(tmp_path / "cache"), **settings)
 
 
 def test_teacher_logits_and_distill_commands(tmp_path, capsys, one_thread):

@@ -105,7 +105,7 @@ def run_teacher_logits(args) -> int:
     model, tokenizer = teacher.load(source, seq_len=config.seq_len)
     meta = write_teacher_cache(model, tokenizer, data, args.out, config, text_column=data.text_column,
                                identity=teacher_identity(source))
-    keys = ("windows", "tokens", "top_k", "seq_len", "id_dtype", "logprob_dtype", "bytes", "bytes_per_token")
+    keys = ("windows", "tokens", "top_k", "top_p", "seq_len", "id_dtype", "logprob_dtype", "bytes", "bytes_per_token")
     print(json.dumps({"out": args.out, **{k: meta[k] for k in keys}}, indent=1))
     return 0
 

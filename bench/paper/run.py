@@ -1,0 +1,108 @@
+"""The Minitron paper's findings, reproduced at laptop scale: one resumable command.
+
+    python bench/paper/run.py                       # every experiment, SmolLM2-135M teacher, this machine
+    python bench/paper/run.py --only heads,kd_vs_ce # some of them
+    python bench/paper/run.py --quick               # smaller calibration and budgets (minutes, not hours)
+    python bench/paper/run.py --teacher ORG/NAME    # another teacher (a GPU machine: --device cuda)
+    python bench/paper/run.py --render              # only rewrite README.md from results.json
+
+Each experiment writes its arms into `results.json` as they finish (a rerun skips the finished ones while the
+settings are the same), then a verdict: reproduced, not reproduced (with the measured cause) or inconclusive (why).
+`README.md` is rendered from `results.json`: the paper's finding, our figures, a plot and the verdict per experiment,
+with the machine, commit and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import exp_aggregation  # noqa: E402
+import exp_heads  # noqa: E402
+import exp_kd  # noqa: E402
+from common import DATA_DIR, HERE, TEACHER, Suite  # noqa: E402
+
+EXPERIMENTS = {m.NAME: m for m in (exp_aggregation, exp_heads, exp_kd)}
+NOT_YET = {
+    "width_vs_depth": "Width vs depth at equal parameters after equal KD (the paper: width wins after retraining)",
+    "chain": "Iterative chain vs one shot at equal total tokens (135M -> ~100M -> ~70M vs 135M -> ~70M)",
+    "losses": "Forward KL vs reverse KL vs MSE vs cosine logits, with and without intermediate-state losses",
+    "search_ranking": "Does the LoRA-ranked candidate order agree with the order after a longer KD (Kendall tau)?",
+}
+
+
+def render(suite: Suite) -> Path:
+    """README.md from results.json: per experiment the finding, figures, plot and verdict."""
+    results = suite.results()["experiments"]
+    lines = ["# The paper's findings at laptop scale (`bench/paper/`)", "",
+             "Rendered by `python bench/paper/run.py` from `results.json`; every figure below was measured by it.",
+             "Held-out text: WikiText-2 test and CPython's language reference (`pydoc-topics`); calibration and "
+             "training read tiny-shakespeare + WikiText-2 valid, so no arm trains on either. Arms are compared "
+             "window by window (mean per-window log-perplexity difference +- its standard error); a difference "
+             "within 2 standard errors is inconclusive.", "",
+             "| experiment | verdict |", "|---|---|"]
+    for name, module in EXPERIMENTS.items():
+        rec = results.get(name)
+        lines.append(f"| [{module.TITLE}](#{name}) | {rec.get('verdict', 'not run') if rec else 'not run'} |")
+    for title in NOT_YET.values():
+        lines.append(f"| {title} | not built yet |")
+    for name, module in EXPERIMENTS.items():
+        rec = results.get(name)
+        lines += ["", f"## {module.TITLE}", f'<a id="{name}"></a>', "", f"**The paper:** {module.FINDING}", ""]
+        if not rec or "verdict" not in rec:
+            lines.append("Not run yet: `python bench/paper/run.py --only " + name + "`.")
+            continue
+        m = rec["machine"]
+        lines += [f"**Verdict: {rec['verdict']}.** {rec['why']}", "",
+                  f"Protocol: {', '.join(f'{k}: {v}' for k, v in rec.get('protocol', {}).items())}; "
+                  f"evaluation {rec['settings']['eval_windows']} x {rec['settings']['eval_len']} tokens per text, "
+                  f"seed {rec['settings']['seed']}, teacher `{rec['settings']['teacher']}`.", "",
+                  "| arm | params | WikiText-2 ppl | pydoc ppl | wall |", "|---|---:|---:|---:|---:|"]
+        for arm, a in rec["arms"].items():
+            lines.append(f"| {arm} | {a.get('params', 0) / 1e6:.1f}M | {a['eval']['wikitext2']['ppl']:.2f} | "
+                         f"{a['eval']['pydoc']['ppl']:.2f} | {a.get('wall_s', 0):.0f} s |")
+        png = f"{name}.png"
+        module.plot(rec, suite.out / png)
+        lines += ["", f"![{name}]({png})", "",
+                  f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; torch {m['torch']}, "
+                  f"transformers {m['transformers']}; commit {m['commit']}; `{m['command']}`."]
+    path = suite.out / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help=f"comma list of experiments: {', '.join(EXPERIMENTS)} (default: all)")
+    p.add_argument("--teacher", default=TEACHER, help=f"teacher model spec (default: {TEACHER})")
+    p.add_argument("--data-dir", default=DATA_DIR, help="folder of the shared text files")
+    p.add_argument("--out", default=str(HERE), help="where results.json, README.md and the plots go")
+    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows per text (default: 8)")
+    p.add_argument("--eval-len", type=int, default=512, help="tokens per held-out window (default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="calibration and training seed of every arm (default: 0)")
+    p.add_argument("--quick", action="store_true", help="smaller calibration and training budgets")
+    p.add_argument("--kd-tokens", type=int, default=None,
+                   help="training tokens per trained arm (default: 32768; 8192 with --quick)")
+    p.add_argument("--render", action="store_true", help="only render README.md from results.json")
+    args = p.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(EXPERIMENTS)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        p.error(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
+    suite = Suite(args.teacher, args.data_dir, Path(args.out), args.eval_windows, args.eval_len, args.seed,
+                  args.quick, args.kd_tokens)
+    if not args.render:
+        for name in names:
+            print(f"== {name}: {EXPERIMENTS[name].TITLE}", flush=True)
+            t0 = time.perf_counter()
+            rec = EXPERIMENTS[name].run(suite)
+            print(f"== {name}: {rec['verdict']} ({time.perf_counter() - t0:.0f} s): {rec['why']}", flush=True)
+    print(f"rendered {render(suite)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The reproduction suite (bench/paper/): its verdicts follow the paired figures; it runs, resumes and renders."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "paper"))
+import exp_aggregation  # noqa: E402
+import exp_kd  # noqa: E402
+from common import paired  # noqa: E402
+
+
+def _eval(*offsets: float) -> dict:
+    """An arm's evaluation: per-window NLLs of 4 windows shifted by `offsets` (one per text)."""
+    base = [2.0, 2.5, 3.0, 3.5]
+    return {text: {"ppl": 0.0, "nll": [b + o + 0.001 * i for i, b in enumerate(base)]}
+            for text, o in zip(("wikitext2", "pydoc"), offsets)}
+
+
+def test_paired_differences_within_two_standard_errors_decide_nothing():
+    a = {"t": {"nll": [1.0, 2.0, 3.0, 4.0]}}
+    close = {"t": {"nll": [1.01, 1.99, 3.02, 3.98]}}
+    far = {"t": {"nll": [1.5, 2.5, 3.5, 4.6]}}
+    assert paired(a, close)["t"]["better"] is None
+    assert paired(a, far)["t"]["better"] == "a" and paired(far, a)["t"]["better"] == "b"
+
+
+def test_aggregation_verdicts():
+    def rec(other_offset):
+        arms = {f"w/{b}-{s}": {"eval": _eval(0.5, 0.5)} for b in exp_aggregation.AGGS for s in exp_aggregation.AGGS}
+        arms["w/l2-mean"] = {"eval": _eval(0.0, 0.0)}
+        arms["w/mean-mean"] = {"eval": _eval(other_offset, other_offset)}
+        return {"arms": arms}
+
+    assert exp_aggregation.verdict(rec(0.5))["verdict"] == "reproduced"
+    assert exp_aggregation.verdict(rec(-0.3))["verdict"] == "not reproduced"
+    tie = rec(0.0)
+    tie["arms"] = {n: {"eval": _eval(0.0, 0.0)} for n in tie["arms"]}
+    assert exp_aggregation.verdict(tie)["verdict"] == "inconclusive"
+
+
+def test_kd_verdict_needs_kd_to_beat_both_others_on_both_texts():
+    arms = {"pruned + KD": {"eval": _eval(0.0, 0.0)}, "pruned + CE": {"eval": _eval(0.4, 0.4)},
+            "random init + KD": {"eval": _eval(2.0, 2.0)}}
+    assert exp_kd.verdict({"arms": arms})["verdict"] == "reproduced"
+    arms["pruned + CE"] = {"eval": _eval(0.4, -0.2)}  # CE better on one text
+    assert exp_kd.verdict({"arms": arms})["verdict"] == "not reproduced"
+
+
+def test_the_suite_runs_every_experiment_resumes_and_renders(tmp_path, smollm2_tokenizer, capsys, one_thread):
+    from helpers import teacher_folder
+    from run import EXPERIMENTS, main
+
+    teacher = teacher_folder(tmp_path / "teacher", smollm2_tokenizer)
+    args = ["--teacher", str(teacher), "--quick", "--kd-tokens", "2048", "--eval-windows", "3", "--eval-len", "32",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["experiments"]
+    assert set(results) == set(EXPERIMENTS)
+    for rec in results.values():
+        assert rec["verdict"] in ("reproduced", "not reproduced", "inconclusive") and rec["why"]
+        assert rec["machine"]["commit"] and all(len(a["eval"]["wikitext2"]["nll"]) == 3 for a in rec["arms"].values())
+    kd = results["kd_vs_ce"]["arms"]
+    assert kd["pruned + KD"]["tokens"] == kd["pruned + CE"]["tokens"] == kd["random init + KD"]["tokens"]
+    readme = (tmp_path / "out" / "README.md").read_text()
+    for name, module in EXPERIMENTS.items():
+        assert module.TITLE in readme and (tmp_path / "out" / f"{name}.png").is_file()
+    capsys.readouterr()
+    assert main([*args, "--only", "heads"]) == 0  # resumed: every arm read back
+    out = capsys.readouterr().out
+    assert out.count("done before") == len(results["heads"]["arms"])
+
+
+def test_an_unknown_experiment_is_refused(capsys):
+    from run import main
+
+    with pytest.raises(SystemExit):
+        main(["--only", "nope"])
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
