@@ -92,6 +92,10 @@ def bench_write(args, teacher, tok, src) -> dict:
     rows = {}
     for name, k, top_p in _caches(args):
         folder = _cache_dir(args, k, top_p)
+        if args.reuse and name in args.previous.get("write", {}).get("per_k", {}):
+            rows[name] = args.previous["write"]["per_k"][name]
+            print(f"WRITE {name}: read back from the previous results", flush=True)
+            continue
         if os.path.isdir(folder):
             import shutil
 
@@ -215,6 +219,10 @@ def bench_quality(args, teacher, tok) -> dict:
     print(f"PPL pruned, no retraining: {out['pruned']['ppl']:.3f}", flush=True)
     arms = [("full", None, None)] + _caches(args)
     for name, k, top_p in arms:
+        if args.reuse and name in args.previous.get("quality", {}):
+            out[name] = args.previous["quality"][name]
+            print(f"PPL {name}: {out[name]['ppl']:.3f}, read back from the previous results", flush=True)
+            continue
         t0 = time.perf_counter()
         student = copy.deepcopy(pruned)
         if k is None:
@@ -237,6 +245,22 @@ def bench_quality(args, teacher, tok) -> dict:
     return out
 
 
+SAME = ("cache_tokens", "seq_len", "batch", "kd_tokens", "test_windows", "lr", "data_dir")  # what --reuse must match
+
+
+def _previous(args) -> dict:
+    """The earlier results.json of --out-dir when its run had the same windows, student and budgets, else {}."""
+    path = os.path.join(args.out_dir, "results.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    if any(old["args"].get(k) != getattr(args, k) for k in SAME):
+        print("--reuse: the previous run had other settings; nothing read back", flush=True)
+        return {}
+    return old
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache-tokens", type=int, default=32768, help="tokens of text cached (default: 32768)")
@@ -256,6 +280,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip", default="", help="comma list of parts to skip: write, step, quality")
     p.add_argument("--data-dir", default=DATA_DIR, help="folder of the shared data files")
     p.add_argument("--out-dir", default="/tmp/bench_teacher_cache", help="caches, student and runs go here")
+    p.add_argument("--reuse", action="store_true",
+                   help="read back the caches written and the quality arms run by an earlier run into --out-dir with "
+                        "the same windows, student and budgets; run only the new ones")
     p.add_argument("--role", choices=["live", "cache"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.role:
@@ -265,11 +292,12 @@ def main(argv=None) -> int:
     print("command: python bench/teacher_cache.py " + " ".join(sys.argv[1:]), flush=True)
     print(f"load average at start: {os.getloadavg()}", flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
+    args.previous = _previous(args) if args.reuse else {}
     teacher, tok, src = _load_teacher()
     teacher.eval()
     if not os.path.isfile(os.path.join(args.out_dir, "pruned", "config.json")):
         build_student(teacher, tok, args.data_dir, os.path.join(args.out_dir, "pruned"))
-    results = {"machine": machine_line(), "args": vars(args)}
+    results = {"machine": machine_line(), "args": {k: v for k, v in vars(args).items() if k != "previous"}}
     skip = set(args.skip.split(","))
     if "write" not in skip:
         results["write"] = bench_write(args, teacher, tok, src)

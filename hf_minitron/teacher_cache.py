@@ -4,9 +4,10 @@ A cache folder holds `teacher_cache.json` (what it was computed from: teacher, t
 window length; counts and bytes per token) and Arrow shards (`shard-NNNNN.arrow`, `datasets.Dataset.from_file` or
 `load_dataset("arrow", ...)`), one row per window: `input_ids` [L], and for each of the L - 1 scored positions the
 teacher's top-K ids (uint16 when the vocabulary fits), their log-probs and the log of the remaining tail mass
-(float16 by default). `distill` with `teacher_cache` trains on exactly these windows with the sparse forward KL of
-`losses.chunked_sparse_losses`, never loading the teacher. Shards are written to a temporary name and renamed, so a
-killed writer resumes at the first missing shard.
+(float16 by default); with `top_p`, each position keeps only the fewest of its top-K that reach P (`topk_counts`
+says how many). `distill` with `teacher_cache` trains on exactly these windows (`cached_distill.py`) with the sparse
+forward KL of `losses.chunked_sparse_losses`, never loading the teacher. Shards are written to a temporary name and
+renamed, so a killed writer resumes at the first missing shard.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ def test_aggregation_verdicts():
 
     assert exp_aggregation.verdict(rec(0.5))["verdict"] == "reproduced"
     assert exp_aggregation.verdict(rec(-0.3))["verdict"] == "not reproduced"
+    mixed = rec(0.5)
+    mixed["arms"]["w/l2-l2"] = {"eval": _eval(-0.3, 0.3)}  # better on one text, worse on the other
+    assert exp_aggregation.verdict(mixed)["verdict"] == "inconclusive"
     tie = rec(0.0)
     tie["arms"] = {n: {"eval": _eval(0.0, 0.0)} for n in tie["arms"]}
     assert exp_aggregation.verdict(tie)["verdict"] == "inconclusive"

@@ -59,6 +59,7 @@ class Suite:
     seed: int = 0
     quick: bool = False
     kd_tokens: int | None = None  # tokens per trained arm (None: 8K quick, 32K otherwise)
+    device: str = "cpu"  # the teacher's (and the pruned students'); training goes where the Trainer puts it
     _cache: dict = field(default_factory=dict)
 
     # ---- results ------------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ class Suite:
             from hf_minitron.models import load_model, load_tokenizer, resolve_source
 
             src = resolve_source(self.teacher_spec)
-            self._cache["teacher"] = load_model(src, dtype="float32").eval()
+            self._cache["teacher"] = load_model(src, dtype="float32", device=self.device).eval()
             self._cache["tokenizer"] = load_tokenizer(src)
         return self._cache["teacher"]
 
@@ -211,3 +212,32 @@ def distilled_arm(suite: Suite, name: str, student, tokens: int, teacher=None, *
     return {"params": sum(p.numel() for p in student.parameters()), "tokens": res["tokens"], "steps": res["steps"],
             "train_loss": res["train_loss"], "curve": curve, "settings": {**common, **settings},
             "eval": suite.evaluate(student)}
+
+
+# ---- plots ----------------------------------------------------------------------------------------------------------
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def text_bars(ax, arms: dict, names: list[str], teacher: dict | None = None) -> None:
+    """Perplexity bars of `names` on each held-out text (log scale), the teacher's as dashed lines."""
+    for i, text in enumerate(EVAL_SETS):
+        ax.bar([x + 0.4 * i for x in range(len(names))], [arms[n]["eval"][text]["ppl"] for n in names], width=0.4,
+               label=text)
+        if teacher:
+            ax.axhline(teacher["eval"][text]["ppl"], ls="--", lw=1, color=f"C{i}")
+    ax.set_xticks([x + 0.2 for x in range(len(names))], names, rotation=35, fontsize=8, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity" + (" (dashed: teacher)" if teacher else ""))
+    ax.legend(fontsize=8)
+
+
+def save(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    pyplot().close(fig)

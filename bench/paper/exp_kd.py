@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 
-from common import Suite, distilled_arm, importance, paired, pruned_arm, teacher_arm
+from common import Suite, distilled_arm, importance, paired, pruned_arm, pyplot, save, teacher_arm, text_bars
 
 NAME = "kd_vs_ce"
 TITLE = "Distillation vs cross-entropy vs random init (paper Table 11)"
@@ -71,13 +71,8 @@ def verdict(rec: dict) -> dict:
 
 
 def plot(rec: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     arms = rec["arms"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.8))
     for name in ("pruned + KD", "pruned + CE", "random init + KD"):
         if name in arms and arms[name].get("curve"):
             steps, loss = zip(*arms[name]["curve"])
@@ -86,15 +81,6 @@ def plot(rec: dict, path) -> None:
     left.set_ylabel("training loss (KD: forward KL; CE: NLL)")
     left.set_yscale("log")
     left.legend(fontsize=8)
-    names = [n for n in arms if n != "teacher"]
-    for i, text in enumerate(("wikitext2", "pydoc")):
-        right.bar([x + 0.4 * i for x in range(len(names))], [arms[n]["eval"][text]["ppl"] for n in names],
-                  width=0.4, label=text)
-        right.axhline(arms["teacher"]["eval"][text]["ppl"], ls="--", lw=1, color=f"C{i}")
-    right.set_xticks([x + 0.2 for x in range(len(names))], names, rotation=20, fontsize=8, ha="right")
-    right.set_yscale("log")
-    right.set_ylabel("held-out perplexity (dashed: teacher)")
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    text_bars(right, arms, [n for n in arms if n != "teacher"], arms["teacher"])
+    right.set_title("held-out perplexity after equal tokens")
+    save(fig, path)

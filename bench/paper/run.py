@@ -3,7 +3,7 @@
     python bench/paper/run.py                       # every experiment, SmolLM2-135M teacher, this machine
     python bench/paper/run.py --only heads,kd_vs_ce # some of them
     python bench/paper/run.py --quick               # smaller calibration and budgets (minutes, not hours)
-    python bench/paper/run.py --teacher ORG/NAME    # another teacher (a GPU machine: --device cuda)
+    python bench/paper/run.py --teacher ORG/NAME --device cuda   # another teacher, on a GPU
     python bench/paper/run.py --render              # only rewrite README.md from results.json
 
 Each experiment writes its arms into `results.json` as they finish (a rerun skips the finished ones while the
@@ -37,6 +37,9 @@ NOT_YET = {
 def render(suite: Suite) -> Path:
     """README.md from results.json: per experiment the finding, figures, plot and verdict."""
     results = suite.results()["experiments"]
+    for name, module in EXPERIMENTS.items():  # verdicts from the arms, by the current rules
+        if "verdict" in results.get(name, {}):
+            results[name].update(module.verdict(results[name]))
     lines = ["# The paper's findings at laptop scale (`bench/paper/`)", "",
              "Rendered by `python bench/paper/run.py` from `results.json`; every figure below was measured by it.",
              "Held-out text: WikiText-2 test and CPython's language reference (`pydoc-topics`); calibration and "
@@ -86,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller calibration and training budgets")
     p.add_argument("--kd-tokens", type=int, default=None,
                    help="training tokens per trained arm (default: 32768; 8192 with --quick)")
+    p.add_argument("--device", default="cpu", help="where the teacher and the pruned models run (default: cpu)")
     p.add_argument("--render", action="store_true", help="only render README.md from results.json")
     args = p.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(EXPERIMENTS)
@@ -93,7 +97,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
     suite = Suite(args.teacher, args.data_dir, Path(args.out), args.eval_windows, args.eval_len, args.seed,
-                  args.quick, args.kd_tokens)
+                  args.quick, args.kd_tokens, args.device)
     if not args.render:
         for name in names:
             print(f"== {name}: {EXPERIMENTS[name].TITLE}", flush=True)
