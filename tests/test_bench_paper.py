@@ -60,13 +60,14 @@ def test_the_suite_runs_every_experiment_resumes_and_renders(tmp_path, smollm2_t
 
     teacher = teacher_folder(tmp_path / "teacher", smollm2_tokenizer)
     args = ["--teacher", str(teacher), "--quick", "--kd-tokens", "2048", "--eval-windows", "3", "--eval-len", "32",
-            "--out", str(tmp_path / "out")]
+            "--hellaswag", "4", "--out", str(tmp_path / "out")]
     assert main(args) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())["experiments"]
     assert set(results) == set(EXPERIMENTS)
     for rec in results.values():
         assert rec["verdict"] in ("reproduced", "not reproduced", "inconclusive") and rec["why"]
         assert rec["machine"]["commit"] and all(len(a["eval"]["wikitext2"]["nll"]) == 3 for a in rec["arms"].values())
+        assert all(a["hellaswag"]["n"] == 4 and 0 <= a["hellaswag"]["acc_norm"] <= 1 for a in rec["arms"].values())
     kd = results["kd_vs_ce"]["arms"]
     assert kd["pruned + KD"]["tokens"] == kd["pruned + CE"]["tokens"] == kd["random init + KD"]["tokens"]
     readme = (tmp_path / "out" / "README.md").read_text()

@@ -60,6 +60,7 @@ class Suite:
     quick: bool = False
     kd_tokens: int | None = None  # tokens per trained arm (None: 8K quick, 32K otherwise)
     device: str = "cpu"  # the teacher's (and the pruned students'); training goes where the Trainer puts it
+    hellaswag: int = 0  # 0-shot HellaSwag tasks per arm (acc_norm), 0: none
     _cache: dict = field(default_factory=dict)
 
     # ---- results ------------------------------------------------------------------------------------------------
@@ -77,6 +78,8 @@ class Suite:
         """The experiment's record: kept across runs while its settings are the same, else started afresh."""
         key = {"teacher": self.teacher_spec, "eval_windows": self.eval_windows, "eval_len": self.eval_len,
                "seed": self.seed, "quick": self.quick, "kd_tokens": self.kd_tokens}
+        if self.hellaswag:  # only when asked: records made without it stay valid
+            key["hellaswag"] = self.hellaswag
         rec = self.results()["experiments"].get(name)
         if rec is None or rec.get("settings") != key:
             rec = {"settings": key, "arms": {}}
@@ -145,6 +148,23 @@ class Suite:
         return out
 
 
+    def hellaswag_of(self, model) -> dict:
+        """0-shot HellaSwag on the first `hellaswag` tasks of the shared dev file, scored as lm-eval does (acc_norm:
+        log-likelihood per character of each ending), with the standard error of the accuracy."""
+        sys.path.insert(0, str(HERE.parent))
+        from distill_recovery import encode_hellaswag, hellaswag, load_hellaswag
+
+        if "hellaswag" not in self._cache:
+            tasks = load_hellaswag(os.path.join(self.data_dir, "hellaswag_val_dev.jsonl"), self.hellaswag)
+            self._cache["hellaswag"] = tasks, encode_hellaswag(tasks, self.tokenizer())
+        tasks, items = self._cache["hellaswag"]
+        tok = self.tokenizer()
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        res = hellaswag(model, tasks, items, pad)
+        res["se"] = (res["acc_norm"] * (1 - res["acc_norm"]) / res["n"]) ** 0.5
+        return res
+
+
 @torch.no_grad()
 def window_nll(model, windows: torch.Tensor) -> list[float]:
     """Mean next-token NLL of each window."""
@@ -184,13 +204,16 @@ def importance(suite: Suite, samples: int, seq_len: int):
 def teacher_arm(suite: Suite) -> dict:
     """The teacher's arm (every experiment's reference point), evaluated once per run."""
     if "teacher_arm" not in suite._cache:
-        suite._cache["teacher_arm"] = pruned_arm(suite, suite.teacher())
+        suite._cache["teacher_arm"] = pruned_arm(suite, suite.teacher())  # (with HellaSwag when asked)
     return dict(suite._cache["teacher_arm"])
 
 
 def pruned_arm(suite: Suite, student) -> dict:
     """An arm's record for a pruned model: its parameters and its evaluation."""
-    return {"params": sum(p.numel() for p in student.parameters()), "eval": suite.evaluate(student)}
+    arm = {"params": sum(p.numel() for p in student.parameters()), "eval": suite.evaluate(student)}
+    if suite.hellaswag:
+        arm["hellaswag"] = suite.hellaswag_of(student)
+    return arm
 
 
 def distilled_arm(suite: Suite, name: str, student, tokens: int, teacher=None, **settings) -> dict:
@@ -211,7 +234,7 @@ def distilled_arm(suite: Suite, name: str, student, tokens: int, teacher=None, *
     curve = [(h["step"], h.get("kd_logit", h.get("clm"))) for h in res["log_history"] if "loss" in h]
     return {"params": sum(p.numel() for p in student.parameters()), "tokens": res["tokens"], "steps": res["steps"],
             "train_loss": res["train_loss"], "curve": curve, "settings": {**common, **settings},
-            "eval": suite.evaluate(student)}
+            **pruned_arm(suite, student)}
 
 
 # ---- plots ----------------------------------------------------------------------------------------------------------

@@ -63,10 +63,13 @@ def render(suite: Suite) -> Path:
                   f"Protocol: {', '.join(f'{k}: {v}' for k, v in rec.get('protocol', {}).items())}; "
                   f"evaluation {rec['settings']['eval_windows']} x {rec['settings']['eval_len']} tokens per text, "
                   f"seed {rec['settings']['seed']}, teacher `{rec['settings']['teacher']}`.", "",
-                  "| arm | params | WikiText-2 ppl | pydoc ppl | wall |", "|---|---:|---:|---:|---:|"]
+                  "| arm | params | WikiText-2 ppl | pydoc ppl | HellaSwag acc_norm | wall |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for arm, a in rec["arms"].items():
+            hs = a.get("hellaswag")
+            hs = f"{hs['acc_norm']:.3f} +- {hs['se']:.3f} (n {hs['n']})" if hs else "-"
             lines.append(f"| {arm} | {a.get('params', 0) / 1e6:.1f}M | {a['eval']['wikitext2']['ppl']:.2f} | "
-                         f"{a['eval']['pydoc']['ppl']:.2f} | {a.get('wall_s', 0):.0f} s |")
+                         f"{a['eval']['pydoc']['ppl']:.2f} | {hs} | {a.get('wall_s', 0):.0f} s |")
         png = f"{name}.png"
         module.plot(rec, suite.out / png)
         lines += ["", f"![{name}]({png})", "",
@@ -89,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller calibration and training budgets")
     p.add_argument("--kd-tokens", type=int, default=None,
                    help="training tokens per trained arm (default: 32768; 8192 with --quick)")
+    p.add_argument("--hellaswag", type=int, default=0,
+                   help="0-shot HellaSwag tasks per arm from the shared dev file (1000: SE ~0.015; default: none)")
     p.add_argument("--device", default="cpu", help="where the teacher and the pruned models run (default: cpu)")
     p.add_argument("--render", action="store_true", help="only render README.md from results.json")
     args = p.parse_args(argv)
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
     suite = Suite(args.teacher, args.data_dir, Path(args.out), args.eval_windows, args.eval_len, args.seed,
-                  args.quick, args.kd_tokens, args.device)
+                  args.quick, args.kd_tokens, args.device, args.hellaswag)
     if not args.render:
         for name in names:
             print(f"== {name}: {EXPERIMENTS[name].TITLE}", flush=True)
