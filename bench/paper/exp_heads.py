@@ -90,9 +90,11 @@ def verdict(rec: dict) -> dict:
     why = (f"each score against every random choice (better/worse: on both texts, against all three, beyond 2 SE): "
            f"{vs_random}; with the merge against without: {merge}")
     if "worse" in merge.values():
-        why += (". Measured cause: the merge as section 2.3 states it (kept query rows <- 2 kept - pruned) moves "
-                "the kept heads' attention patterns; before any retraining that costs more than the pruned heads' "
-                "information gives back; whether it pays back after retraining is not measured here yet")
+        change = ", ".join(f"{s} {arms[s]['eval']['wikitext2']['ppl']:.0f} -> "
+                           f"{arms[s + ' + merge']['eval']['wikitext2']['ppl']:.0f}" for s in merge)
+        why += (f". The cause, measured: the merge as section 2.3 states it (kept query rows <- 2 kept - pruned) "
+                f"raises every score's prune-only WikiText-2 perplexity ({change}); whether it pays back after "
+                f"retraining is not measured here yet")
     if vs_random.get("input") == "better" and merge.get("input") != "worse":
         return {"verdict": "reproduced", "why": why, "figures": figures}
     if vs_random.get("input") == "worse" or merge.get("input") == "worse":

@@ -43,9 +43,10 @@ def render(suite: Suite) -> Path:
     lines = ["# The paper's findings at laptop scale (`bench/paper/`)", "",
              "Rendered by `python bench/paper/run.py` from `results.json`; every figure below was measured by it.",
              "Held-out text: WikiText-2 test and CPython's language reference (`pydoc-topics`); calibration and "
-             "training read tiny-shakespeare + WikiText-2 valid, so no arm trains on either. Arms are compared "
-             "window by window (mean per-window log-perplexity difference +- its standard error); a difference "
-             "within 2 standard errors is inconclusive.", "",
+             "training read tiny-shakespeare + WikiText-2 valid, so no arm trains on either text, but WikiText-2 "
+             "test shares the training text's distribution and pydoc does not. Arms are compared window by window "
+             "(mean per-window log-perplexity difference +- its standard error); a difference within 2 standard "
+             "errors is inconclusive.", "",
              "| experiment | verdict |", "|---|---|"]
     for name, module in EXPERIMENTS.items():
         rec = results.get(name)
