@@ -213,14 +213,16 @@ def bench_quality(args, teacher, tok) -> dict:
     common = dict(tokenizer=tok, overwrite=True, max_length=args.seq_len, per_device_train_batch_size=args.batch,
                   learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=1, weight_decay=0.0,
                   save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=True, seed=42, is_layers="off")
-    windows = TeacherCache(_cache_dir(args, args.ks[0])).dataset()["input_ids"]
+    first = TeacherCache(_cache_dir(args, args.ks[0]))
+    windows, windows_sha = first.dataset()["input_ids"], first.meta["windows_sha256"]
     live_data = Dataset.from_dict({"input_ids": [list(map(int, w)) for w in windows]})
     out = {"pruned": {"ppl": float(torch.exp(window_nll(pruned, test).mean()))}}
     print(f"PPL pruned, no retraining: {out['pruned']['ppl']:.3f}", flush=True)
     arms = [("full", None, None)] + _caches(args)
     for name, k, top_p in arms:
-        if args.reuse and name in args.previous.get("quality", {}):
-            out[name] = args.previous["quality"][name]
+        old = args.previous.get("quality", {}).get(name, {})
+        if args.reuse and old.get("windows_sha256") == windows_sha:  # trained on these very windows
+            out[name] = old
             print(f"PPL {name}: {out[name]['ppl']:.3f}, read back from the previous results", flush=True)
             continue
         t0 = time.perf_counter()
@@ -235,7 +237,7 @@ def bench_quality(args, teacher, tok) -> dict:
         nll = window_nll(student, test)
         ppl = float(torch.exp(nll.mean()))
         out[name] = {"ppl": ppl, "tokens": res["tokens"], "steps": res["steps"], "train_loss": res["train_loss"],
-                     "wall_s": wall, "window_nll": nll.tolist()}
+                     "wall_s": wall, "window_nll": nll.tolist(), "windows_sha256": windows_sha}
         if k is not None:
             out[name]["vs_full"] = paired_vs_full(nll, torch.tensor(out["full"]["window_nll"], dtype=torch.float64))
         cmp = out[name].get("vs_full")
@@ -282,7 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default="/tmp/bench_teacher_cache", help="caches, student and runs go here")
     p.add_argument("--reuse", action="store_true",
                    help="read back the caches written and the quality arms run by an earlier run into --out-dir with "
-                        "the same windows, student and budgets; run only the new ones")
+                        "the same student and budgets (a quality arm only when it trained on the same windows); run "
+                        "only the new ones")
     p.add_argument("--role", choices=["live", "cache"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.role:

@@ -46,11 +46,12 @@ def test_aggregation_verdicts():
     assert exp_aggregation.verdict(tie)["verdict"] == "inconclusive"
 
 
-def test_kd_verdict_needs_kd_to_beat_both_others_on_both_texts():
-    arms = {"pruned + KD": {"eval": _eval(0.0, 0.0)}, "pruned + CE": {"eval": _eval(0.4, 0.4)},
+def test_kd_verdict_is_decided_out_of_the_training_distribution():
+    arms = {"pruned + KD": {"eval": _eval(0.0, 0.0)}, "pruned + CE": {"eval": _eval(-0.4, 0.4)},
             "random init + KD": {"eval": _eval(2.0, 2.0)}}
-    assert exp_kd.verdict({"arms": arms})["verdict"] == "reproduced"
-    arms["pruned + CE"] = {"eval": _eval(0.4, -0.2)}  # CE better on one text
+    result = exp_kd.verdict({"arms": arms})  # CE better on WikiText-2 (its distribution is trained on), worse on pydoc
+    assert result["verdict"] == "reproduced" and "CE wins" in result["why"]
+    arms["pruned + CE"] = {"eval": _eval(0.4, -0.2)}  # CE better out of domain
     assert exp_kd.verdict({"arms": arms})["verdict"] == "not reproduced"
 
 
