@@ -162,11 +162,9 @@ def cache_need(r: Recipe, m: MemberSection) -> dict:
     `seq_len`), the `tokens` it holds (every token of its distillation's whole steps, and of its search's when the
     search trains on the same window: `shared`). From the recipe alone: no trainer arguments are built (those check
     the hardware)."""
-    from .distill import DistillConfig
     from .search import eval_steps
 
-    fields = DistillConfig.__dataclass_fields__
-    get = lambda key: r.distill.get(key, fields[key].default)  # noqa: E731
+    get = r.distill_setting
     mode = get("teacher_cache")
     window = get("max_length")
     per_step = get("per_device_train_batch_size") * get("gradient_accumulation_steps") * window

@@ -212,15 +212,6 @@ def _step_seconds(config, kind: str, batch: int, window: int, device: str, dtype
     return statistics.median(times[1:])
 
 
-def _distill_settings(recipe) -> dict:
-    """The logit loss's settings a build's distillation uses: the recipe's, else DistillConfig's defaults."""
-    from .distill import DistillConfig
-
-    fields = DistillConfig.__dataclass_fields__
-    return {k: recipe.distill.get(k, fields[k].default)
-            for k in ("logit_loss", "temperature", "top_k", "kd_chunk_tokens", "w_clm")}
-
-
 def calibrate(recipe, config) -> Calibration:
     """Throughputs of this machine on the teacher's shapes, at the distillation's batch and window (at most 2,048
     tokens), on the teacher's device and dtype, for each kind of work: a step of 4 of its layers with a small
@@ -241,7 +232,8 @@ def calibrate(recipe, config) -> Calibration:
     deep = student_config(config, PruneTarget(num_layers=min(4, depth)))
     deep.vocab_size, deep.pad_token_id = 256, None  # the layers' time, without the vocabulary's
     shallow = student_config(config, PruneTarget(num_layers=1))
-    settings = _distill_settings(recipe)
+    settings = {k: recipe.distill_setting(k)  # the build's logit loss
+                for k in ("logit_loss", "temperature", "top_k", "kd_chunk_tokens", "w_clm")}
     rates, parts = {}, []
     for kind, flops_per_token in zip(WORK, (2 * n, 6 * n, 8 * n)):
         layer = _step_seconds(deep, kind, batch, window, device, dtype, settings) / deep.num_hidden_layers

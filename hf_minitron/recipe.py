@@ -102,6 +102,13 @@ class Recipe:
     def distill_tokens(self, m: MemberSection) -> int:
         return m.distill_tokens or self.distill["tokens"]
 
+    def distill_setting(self, key: str):
+        """A distillation setting as a build runs it: the recipe's, else `DistillConfig`'s default (read without
+        building trainer arguments, which check the hardware)."""
+        from .distill import DistillConfig
+
+        return self.distill.get(key, DistillConfig.__dataclass_fields__[key].default)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
