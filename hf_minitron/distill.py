@@ -128,6 +128,10 @@ class DistillConfig(TextTrainingConfig):
                 "(sparse forward KL), never loading the teacher; no intermediate-state losses. In a build also "
                 "'auto': the build writes one cache per teacher, data and window (teacher_cache_top_k) and every "
                 "search candidate and distillation from that teacher reads it; 'off' or empty: the live teacher"})
+    teacher_fsdp: bool = field(default=True, metadata={
+        "help": "under FSDP (an accelerate FSDP config), shard the teacher like the student: each process holds "
+                "1/N of its weights and gathers one layer at a time in the forward; false: every process keeps "
+                "the whole teacher (on --teacher-device)"})
     teacher_cache_top_k: int = field(default=512, metadata={
         "help": "K of the caches a build's teacher_cache 'auto' writes (build only; hf-minitron teacher-logits has "
                 "--top-k): the teacher's K most likely tokens per position, plus one bucket for the rest"})
@@ -198,6 +202,10 @@ class MinitronDistillTrainer(SFTTrainer):
         self.logit_transforms = (logit_transform(model.config), logit_transform(teacher.config))
         self.save_dtype: torch.dtype | None = None  # set for the final save: the student's weights are cast to it
         super().__init__(model=model, args=args, **kwargs)
+        if self.is_fsdp_enabled and args.teacher_fsdp:
+            from .sharding import shard_teacher
+
+            self.teacher = shard_teacher(self.teacher, self.accelerator)
         self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch over the accumulation window
 
     # ---- loss ---------------------------------------------------------------------------------------------
@@ -372,6 +380,10 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
     else:
         config.dataset_text_field, dataset = text_dataset(data, text_column, streaming)
 
+    from .sharding import enable_cpu_fsdp, refuse_zero3
+
+    refuse_zero3()
+    enable_cpu_fsdp(cpu=torch.device(device).type == "cpu")  # a CPU FSDP launch is FSDP, not DDP (sharding.py)
     resolve_schedule(config)
     per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * config.max_length
     per_step *= config.world_size
@@ -383,6 +395,8 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
     last = last_complete_checkpoint(out) if resume else None
     train_out = trainer.train(resume_from_checkpoint=last)
     trainer.save_dtype = save_dtype
+    if trainer.is_fsdp_enabled:  # checkpoints may be sharded; the student leaves as one plain from_pretrained folder
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(out)
     result = {
         "out": out, "steps": trainer.state.global_step, "tokens": trainer.state.global_step * per_step,

@@ -63,16 +63,24 @@ def logit_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return scale * (beta * kl_t + (1 - beta) * kl_s)
 
 
+def apply_head(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The LM head's weights applied to `h` without calling the module: under FSDP2 the head belongs to a unit
+    (accelerate's tail unit) whose hooks must run once per model forward; its weights stay gathered from the
+    forward through the backward, so using them directly, once per chunk and again in checkpoint recomputation, is
+    safe where calling the module again would re-enter FSDP's forward/backward state machine."""
+    return F.linear(h, head.weight, head.bias)
+
+
 def _chunk_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor, student_head: nn.Module,
                   teacher_head: nn.Module, vocab: int, kind: str, temperature: float, top_k: int | None, beta: float,
                   with_ce: bool, student_transform: Transform, teacher_transform: Transform
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(divergence sum, cross-entropy sum) of one chunk of tokens."""
-    z_s = student_head(h_s)
+    z_s = apply_head(student_head, h_s)
     if student_transform is not None:
         z_s = student_transform(z_s.float())
     with torch.no_grad():
-        z_t = teacher_head(h_t).to(device=z_s.device, dtype=torch.float32)
+        z_t = apply_head(teacher_head, h_t).to(device=z_s.device, dtype=torch.float32)
         if teacher_transform is not None:
             z_t = teacher_transform(z_t)
     kd = logit_divergence(z_s[:, :vocab], z_t[:, :vocab], kind, temperature, top_k, beta).sum()
@@ -136,7 +144,7 @@ def sparse_forward_kl(student_logits: torch.Tensor, top_ids: torch.Tensor, top_l
 def _sparse_chunk(h_s: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor, tail_logp: torch.Tensor,
                   labels: torch.Tensor, student_head: nn.Module, vocab: int, temperature: float, with_ce: bool,
                   student_transform: Transform) -> tuple[torch.Tensor, torch.Tensor]:
-    z_s = student_head(h_s)
+    z_s = apply_head(student_head, h_s)
     if student_transform is not None:
         z_s = student_transform(z_s.float())
     kd = sparse_forward_kl(z_s[:, :vocab], top_ids, top_logp, tail_logp, temperature).sum()
