@@ -225,7 +225,9 @@ class MinitronDistillTrainer(SFTTrainer):
                                  output_hidden_states=True, logits_to_keep=none.to(t_dev))
             t_final, t_states = t_out.hidden_states[-1], self.t_reader.states(t_out.hidden_states)
             del t_out
-        t_mask = mask.to(t_dev)
+        # a teacher dispatched over several GPUs (--device auto) leaves each state on its layer's GPU
+        t_states = [h.to(s_final.device) for h in t_states]
+        t_mask = mask.to(t_final.device)
         unwrapped = self.accelerator.unwrap_model(model)
         kd_sum, ce_sum = chunked_logit_losses(
             s_final[:, :-1][mask], t_final[:, :-1][t_mask], labels[:, 1:][mask],
@@ -243,7 +245,7 @@ class MinitronDistillTrainer(SFTTrainer):
             if self.proj_index:
                 projs = pair_projections(getattr(unwrapped, PROJ_ATTR), len(self.proj_index))
                 is_sum = len(projs) * intermediate_losses([s_states[i][:, :-1][mask] for i in self.proj_index],
-                                                          [t_states[i][:, :-1][t_mask] for i in self.proj_index],
+                                                          [t_states[i][:, :-1][mask] for i in self.proj_index],
                                                           projs, cfg.is_loss)
             if self.att_index:
                 att_sum = attention_relation_loss([s_states[i] for i in self.att_index],

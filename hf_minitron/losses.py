@@ -67,8 +67,9 @@ def apply_head(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """The LM head's weights applied to `h` without calling the module: under FSDP2 the head belongs to a unit
     (accelerate's tail unit) whose hooks must run once per model forward; its weights stay gathered from the
     forward through the backward, so using them directly, once per chunk and again in checkpoint recomputation, is
-    safe where calling the module again would re-enter FSDP's forward/backward state machine."""
-    return F.linear(h, head.weight, head.bias)
+    safe where calling the module again would re-enter FSDP's forward/backward state machine. `h` moves to the
+    head's device (a teacher dispatched over GPUs may keep its head elsewhere than its final norm)."""
+    return F.linear(h.to(head.weight.device), head.weight, head.bias)
 
 
 def _chunk_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Tensor, student_head: nn.Module,

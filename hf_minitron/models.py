@@ -34,7 +34,9 @@ class ModelArgs:
         "help": "GGUF file name inside the Hub repo or folder (dequantized on load)"})
     dtype: Dtype | None = field(default=None, metadata={
         "help": "dtype to load the weights in (none: the model's own)"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:N or auto (cuda when available)"})
+    device: str = field(default="cpu", metadata={
+        "help": "cpu, cuda, cuda:N or auto (cuda when available; several GPUs visible to one process: the model's "
+                "layers spread over them, accelerate's device_map='auto')"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow model code from the repo to run (never needed for the supported families)"})
 
@@ -149,6 +151,16 @@ def _package_file(spec: str, gguf_file: str | None) -> ModelSource:
     return resolved
 
 
+def device_map_for(device: str) -> str | None:
+    """`device_map="auto"` (accelerate's big-model dispatch: the layers spread over the GPUs, activations moved
+    between them) for `--device auto` when several GPUs are visible to a single process; None otherwise (one
+    device; and under `accelerate launch` each process keeps its own GPU)."""
+    import os
+
+    alone = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    return "auto" if device == "auto" and alone and torch.cuda.device_count() > 1 else None
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -252,6 +264,8 @@ def load_model(source: ModelSource | str, dtype: str | None = None, device: str 
     if dtype is not None and dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     kwargs = {"dtype": DTYPES[dtype] if dtype else "auto", "trust_remote_code": trust_remote_code}
+    if device_map_for(device):
+        kwargs["device_map"] = device_map_for(device)
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
     else:
@@ -266,7 +280,8 @@ def load_model(source: ModelSource | str, dtype: str | None = None, device: str 
     get_arch(model.config)  # a GGUF's architecture, with the list of supported ones
     if source.gguf_file:
         drop_gguf_state(model)
-    model.to(resolve_device(device))
+    if "device_map" not in kwargs:
+        model.to(resolve_device(device))
     model.eval()
     model.name_or_path = source.spec
     return model

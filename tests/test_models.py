@@ -94,3 +94,13 @@ def test_file_inside_installed_package(smollm2_path):
     assert source.as_dict()["source"].startswith("pkg:")
     with pytest.raises(ModelLoadError, match="'no_such_pkg' .* is not installed"):
         resolve_source("pkg:no_such_pkg/model.gguf")
+
+
+@pytest.mark.parametrize("device,gpus,world,expected", [
+    ("auto", 2, "1", "auto"), ("auto", 1, "1", None), ("auto", 2, "2", None), ("cuda", 2, "1", None)])
+def test_device_auto_dispatches_over_several_gpus_in_one_process(monkeypatch, device, gpus, world, expected):
+    from hf_minitron.models import device_map_for
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    assert device_map_for(device) == expected
