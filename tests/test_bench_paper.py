@@ -11,6 +11,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "paper"))
 import exp_aggregation  # noqa: E402
 import exp_kd  # noqa: E402
+import exp_losses  # noqa: E402
+import exp_width_depth  # noqa: E402
 from common import paired  # noqa: E402
 
 
@@ -53,6 +55,40 @@ def test_kd_verdict_is_decided_out_of_the_training_distribution():
     assert result["verdict"] == "reproduced" and "CE wins" in result["why"]
     arms["pruned + CE"] = {"eval": _eval(0.4, -0.2)}  # CE better out of domain
     assert exp_kd.verdict({"arms": arms})["verdict"] == "not reproduced"
+
+
+def test_width_vs_depth_verdict_follows_the_arms_after_kd():
+    arms = {"depth": {"eval": _eval(-0.3, -0.3)}, "width": {"eval": _eval(0.0, 0.0)},
+            "depth + KD": {"eval": _eval(0.5, 0.5)}, "width + KD": {"eval": _eval(0.0, 0.0)}}
+    assert exp_width_depth.verdict({"arms": arms})["verdict"] == "reproduced"  # depth better before KD only
+    arms["depth + KD"] = {"eval": _eval(-0.2, 0.0)}
+    assert exp_width_depth.verdict({"arms": arms})["verdict"] == "not reproduced"
+    arms["depth + KD"] = {"eval": _eval(0.0, 0.0)}
+    assert exp_width_depth.verdict({"arms": arms})["verdict"] == "inconclusive"
+
+
+def test_width_and_depth_students_have_about_the_same_parameters():
+    from transformers import LlamaConfig
+
+    from hf_minitron.prune import parameter_count
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=1024, num_hidden_layers=10,
+                         num_attention_heads=4, num_key_value_heads=2)
+    depth, width = exp_width_depth.targets(config)
+    assert depth.num_layers == 8 and width.ffn_size < 1024
+    assert parameter_count(config, width) == pytest.approx(parameter_count(config, depth), rel=0.02)
+
+
+def test_losses_verdict_needs_both_claims():
+    good = {"forward KL": _eval(0.0, 0.0), "reverse KL": _eval(0.3, 0.3), "MSE logits": _eval(0.3, 0.3),
+            "cosine logits": _eval(0.3, 0.3), exp_losses.IS_ARM: _eval(-0.2, -0.2)}
+    arms = {n: {"eval": e} for n, e in good.items()}
+    assert exp_losses.verdict({"arms": arms})["verdict"] == "reproduced"
+    arms[exp_losses.IS_ARM] = {"eval": _eval(0.0, 0.0)}
+    result = exp_losses.verdict({"arms": arms})
+    assert result["verdict"] == "inconclusive" and "L_is helps: undecided" in result["why"]
+    arms["reverse KL"] = {"eval": _eval(-0.2, -0.2)}
+    assert exp_losses.verdict({"arms": arms})["verdict"] == "not reproduced"
 
 
 def test_the_suite_runs_every_experiment_resumes_and_renders(tmp_path, smollm2_tokenizer, capsys, one_thread):

@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import exp_aggregation  # noqa: E402
 import exp_heads  # noqa: E402
 import exp_kd  # noqa: E402
+import exp_losses  # noqa: E402
+import exp_width_depth  # noqa: E402
 from common import DATA_DIR, HERE, TEACHER, Suite  # noqa: E402
 
-EXPERIMENTS = {m.NAME: m for m in (exp_aggregation, exp_heads, exp_kd)}
+EXPERIMENTS = {m.NAME: m for m in (exp_aggregation, exp_heads, exp_width_depth, exp_kd, exp_losses)}
 NOT_YET = {
-    "width_vs_depth": "Width vs depth at equal parameters after equal KD (the paper: width wins after retraining)",
     "chain": "Iterative chain vs one shot at equal total tokens (135M -> ~100M -> ~70M vs 135M -> ~70M)",
-    "losses": "Forward KL vs reverse KL vs MSE vs cosine logits, with and without intermediate-state losses",
     "search_ranking": "Does the LoRA-ranked candidate order agree with the order after a longer KD (Kendall tau)?",
 }
 

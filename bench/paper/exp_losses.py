@@ -1,0 +1,103 @@
+"""Experiment 6 (paper section 3, Table 9-10; best practices 6 and 7): which distillation loss.
+
+One depth-pruned student (the lowest-Block-Importance 27% of the teacher's layers dropped: more than a quarter, so
+hf-minitron's automatic intermediate-state policy applies), retrained on the same tokens, windows, order, schedule
+and seed with each logit loss alone (forward KL, reverse KL, MSE and cosine on the logits), and with forward KL plus
+the intermediate-state loss L_is (embedding output + proportionally mapped block outputs, cosine, one shared
+learned projection, dynamic weight alpha = L_logit / L_is).
+"""
+
+from __future__ import annotations
+
+from common import (OUT_OF_DOMAIN, Suite, distilled_arm, importance, paired, pruned_arm, pyplot, save, teacher_arm,
+                    text_bars)
+
+NAME = "losses"
+TITLE = "Loss choice: forward KL, reverse KL, MSE, cosine, and L_is on a depth-pruned student (best practices 6-7)"
+FINDING = ("Forward KL divergence on the logits is the best single distillation loss (the paper's comparison with "
+           "MSE, cosine and reverse KL, Table 9-10); when depth is reduced significantly, adding the intermediate-"
+           "state losses (embedding and block outputs) to the logit loss helps (best practice 7).")
+DROP_FRACTION = 0.27
+LOGIT_ARMS = {"forward KL": "forward_kl", "reverse KL": "reverse_kl", "MSE logits": "mse", "cosine logits": "cosine"}
+IS_ARM = "forward KL + L_is"
+
+
+def student(suite: Suite):
+    from hf_minitron.prune import PruneConfig, PruneTarget, prune_model
+
+    teacher = suite.teacher()
+    samples, seq_len = (8, 256) if suite.quick else (32, 512)
+    layers = teacher.config.num_hidden_layers
+    target = PruneTarget(num_layers=layers - max(1, round(layers * DROP_FRACTION)))
+    return prune_model(teacher, importance(suite, samples, seq_len), target, PruneConfig(depth_metric="bi"))[0]
+
+
+def run(suite: Suite) -> dict:
+    rec = suite.experiment(NAME)
+    tokens = suite.kd_tokens or (8 * 1024 if suite.quick else 32 * 1024)
+    layers = suite.teacher().config.num_hidden_layers
+    rec["protocol"] = {"tokens per trained arm": tokens, "window": "4 x 256 per step",
+                       "schedule": "AdamW 2e-4, 10% warm-up, cosine to 1e-5",
+                       "student": f"{layers - max(1, round(layers * DROP_FRACTION))} of {layers} layers kept "
+                                  "(lowest Block Importance dropped)"}
+    suite.arm(rec, "teacher", lambda: teacher_arm(suite))
+    suite.arm(rec, "pruned", lambda: pruned_arm(suite, student(suite)))
+    for arm, loss in LOGIT_ARMS.items():
+        suite.arm(rec, arm, lambda arm=arm, loss=loss: distilled_arm(suite, arm, student(suite), tokens,
+                                                                     logit_loss=loss, is_layers="off"))
+    suite.arm(rec, IS_ARM, lambda: distilled_arm(suite, "is", student(suite), tokens, logit_loss="forward_kl",
+                                                 is_layers="auto"))
+    rec.update(verdict(rec))
+    suite.save()
+    return rec
+
+
+def _claim(rec_arms: dict, a: str, b: str) -> dict:
+    return paired(rec_arms[a]["eval"], rec_arms[b]["eval"])
+
+
+def verdict(rec: dict) -> dict:
+    """Two claims, each decided out of the training distribution (pydoc) and not contradicted on WikiText-2:
+    forward KL beats each other logit loss; adding L_is beats forward KL alone. Reproduced when both hold, not
+    reproduced when the data contradict either, else inconclusive."""
+    arms = rec["arms"]
+    if not all(n in arms for n in (*LOGIT_ARMS, IS_ARM)):
+        return {"verdict": "inconclusive", "why": "not every arm has run", "figures": []}
+    figures = [f"{n}: WikiText-2 {a['eval']['wikitext2']['ppl']:.2f}, pydoc {a['eval']['pydoc']['ppl']:.2f}"
+               for n, a in arms.items()]
+    comparisons = {f"forward KL - {other}": _claim(arms, "forward KL", other) for other in LOGIT_ARMS
+                   if other != "forward KL"}
+    comparisons[f"{IS_ARM} - forward KL"] = _claim(arms, IS_ARM, "forward KL")
+    why = "; ".join(f"{name} on {t}: {d['dlogppl']:+.4f} +- {d['se']:.4f}" for name, cmp in comparisons.items()
+                    for t, d in cmp.items())
+
+    def holds(cmp_names) -> str:
+        results = [comparisons[n] for n in cmp_names]
+        if any("b" in (d["better"] for d in c.values()) for c in results):
+            return "contradicted"
+        return "holds" if all(c[OUT_OF_DOMAIN]["better"] == "a" for c in results) else "undecided"
+
+    kl = holds([n for n in comparisons if n.startswith("forward KL -")])
+    lis = holds([f"{IS_ARM} - forward KL"])
+    why = f"forward KL best: {kl}; L_is helps: {lis}. " + why
+    if kl == lis == "holds":
+        return {"verdict": "reproduced", "why": why, "figures": figures}
+    if "contradicted" in (kl, lis):
+        return {"verdict": "not reproduced", "why": why, "figures": figures}
+    return {"verdict": "inconclusive", "why": why + " (within 2 SE)", "figures": figures}
+
+
+def plot(rec: dict, path) -> None:
+    arms = rec["arms"]
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 3.8))
+    for name in (*LOGIT_ARMS, IS_ARM):
+        if name in arms and arms[name].get("curve"):
+            steps, loss = zip(*arms[name]["curve"])
+            first = loss[0] or 1.0
+            left.plot(steps, [v / first for v in loss], label=name)  # each loss in its own units: relative
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("logit loss / its first value")
+    left.legend(fontsize=8)
+    text_bars(right, arms, [n for n in arms if n != "teacher"], arms["teacher"])
+    right.set_title("held-out perplexity after equal tokens")
+    save(fig, path)
