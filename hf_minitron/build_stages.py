@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from . import ranks
 from .cost import train_flops
 from .recipe import MemberSection, Recipe
 from .rundir import (INSTRUCT_SUFFIX, PRUNING_FILE, SEARCH_DIR, SEARCH_FILE, TEACHER, MemberRecord, RunDir,
@@ -38,19 +39,19 @@ class Build:
 
     started: float = field(default_factory=time.time)
 
-    def stage(self, key: str, settings: dict, parents: dict, fn, log=None) -> dict:
+    def stage(self, key: str, settings: dict, parents: dict, fn, log=None, main_only: bool = False) -> dict:
         """`RunDir.stage` with a progress line as the stage starts and as it ends (elapsed, tokens/s), each with
-        the build's clock."""
+        the build's clock; `main_only`: `fn` runs in the main process alone, the others waiting."""
         def timed(action):
             t0 = time.time()
             out = fn(action)
-            seconds, tokens = time.time() - t0, sum((out.tokens or {}).values())
+            seconds, tokens = time.time() - t0, sum(((out and out.tokens) or {}).values())
             rate = f", {tokens:,} tokens, {tokens / max(seconds, 1e-9):,.0f} tokens/s" if tokens else ""
             self.log(f"{clock(self.started)} [{key}] done in {clock(t0)}{rate}")
             return out
 
         return self.run.stage(key, settings, parents, timed,
-                              log=lambda line: self.log(f"{clock(self.started)} {line}"))
+                              log=lambda line: self.log(f"{clock(self.started)} {line}"), main_only=main_only)
 
     def tokenizer(self):
         if "tokenizer" not in self.cache:
@@ -139,9 +140,14 @@ def importance_stage(b: Build, base: str) -> Path:
     r, folder = b.recipe, b.run.importance(base)
     config = needed_passes(r, [m for m in r.members if m.base == base])
     settings = {**asdict(config), "data": asdict(r.data.calibration)}
-    b.stage(f"importance/{base}", settings, {"model": b.identity(base)}, lambda action: run_importance(
-        b.model(base), b.tokenizer(), r.data.calibration, config, folder, {"base": base}, progress=b.progress),
-        log=b.log)
+
+    def fn(action) -> StageOutput:
+        # gone before any process looks: run_importance's main process replaces it while the others return
+        ranks.on_main(shutil.rmtree, folder, ignore_errors=True)
+        return run_importance(b.model(base), b.tokenizer(), r.data.calibration, config, folder, {"base": base},
+                              progress=b.progress)
+
+    b.stage(f"importance/{base}", settings, {"model": b.identity(base)}, fn, log=b.log)
     return folder
 
 
@@ -167,7 +173,9 @@ def cache_need(r: Recipe, m: MemberSection) -> dict:
     get = r.distill_setting
     mode = get("teacher_cache")
     window = get("max_length")
-    per_step = get("per_device_train_batch_size") * get("gradient_accumulation_steps") * window
+    # tokens per optimizer step over every process of the launch, as distill.py counts them
+    per_step = get("global_batch_tokens") or \
+        get("per_device_train_batch_size") * get("gradient_accumulation_steps") * window * ranks.world()
     need = -(-r.distill_tokens(m) // per_step) * per_step
     search = m.search_settings(r.search)
     shared = bool(m.params) and search.seq_len == window
@@ -201,9 +209,12 @@ def teacher_logits_stage(b: Build, m: MemberSection) -> tuple[Path | None, bool]
     folder = b.run.teacher_logits(hash_json({**settings, **parents})[:16])
 
     def fn(action) -> StageOutput:
-        if action == "redo":
-            shutil.rmtree(folder, ignore_errors=True)
-        meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
+        def existing() -> dict:
+            if action == "redo":
+                shutil.rmtree(folder, ignore_errors=True)
+            return json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
+
+        meta = ranks.on_main(existing)  # every process takes the main one's view
         reused = bool(meta.get("complete"))
         if not reused:
             cache_config = TeacherCacheConfig(max_tokens=plan["tokens"], seq_len=plan["seq_len"],
@@ -236,7 +247,7 @@ def search_stage(b: Build, m: MemberSection, scores_dir: Path, cache: Path | Non
 
     def fn(action) -> StageOutput:
         if action == "redo":
-            shutil.rmtree(folder, ignore_errors=True)
+            ranks.on_main(shutil.rmtree, folder, ignore_errors=True)
         windows = token_windows(r.data.eval_source, b.tokenizer(), search.eval_seq_len, search.eval_windows,
                                 holdout=r.data.eval_holdout, cache=b.cache)
         teacher = TeacherCache(str(cache)) if cache else b.model(m.kd_teacher)
@@ -267,7 +278,7 @@ def prune_stage(b: Build, m: MemberSection, shape: dict, scores_dir: Path) -> No
     settings = {"shape": shape, "prune": asdict(b.recipe.prune), "adapter": "merge" if merge else None}
     b.stage(f"{m.name}/prune", settings, parents, lambda action: run_prune(
         b.model(m.base), b.tokenizer(), scores_dir, PruneTarget(**shape), b.recipe.prune, b.run.pruned(m.name), info,
-        adapter), log=b.log)
+        adapter), log=b.log, main_only=True)
 
 
 def distill_stage(b: Build, m: MemberSection, shape: dict, cache: Path | None = None) -> None:
@@ -278,14 +289,16 @@ def distill_stage(b: Build, m: MemberSection, shape: dict, cache: Path | None = 
     tokens = r.distill_tokens(m)
 
     def fn(action) -> StageOutput:
-        if action == "redo":
-            shutil.rmtree(folder, ignore_errors=True)
+        before_training(folder, action)
         config = DistillConfig(output_dir=str(folder), **{**r.distill, "tokens": tokens,
                                                           "teacher_cache": str(cache) if cache else None},
                                disable_tqdm=not b.progress)
         res = distill(None if cache else b.model(m.kd_teacher), str(pruned), b.train_documents(), str(folder),
                       config=config,
                       text_column=r.data.distillation.text_column, resume=action == "resume")
+        return ranks.on_main(record, res)
+
+    def record(res: dict) -> StageOutput:
         search_json = b.run.work(m.name) / SEARCH_DIR / SEARCH_FILE
         for src in (pruned / PRUNING_FILE, search_json):
             if src.is_file():
@@ -314,10 +327,12 @@ def sft_stage(b: Build, m: MemberSection) -> None:
     r, base, out = b.recipe, b.run.member(m.name), b.run.member(m.name + INSTRUCT_SUFFIX)
 
     def fn(action) -> StageOutput:
-        if action == "redo":
-            shutil.rmtree(out, ignore_errors=True)
+        before_training(out, action)
         config = InstructConfig(output_dir=str(out), **r.sft, disable_tqdm=not b.progress)
         res = sft(str(base), r.data.sft, str(out), config=config, resume=action == "resume")
+        return ranks.on_main(record, res)
+
+    def record(res: dict) -> StageOutput:
         for name in (PRUNING_FILE, SEARCH_FILE):  # the instruct card shows its base's lineage too
             if (base / name).is_file():
                 shutil.copy(base / name, out / name)
@@ -351,7 +366,18 @@ def evaluate_stage(b: Build, key: str, models: list[tuple[str, object, Path]], p
 
     settings = {**asdict(r.evaluate), "data": asdict(r.data.eval_source), "holdout": r.data.holdout}
     settings.pop("teacher")
-    b.stage(key, settings, parents, fn, log=b.log)
+    b.stage(key, settings, parents, fn, log=b.log, main_only=True)  # forwards only; lm-eval runs in one process
+
+
+def before_training(folder: Path, action: str) -> None:
+    """The main process clears a redone stage's folder, or sets aside the incomplete checkpoints of a resumed one
+    (as `distill`/`sft` would in every process at once), before any process starts training into it."""
+    from .checkpoints import last_complete_checkpoint
+
+    if action == "redo":
+        ranks.on_main(shutil.rmtree, folder, ignore_errors=True)
+    elif action == "resume":
+        ranks.on_main(last_complete_checkpoint, folder)
 
 
 def member_loader(b: Build, folder: Path):

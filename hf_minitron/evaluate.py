@@ -82,13 +82,20 @@ class EvaluateConfig:
             raise EvalError(f"{key}.stride: {self.stride} must be in 1..seq_len ({self.seq_len})")
 
 
-@torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> float:
     """exp(mean next-token NLL) over non-overlapping windows [n, seq_len], every window scored independently.
 
     Hand-written rather than `evaluate.load("perplexity")`: that metric reloads a model by name, while we score
     the in-memory pruned model.
     """
+    nll, tokens = nll_sum(model, windows, batch_size, progress)
+    return math.exp(nll / tokens)
+
+
+@torch.no_grad()
+def nll_sum(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> tuple[float, int]:
+    """(summed next-token NLL, tokens predicted) over windows [n, seq_len]: sums, so that processes scoring a share
+    of the windows each can add theirs up (the search under `accelerate launch`)."""
     device = next(model.parameters()).device
     model.eval()
     nll, tokens = 0.0, 0
@@ -98,7 +105,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool
         nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                                  reduction="sum").item()
         tokens += batch[:, 1:].numel()
-    return math.exp(nll / tokens)
+    return nll, tokens
 
 
 @torch.no_grad()

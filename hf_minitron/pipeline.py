@@ -12,6 +12,9 @@ Every stage records its tokens and FLOPs in the manifest; `cost.py` adds them up
 from scratch.
 
 Run: `hf-minitron build --recipe recipes/quickstart.yaml [--teacher T] [--out RUN] [--force STAGE] [key=value ...]`.
+Under `accelerate launch --num_processes N -m hf_minitron.cli build ...` every process runs the build: the training
+and the teacher's passes are split across them, everything written to the run folder is written by the main process
+(ranks.py), and the plan and progress lines are printed once.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from . import ranks
 from .build_stages import (Build, distill_stage, evaluate_stage, importance_stage, member_loader, prune_stage,
                            search_stage, sft_stage, teacher_logits_stage)
 from .cost import account, si, summary
@@ -93,9 +97,12 @@ def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[
         stage = f.rpartition(":")[2]
         if stage not in STAGES:
             raise ValueError(f"--force {f!r}: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    source = recipe.teacher.resolve()
+    ranks.start()  # every process of an `accelerate launch`, or this one alone
+    log, progress = ranks.main_log(log), progress and ranks.is_main()
+    source = ranks.main_first(recipe.teacher.resolve)  # a Hub teacher is downloaded once
     teacher_config = recipe.teacher.model_config(source)
-    _check_positions(recipe, teacher_config)
+    if ranks.is_main():
+        _check_positions(recipe, teacher_config)
     if plan:  # before any weights load
         from .plan import print_plan
 
@@ -117,7 +124,7 @@ def build(recipe: Recipe, out: str | Path, force: list[str] = (), members: list[
         if until is None:
             from .report import publish_stage, report_family
 
-            report_family(recipe, run, log)
+            ranks.on_main(report_family, recipe, run, log)
             if recipe.publish.org:
                 publish_stage(recipe, run, log)
         cost = account(run, recipe)

@@ -199,4 +199,4 @@ def publish_stage(recipe, run, log=print) -> None:
             pushed[report.space.repo_id] = report.space.commit
         return StageOutput(None, hash_json(pushed), record={"repos": pushed})
 
-    run.stage("publish", asdict(p), parents, fn, log=log)
+    run.stage("publish", asdict(p), parents, fn, log=log, main_only=True)

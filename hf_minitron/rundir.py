@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from . import ranks
+from .ranks import RunLockedError, lock_file  # noqa: F401 (RunLockedError: also rundir's API)
 from .utils import first_line, read_json, sha256_file
 
 # ---- run folder entries ----
@@ -352,67 +354,61 @@ class RunDir:
     def skip(self, key: str) -> None:
         self.actions.append((key, "skipped"))
 
-    def stage(self, key: str, settings: dict, parents: dict, fn, log=print) -> dict:
+    def stage(self, key: str, settings: dict, parents: dict, fn, log=print, main_only: bool = False) -> dict:
         """Skip, resume or run one stage; `fn(action)` does the work and returns a `StageOutput`.
-        A stage whose `fn` raises stays unfinished, so the next build retries it."""
-        action = self.plan(key, settings, parents)
+        A stage whose `fn` raises stays unfinished, so the next build retries it.
+
+        Under `accelerate launch` the main process decides and records (the others get its decision and then its
+        manifest); `fn` runs in every process (it splits its work, and leaves writes to the main one), or in the
+        main one alone with `main_only`."""
+        action, why = ranks.on_main(lambda: (self.plan(key, settings, parents), self.why.pop(key, None)))
         if action == "skip":
             self.skip(key)
             log(f"[{key}] done earlier: skipped")
             return self.record(key)
-        why = self.why.pop(key, None)
         log(f"[{key}] {action}" + (f": {why}" if why else ""))
         self.start(key, settings, parents, action)
-        out = fn(action)
-        self.finish(key, out.path, out.sha256, out.tokens, out.files, **out.record)
+        out = ranks.on_main(fn, action) if main_only else fn(action)
+
+        def finish() -> dict:
+            self.finish(key, out.path, out.sha256, out.tokens, out.files, **out.record)
+            return self.manifest
+
+        self.manifest = ranks.on_main(finish)
         return self.record(key)
 
     def save(self) -> None:
+        """The manifest, replaced atomically; by the main process only (the others keep theirs in memory)."""
+        if not ranks.is_main():
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(self.manifest, indent=1, default=str) + "\n")
         os.replace(tmp, self.root / MANIFEST)
 
 
-class RunLockedError(ValueError):
-    pass
-
-
 def lock_run(root: Path):
-    """An exclusive lock on the run folder (`flock`, so a dead holder's lock is free again at once); the holder's
-    PID and host are written in it, and named in the one-line error a second build gets."""
-    import fcntl
-    import socket
-
-    handle = open(root / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise RunLockedError(f"run folder {str(root)!r} is in use by {holder}; wait for that build to finish, or "
-                             f"build into another --out") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    handle.flush()
-    return handle
+    """The run folder's lock (`ranks.lock_file`): one build at a time; under `accelerate launch` its main process
+    holds it."""
+    return lock_file(root / LOCK_FILE, f"run folder {str(root)!r}")
 
 
 def open_run(root: str | Path, recipe, teacher: dict, force: list[str] = ()) -> RunDir:
     """Create or reopen a run folder, locked until the returned `RunDir` is closed (use it in a `with`); the
-    recipe as resolved is written next to the manifest."""
+    recipe as resolved is written next to the manifest. Under `accelerate launch` the main process locks and
+    writes, and every process gets its manifest."""
     import yaml
 
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    lock = lock_run(root)
-    path = root / MANIFEST
-    manifest = read_json(path) or {"version": 1, "stages": {}}  # a broken manifest: an error naming it
-    manifest.update(recipe_sha256=recipe.sha256, recipe=recipe.to_dict(), teacher=teacher)
-    manifest.setdefault("builds", [])
-    (root / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    run = RunDir(root, manifest, list(force), lock=lock)
-    run.save()
-    return run
+    root, held = Path(root), {}
+
+    def create() -> dict:
+        root.mkdir(parents=True, exist_ok=True)
+        held["lock"] = lock_run(root)
+        manifest = read_json(root / MANIFEST) or {"version": 1, "stages": {}}  # a broken manifest: an error naming it
+        manifest.update(recipe_sha256=recipe.sha256, recipe=recipe.to_dict(), teacher=teacher)
+        manifest.setdefault("builds", [])
+        (root / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        RunDir(root, manifest).save()
+        return manifest
+
+    return RunDir(root, ranks.on_main(create), list(force), lock=held.get("lock"))

@@ -9,6 +9,8 @@ after each turn. Each turn's ranking is compared with the previous one (Kendall 
 winner's adapter (or weights) is kept for the prune stage to apply, or discarded, before full distillation.
 
 Run alone: `hf-minitron search --recipe R --member NAME` (the build's importance and search stages only).
+Under `accelerate launch` every process prunes each candidate and trains it (DDP, `batch_size` windows per step in
+all), the held-out windows are scored in shares and summed, so every process ranks alike; the main process writes.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
+from . import ranks
 from .archs import count_parameters
 from .cost import train_flops
 from .prune import prune_model
 from .rundir import SEARCH_FILE, StageOutput, hash_folder
 from .search_space import Candidate, candidates_for, enumerate_candidates  # noqa: F401 (also the search's API)
-from .search_train import ADAPTER_BASE_FILE, fingerprint, keep_weights, merge_adapter, train_segment, wrap  # noqa: F401
+from .search_train import (ADAPTER_BASE_FILE, fingerprint, keep_weights, merge_adapter, per_process_batch,  # noqa: F401
+                           train_segment, wrap)
 
 TABLE_FILE = "search.md"  # SEARCH_FILE: rundir.py
 
@@ -188,6 +192,15 @@ def _checkpoint(out: Path, c: Candidate, step: int) -> Path:
     return out / f"candidate-{c.name}" / f"checkpoint-{step}"
 
 
+def score(model, windows) -> float:
+    """Held-out perplexity; under `accelerate launch` each process scores every world-th window and the sums are
+    added up, so every process has the same score (and takes the same decisions from it)."""
+    from .evaluate import nll_sum
+
+    nll, tokens = ranks.sum_across(list(nll_sum(model, windows[ranks.index()::ranks.world()])))
+    return math.exp(nll / tokens)
+
+
 def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget: int, search: SearchConfig, out,
                prune_options=None, base_path: str = "", seed: int = 0, progress: bool = True,
                log=print) -> StageOutput:
@@ -198,14 +211,19 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget:
     Resumable: search.json is written after every candidate's turn, and a candidate continues from its last
     checkpoint. The output's record holds the winner's shape and the FLOPs spent.
     """
-    from .evaluate import perplexity
     from .cached_distill import TeacherCache
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    per_process_batch(search.batch_size)  # fails now, not after the first candidate's scoring
     candidates = candidates_for(base_model.config, budget, search)
     stops, per_step = eval_steps(search)
-    _restore(candidates, out, search)
+
+    def restored() -> list[Candidate]:
+        out.mkdir(parents=True, exist_ok=True)
+        _restore(candidates, out, search)
+        return candidates
+
+    candidates = ranks.on_main(restored)  # every process resumes from the main one's view
     cache, rows = {}, rankings(candidates)
     for k, stop in enumerate(stops, 1):
         if settled(rows, search.stable_evals):
@@ -213,17 +231,17 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget:
         for c in tqdm([c for c in candidates if len(c.curve) < k], desc=f"search step {stop}", disable=not progress):
             student, _ = prune_model(base_model, scores, c.target(), prune_options)
             if c.score_before is None or c.base_sha256 is None:
-                c.base_sha256, c.score_before = fingerprint(student), perplexity(student, windows)
+                c.base_sha256, c.score_before = ranks.on_main(fingerprint, student), score(student, windows)
             start = c.curve[-1]["step"] if c.curve else 0
             model = wrap(student, search, base_model.config, seed)
             train_segment(model, teacher, tokenizer, dataset, search, out / f"candidate-{c.name}", stops[-1], stop,
                           _checkpoint(out, c, start) if start else None, seed, progress, cache)
-            c.curve.append({"step": stop, "tokens": stop * per_step, "perplexity": perplexity(model, windows)})
+            c.curve.append({"step": stop, "tokens": stop * per_step, "perplexity": score(model, windows)})
             log(f"  candidate {c.name}: {c.params / 1e6:.2f}M params, step {stop}/{stops[-1]}, "
                 f"ppl {c.score_before:,.2f} -> {c.curve[-1]['perplexity']:,.2f}")
-            _write(out, candidates, budget, search, None)
+            ranks.on_main(_write, out, candidates, budget, search, None)
             if start:
-                shutil.rmtree(_checkpoint(out, c, start), ignore_errors=True)
+                ranks.on_main(shutil.rmtree, _checkpoint(out, c, start), ignore_errors=True)
             del student, model
         rows = rankings(candidates)
         r = rows[-1]
@@ -235,20 +253,25 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget:
     for rank, i in enumerate(order, 1):
         candidates[i].rank = rank
     winner = candidates[order[0]]
-    checkpoint = _checkpoint(out, winner, winner.curve[-1]["step"])
-    if search.adapter == "merge" and checkpoint.is_dir():
-        keep_weights(checkpoint, out / "adapter", winner.base_sha256, base_path, winner.shape, search.mode)
     note = _settle_note(rows, stops, search)
-    result = _write(out, candidates, budget, search, order[0], rows, note)
-    for c in candidates:  # the checkpoints are not needed again
-        shutil.rmtree(out / f"candidate-{c.name}", ignore_errors=True)
     table = format_table(candidates, budget) + "\n\nRanking after each retraining interval:\n\n"
     table += format_curve(rows, note)
-    (out / TABLE_FILE).write_text(table + "\n")
+
+    def finish() -> tuple[dict, str]:
+        checkpoint = _checkpoint(out, winner, winner.curve[-1]["step"])
+        if search.adapter == "merge" and checkpoint.is_dir():
+            keep_weights(checkpoint, out / "adapter", winner.base_sha256, base_path, winner.shape, search.mode)
+        result = _write(out, candidates, budget, search, order[0], rows, note)
+        for c in candidates:  # the checkpoints are not needed again
+            shutil.rmtree(out / f"candidate-{c.name}", ignore_errors=True)
+        (out / TABLE_FILE).write_text(table + "\n")
+        return result, hash_folder(out)
+
+    result, sha256 = ranks.on_main(finish)
     log(table)
     n_teacher = 0 if isinstance(teacher, TeacherCache) else count_parameters(teacher.config)  # a cache: counted once
     flops = sum(train_flops(c["params"], c["tokens"], n_teacher) for c in result["candidates"])
-    return StageOutput(out, hash_folder(out), tokens={"search": result["tokens"]},
+    return StageOutput(out, sha256, tokens={"search": result["tokens"]},
                        record={"flops": flops, "winner": result["winner"]["shape"]})
 
 

@@ -81,6 +81,18 @@ class _StopAt(TrainerCallback):
         return control
 
 
+def per_process_batch(batch_size: int) -> int:
+    """Windows per step in each process: `search.batch_size` is the step's windows over every process of a launch,
+    so a search retrains on the same tokens per step, and ranks alike, on any number of processes."""
+    from . import ranks
+
+    world = ranks.world()
+    if batch_size % world:
+        raise ValueError(f"search.batch_size {batch_size} is not a multiple of the {world} processes (the windows "
+                         f"of a retraining step are split among them); give a multiple of {world}")
+    return batch_size // world
+
+
 def train_segment(model, teacher, tokenizer, dataset, search, folder: Path, steps: int, stop: int,
                   resume: Path | None, seed: int = 0, progress: bool = True, cache: dict | None = None):
     """Distil `teacher` into `model` from checkpoint `resume` (or the start) up to step `stop` of a `steps`-step run;
@@ -92,7 +104,8 @@ def train_segment(model, teacher, tokenizer, dataset, search, folder: Path, step
     prepared = cache.get("search_dataset")
     if isinstance(teacher, TeacherCache):  # a teacher-logit cache: its windows, already one per row
         prepared = cache.setdefault("search_dataset", teacher.dataset())
-    args = DistillConfig(output_dir=str(folder), max_steps=steps, per_device_train_batch_size=search.batch_size,
+    args = DistillConfig(output_dir=str(folder), max_steps=steps,
+                         per_device_train_batch_size=per_process_batch(search.batch_size),
                          max_length=search.seq_len, learning_rate=search.lr, save_strategy="no", report_to=[],
                          logging_steps=max(1, steps // 5), gradient_checkpointing=False, seed=seed,
                          disable_tqdm=not progress, kd_chunk_tokens=1024,

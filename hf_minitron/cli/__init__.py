@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ..publish import PublishError
+    from ..ranks import MainProcessError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"hf-minitron {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except MainProcessError:  # another process of an `accelerate launch`: the main one printed the error
+        return 1
     except KeyboardInterrupt as e:  # Ctrl-C: one line, and how to go on (training saved a checkpoint first)
         again = "run the same command again to resume" if args.command == "build" else \
             "add --resume to the same command to continue" if str(e) else "nothing was saved"
