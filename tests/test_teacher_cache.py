@@ -186,3 +186,14 @@ def test_two_processes_write_the_shards_one_process_writes(tmp_path):
     assert two.meta["windows_sha256"] == one.meta["windows_sha256"] and two.meta["bytes"] == one.meta["bytes"]
     for name in ("input_ids", "topk_ids", "topk_logprobs", "tail_logprob"):
         np.testing.assert_array_equal(np.stack(two.dataset()[name]), np.stack(one.dataset()[name]))
+
+
+def test_tail_mass_from_the_top_k_alone_matches_the_full_vocabulary():
+    from hf_minitron.teacher_cache import _tail
+
+    z = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)) * 4
+    log_z = z.logsumexp(-1, keepdim=True)
+    top, ids = z.topk(50, dim=-1)
+    exact = z.scatter(-1, ids, float("-inf")).logsumexp(-1) - log_z[:, 0]
+    assert torch.allclose(_tail(top - log_z, 1000).exp(), exact.exp(), rtol=0, atol=1e-6)  # in probability mass
+    assert torch.isneginf(_tail(z - log_z, 1000)).all()
