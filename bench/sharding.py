@@ -124,8 +124,8 @@ def main(argv=None) -> int:
             results[name] = run_preset(name, args, Path(tmp))
     mb = 1024 ** 2
     cuda = not args.cpu
-    print(f"{'preset':<6} {'rank':>4} {'student MB held/all':>21} {'teacher MB held/all':>21} "
-          f"{'teacher layers held':>20} {'RSS MB end':>11} {'peak RSS MB':>12} {'peak CUDA MB':>12} {'s/step':>7}")
+    print(f"{'preset':<6} {'rank':>4} {'student MiB held/all':>21} {'teacher MiB held/all':>21} "
+          f"{'teacher layers held':>20} {'RSS MiB end':>11} {'peak RSS MiB':>12} {'peak CUDA MiB':>12} {'s/step':>7}")
     for name, ranks in results.items():
         for r in ranks:
             s, t, tl = r["student"], r["teacher"], r["teacher_layers"]

@@ -129,9 +129,9 @@ class DistillConfig(TextTrainingConfig):
                 "'auto': the build writes one cache per teacher, data and window (teacher_cache_top_k) and every "
                 "search candidate and distillation from that teacher reads it; 'off' or empty: the live teacher"})
     teacher_fsdp: bool = field(default=True, metadata={
-        "help": "under FSDP (an accelerate FSDP config), shard the teacher like the student: each process holds "
-                "1/N of its weights and gathers one layer at a time in the forward; false: every process keeps "
-                "the whole teacher (on --teacher-device)"})
+        "help": "under FSDP (an accelerate FSDP config), shard the teacher's decoder layers like the student's: "
+                "each process holds 1/N of them and gathers one at a time in the forward (embeddings and LM head "
+                "stay whole); false: every process keeps the whole teacher (on --teacher-device)"})
     teacher_cache_top_k: int = field(default=512, metadata={
         "help": "K of the caches a build's teacher_cache 'auto' writes (build only; hf-minitron teacher-logits has "
                 "--top-k): the teacher's K most likely tokens per position, plus one bucket for the rest"})
