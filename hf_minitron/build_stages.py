@@ -79,6 +79,16 @@ class Build:
                 self.models[ref] = load_model(str(path), dtype=t.dtype, device=t.device)
         return self.models[ref]
 
+    def source_of(self, ref: str):
+        """The `ModelSource` of the teacher (the corrected one when the recipe corrects it), a member (its distilled
+        folder) or another model spec: what the layer-by-layer and streaming paths read."""
+        from .models import resolve_source
+
+        if ref == TEACHER:
+            return resolve_source(str(correction_stage(self))) if self.recipe.teacher_correction.get("tokens") \
+                else self.source
+        return resolve_source(str(self.run.member(ref)) if self.is_member(ref) else ref)
+
     def identity(self, ref: str) -> str:
         """A hash naming a model's exact weights: the teacher's source, a member's distilled output, a spec."""
         if ref == TEACHER:
@@ -137,15 +147,20 @@ def correction_stage(b: Build) -> Path:
 def importance_stage(b: Build, base: str) -> Path:
     from .importance import run_importance
 
-    r, folder = b.recipe, b.run.importance(base)
+    from .layerwise import use_layers
+
+    r, folder, t = b.recipe, b.run.importance(base), b.recipe.teacher
     config = needed_passes(r, [m for m in r.members if m.base == base])
-    settings = {**asdict(config), "data": asdict(r.data.calibration)}
+    # how the scores are computed is not what they are: a finished stage stays finished when the mode changes
+    settings = {**_without(asdict(config), "mode", "activation_memory"), "data": asdict(r.data.calibration)}
 
     def fn(action) -> StageOutput:
         # gone before any process looks: run_importance's main process replaces it while the others return
         ranks.on_main(shutil.rmtree, folder, ignore_errors=True)
-        return run_importance(b.model(base), b.tokenizer(), r.data.calibration, config, folder, {"base": base},
-                              progress=b.progress)
+        src = None if base in b.models else b.source_of(base)  # a model already loaded is scored as it is
+        model = src if src is not None and use_layers(config.mode, src) else b.model(base)
+        return run_importance(model, b.tokenizer(), r.data.calibration, config, folder, {"base": base},
+                              progress=b.progress, dtype=t.dtype, device=t.device)
 
     b.stage(f"importance/{base}", settings, {"model": b.identity(base)}, fn, log=b.log)
     return folder
@@ -268,6 +283,7 @@ def search_stage(b: Build, m: MemberSection, scores_dir: Path, cache: Path | Non
 
 def prune_stage(b: Build, m: MemberSection, shape: dict, scores_dir: Path) -> None:
     from .prune import PruneTarget, run_prune
+    from .prune_stream import use_stream
 
     merge = bool(m.params) and m.search_settings(b.recipe.search).adapter == "merge"
     adapter = b.run.work(m.name) / SEARCH_DIR / "adapter" if merge else None
@@ -275,10 +291,20 @@ def prune_stage(b: Build, m: MemberSection, shape: dict, scores_dir: Path) -> No
     parents = {"importance": b.run.output_hash(f"importance/{m.base}"), "base": b.identity(m.base)}
     if m.params:
         parents["search"] = b.run.output_hash(f"{m.name}/search")
-    settings = {"shape": shape, "prune": asdict(b.recipe.prune), "adapter": "merge" if merge else None}
-    b.stage(f"{m.name}/prune", settings, parents, lambda action: run_prune(
-        b.model(m.base), b.tokenizer(), scores_dir, PruneTarget(**shape), b.recipe.prune, b.run.pruned(m.name), info,
-        adapter), log=b.log, main_only=True)
+    settings = {"shape": shape, "prune": _without(asdict(b.recipe.prune), "mode"),  # how, not what: as importance
+                "adapter": "merge" if merge else None}
+
+    def fn(action) -> StageOutput:
+        src = b.source_of(m.base)  # a safetensors folder streams (prune.mode auto/stream): the same tensors
+        model = src if use_stream(b.recipe.prune.mode, src, adapter) else b.model(m.base)
+        return run_prune(model, b.tokenizer(), scores_dir, PruneTarget(**shape), b.recipe.prune, b.run.pruned(m.name),
+                         info, adapter, dtype=b.recipe.teacher.dtype)
+
+    b.stage(f"{m.name}/prune", settings, parents, fn, log=b.log, main_only=True)
+
+
+def _without(settings: dict, *keys: str) -> dict:
+    return {k: v for k, v in settings.items() if k not in keys}
 
 
 def distill_stage(b: Build, m: MemberSection, shape: dict, cache: Path | None = None) -> None:

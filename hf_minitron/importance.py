@@ -8,7 +8,9 @@ both from the layer inputs the calibration pass captures.
 
 One calibration pass stores running sums for all nine (batch x sequence) aggregations of the paper's Table 13
 grid, so any aggregation can be chosen at prune time without calibrating again. Under `accelerate launch`
-batches are split across ranks and the sums all-reduced: the scores equal a single-process run.
+batches are split across ranks and the sums all-reduced: the scores equal a single-process run. `mode: layers`
+(`layerwise.py`) computes the same scores one decoder layer at a time from a safetensors folder, for teachers
+larger than memory.
 
 Run alone: `hf-minitron importance --teacher T --data D --samples N --seq-len L --out SCORES`.
 """
@@ -71,6 +73,17 @@ class ImportanceConfig:
                 "gate projection of a gated MLP (its activated branch), the up projection without a gate"})
     head_ablation_samples: int = field(default=0, metadata={
         "help": "sequences for the head-ablation score (one extra pass per head and layer); 0 disables it"})
+    mode: Literal["auto", "memory", "layers"] = field(default="auto", metadata={
+        "help": "memory = load the whole model and run it; layers = read a safetensors model folder one decoder "
+                "layer at a time (never the whole model: for teachers larger than memory), pushing every "
+                "calibration sequence through each layer in turn, with the same scores; auto = layers when the "
+                "model is given as a safetensors folder whose weights exceed half the free memory, else memory. "
+                "A GGUF teacher (or a model a caller already loaded) is scored in memory, with a note"})
+    activation_memory: int | None = field(default=None, metadata={
+        "help": "bytes of calibration activations mode layers keeps in memory between layers (e.g. 8G): each "
+                "batch's layer input, the last max(bi_max_run, depth_ppl_runs) layer inputs for Block Importance "
+                "and the skip passes, and the perplexity-drop and head-ablation passes' states; batches beyond it "
+                "go to a temporary folder on disk (TMPDIR) (none: half the free memory when the pass starts)"})
 
 
 def _moments(a: torch.Tensor) -> torch.Tensor:
@@ -190,6 +203,43 @@ def _w1(spec, layer) -> tuple[torch.nn.Module, bool]:
     return mlp.get_submodule(spec.gate_up_proj or spec.gate_proj or spec.up_proj), spec.gate_up_proj is not None
 
 
+def _channel_hook(acc: dict, j: int):
+    """Forward hook of the j-th hidden-size norm (the final norm is the last): |output| channel statistics."""
+    def hook(_module, _args, output):
+        acc["channels"].add(_moments(output.abs()), j)
+    return hook
+
+
+def _layer_hooks(spec, layer, i: int, acc: dict, hd: int, neuron_site: str = "post") -> list:
+    """Register decoder layer i's width hooks (heads, neurons, its norms' channels); returns the handles. The
+    layer-by-layer path (`layerwise.py`) hooks one layer at a time with these."""
+    def head_hook(o_proj, args, kwargs=None):
+        x = args[0]
+        a = x.view(*x.shape[:-1], -1, hd).float().norm(dim=-1)  # [B, S, heads]
+        acc["heads"].add(_moments(a), i)
+        acc["heads_out"].add(_moments(output_norms(x, o_proj, hd)), i)
+
+    def neuron_hook(_module, args):
+        acc["neurons"].add(_moments(args[0].abs()), i)
+
+    def pre_neuron_hook(fused):
+        def hook(_module, _args, output):
+            gate = output[..., : output.shape[-1] // 2] if fused else output
+            acc["neurons"].add(_moments(gate.abs()), i)
+        return hook
+
+    handles = [spec.out_proj(layer).register_forward_pre_hook(head_hook)]
+    if neuron_site == "pre":
+        w1, fused = _w1(spec, layer)
+        handles.append(w1.register_forward_hook(pre_neuron_hook(fused)))
+    else:
+        handles.append(spec.down(layer).register_forward_pre_hook(neuron_hook))
+    first = i * len(spec.layer_norms)
+    for k, norm in enumerate(spec.norms(layer)):
+        handles.append(norm.register_forward_hook(_channel_hook(acc, first + k)))
+    return handles
+
+
 @contextmanager
 def _hooks(model, spec, acc: dict, hidden_states: list | None, neuron_site: str = "post"):
     """Register the width hooks (and, when `hidden_states` is a list, the layer-input capture for BI and the
@@ -198,50 +248,18 @@ def _hooks(model, spec, acc: dict, hidden_states: list | None, neuron_site: str 
     handles = []
     layers = spec.decoder_layers(model)
 
-    def head_hook(i):
-        def hook(o_proj, args, kwargs=None):
-            x = args[0]
-            a = x.view(*x.shape[:-1], -1, hd).float().norm(dim=-1)  # [B, S, heads]
-            acc["heads"].add(_moments(a), i)
-            acc["heads_out"].add(_moments(output_norms(x, o_proj, hd)), i)
-        return hook
-
-    def neuron_hook(i):
-        def hook(_module, args):
-            acc["neurons"].add(_moments(args[0].abs()), i)
-        return hook
-
-    def pre_neuron_hook(i, fused):
-        def hook(_module, _args, output):
-            gate = output[..., : output.shape[-1] // 2] if fused else output
-            acc["neurons"].add(_moments(gate.abs()), i)
-        return hook
-
-    def norm_hook(j):
-        def hook(_module, _args, output):
-            acc["channels"].add(_moments(output.abs()), j)
-        return hook
-
     def capture(_module, args, kwargs):
         hidden_states.append(args[0] if args else kwargs["hidden_states"])
 
     def capture_last(_module, _args, _kwargs, output):
         hidden_states.append(output[0] if isinstance(output, tuple) else output)
 
-    norm_idx = 0
     for i, layer in enumerate(layers):
-        handles.append(spec.out_proj(layer).register_forward_pre_hook(head_hook(i)))
-        if neuron_site == "pre":
-            w1, fused = _w1(spec, layer)
-            handles.append(w1.register_forward_hook(pre_neuron_hook(i, fused)))
-        else:
-            handles.append(spec.down(layer).register_forward_pre_hook(neuron_hook(i)))
-        for norm in spec.norms(layer):
-            handles.append(norm.register_forward_hook(norm_hook(norm_idx)))
-            norm_idx += 1
+        handles += _layer_hooks(spec, layer, i, acc, hd, neuron_site)
         if hidden_states is not None:
             handles.append(layer.register_forward_pre_hook(capture, with_kwargs=True))
-    handles.append(model.get_submodule(spec.final_norm).register_forward_hook(norm_hook(norm_idx)))
+    final = model.get_submodule(spec.final_norm)
+    handles.append(final.register_forward_hook(_channel_hook(acc, len(layers) * len(spec.layer_norms))))
     if hidden_states is not None:
         handles.append(layers[-1].register_forward_hook(capture_last, with_kwargs=True))
     try:
@@ -251,9 +269,10 @@ def _hooks(model, spec, acc: dict, hidden_states: list | None, neuron_site: str 
             h.remove()
 
 
-def width_accumulators(model, spec) -> dict:
-    """Empty running statistics for every width unit the hooks of `_hooks` fill, on the model's device."""
-    cfg, device = model.config, next(model.parameters()).device
+def width_accumulators(model, spec, device=None) -> dict:
+    """Empty running statistics for every width unit the hooks of `_hooks` fill, on `device` (default: the
+    model's)."""
+    cfg, device = model.config, device or next(model.parameters()).device
     n_layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
     return {"heads": _Accumulator(n_layers, heads, device=device),
             "heads_out": _Accumulator(n_layers, heads, device=device),
@@ -266,7 +285,6 @@ def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig 
                        metadata: dict | None = None, progress: bool = True) -> ImportanceScores:
     """Score every width and depth unit of `model` on calibration sequences `input_ids` [samples, seq_len]."""
     from accelerate import PartialState
-    from accelerate.utils import reduce
 
     config = config or ImportanceConfig()
     spec = get_arch(model.config)
@@ -311,6 +329,16 @@ def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig 
                "channels": acc["channels"].stats, "bi": bi_sum / (samples * seq_len), **head_tensors}
     if ppl_runs:
         tensors.update(ppl_nll=ppl_nll, ppl_base_nll=ppl_base, ppl_tokens=ppl_tokens)
+    return finish_scores(tensors, cfg, config, input_ids.shape, ppl_runs, max_run, state, metadata)
+
+
+def finish_scores(tensors: dict, cfg, config: ImportanceConfig, shape, ppl_runs: list[int], max_run: int, state,
+                  metadata: dict | None) -> ImportanceScores:
+    """This rank's sums all-reduced across ranks, on the CPU, with the metadata every scores folder records (shared
+    by the in-memory and the layer-by-layer pass)."""
+    from accelerate.utils import reduce
+
+    samples, seq_len = shape
     if state.num_processes > 1:
         tensors = {k: reduce(v, reduction="sum") for k, v in tensors.items()}
     tensors = {k: v.cpu() for k, v in tensors.items()}
@@ -319,7 +347,7 @@ def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig 
         "model_type": cfg.model_type,
         "shape": {"hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
                   "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
-                  "ffn_size": tensors["neurons"].shape[-1], "num_hidden_layers": n_layers},
+                  "ffn_size": tensors["neurons"].shape[-1], "num_hidden_layers": cfg.num_hidden_layers},
         "samples": samples,
         "seq_len": seq_len,
         "aggregation": {"batch": config.batch_agg, "seq": config.seq_agg},
@@ -337,20 +365,33 @@ def check_output(out: str | Path, overwrite: bool) -> None:
 
 
 def run_importance(model, tokenizer, data, config: ImportanceConfig, out: str | Path, metadata: dict | None = None,
-                   progress: bool = True) -> StageOutput:
-    """Pack calibration text, score `model`, write the scores folder whole (the CLI's `importance` and the build's).
+                   progress: bool = True, dtype: str | None = None, device: str = "cpu") -> StageOutput:
+    """Pack calibration text, score the model, write the scores folder whole (the CLI's `importance` and the build's).
 
-    `data` is a `TextSource` or a path; the scores record it (and `metadata`, e.g. the model's source).
+    `model`: a loaded model, or a `ModelSource` (`models.resolve_source`): loaded here in `dtype` on `device`, or,
+    with `config.mode` layers (or auto, for a folder larger than half the free memory), read one layer at a time
+    (`layerwise.py`). `data` is a `TextSource` or a path; the scores record it (and `metadata`, e.g. the model's
+    source).
     """
     import shutil
 
     from accelerate import PartialState
 
     from .data import pack_tokens
+    from .layerwise import compute_importance_layerwise, use_layers
+    from .models import check_positions, load_config, load_model
 
     packed = pack_tokens(data, tokenizer, config.samples, config.seq_len, seed=config.seed)
-    scores = compute_importance(model, packed.input_ids, config, {**(metadata or {}), "data": packed.source},
-                                progress=progress)
+    metadata = {**(metadata or {}), "data": packed.source}
+    if use_layers(config.mode, model):
+        scores = compute_importance_layerwise(model, packed.input_ids, config, metadata, progress, dtype, device)
+        model_config = load_config(model)
+    else:
+        if not isinstance(model, torch.nn.Module):
+            model = load_model(model, dtype=dtype, device=device)
+            check_positions(model.config, config.seq_len, "sequence length")
+        scores = compute_importance(model, packed.input_ids, config, metadata, progress=progress)
+        model_config = model.config
     out = Path(out)
     if PartialState().is_main_process:  # initialised by compute_importance
         tmp = out.with_name(out.name + ".tmp")
@@ -360,4 +401,4 @@ def run_importance(model, tokenizer, data, config: ImportanceConfig, out: str | 
         tmp.rename(out)
     tokens = config.samples * config.seq_len
     return StageOutput(out, hash_folder(out) if out.exists() else None, tokens={"calibration": tokens},
-                       record={"flops": forward_flops(count_parameters(model.config), tokens)})
+                       record={"flops": forward_flops(count_parameters(model_config), tokens)})

@@ -2,8 +2,9 @@
 
 Width (hidden channels, MLP neurons, query heads, optionally whole KV groups) and depth (layers) in one pass.
 The student is built from a resized config (explicit `head_dim`, sliced `layer_types`) and filled by slicing
-the teacher's tensors one at a time, so peak memory stays near teacher + student. Pruned query heads can be merged
-into kept ones (Minitron section 2.3, `merge_heads`). The output folder loads with
+the teacher's tensors one at a time, so peak memory stays near teacher + student (`mode: stream`,
+`prune_stream.py`, writes the same tensors from a safetensors folder one layer at a time). Pruned query heads can
+be merged into kept ones (Minitron section 2.3, `merge_heads`). The output folder loads with
 `AutoModelForCausalLM.from_pretrained`.
 
 Run alone: `hf-minitron prune --teacher T --importance SCORES --ffn-size F ... --out DIR`.
@@ -66,6 +67,12 @@ class PruneConfig:
         "help": "merge pruned query heads into kept ones, head_k <- 2 head_k - head_p on the query rows (paper "
                 "section 2.3); off by default: before retraining it makes a head prune of SmolLM2 ~12x worse "
                 "(docs/fidelity.md)"})
+    mode: Literal["auto", "memory", "stream"] = field(default="auto", metadata={
+        "help": "memory = load the whole teacher and build the student in memory; stream = write the student's "
+                "safetensors straight from a safetensors teacher folder one tensor group (the embeddings, a layer, "
+                "the final norm and LM head) at a time, never holding either model whole (the same tensors); auto "
+                "= stream when the teacher is given as a safetensors folder and no search adapter is merged, else "
+                "memory. A GGUF teacher (or a model a caller already loaded) is pruned in memory, with a note"})
 
 
 @dataclass
@@ -281,6 +288,26 @@ def _copy_layer(spec, t_layer, s_layer, plan: PrunePlan, i: int, d: int, heads: 
     _check(not missing, f"{spec.model_types[0]} layer has parameters the pruner does not know: {sorted(missing)}")
 
 
+def _copy_embedding(spec, teacher, student, plan: PrunePlan) -> None:
+    """The student's embedding matrix: the teacher's kept channels (`prune_stream.py` calls it on one module)."""
+    embed = teacher.get_submodule(spec.embed).weight
+    embed = embed.index_select(1, plan.hidden.to(embed.device))
+    if spec.scaled_embedding and not getattr(plan.config, "tie_word_embeddings", False):
+        # keep sqrt(hidden) * E equal to the teacher's on the kept channels (a tied matrix would also scale logits)
+        embed = embed * (teacher.config.hidden_size / plan.config.hidden_size) ** 0.5
+    copy_into(student.get_submodule(spec.embed).weight, embed)
+
+
+def _copy_head(spec, teacher, student, plan: PrunePlan) -> None:
+    """The student's final norm and, when untied, its LM head: the teacher's kept channels."""
+    norm = teacher.get_submodule(spec.final_norm)
+    hidden = plan.hidden.to(next(norm.parameters()).device)
+    if not getattr(plan.config, "tie_word_embeddings", False):
+        copy_into(student.get_submodule(spec.lm_head).weight, teacher.get_submodule(spec.lm_head).weight[:, hidden])
+    for pname, param in student.get_submodule(spec.final_norm).named_parameters():
+        copy_into(param, getattr(norm, pname)[hidden])
+
+
 @torch.no_grad()
 def build_student(teacher, plan: PrunePlan):
     """A new model of the plan's config, filled with the teacher's sliced (and merged) tensors."""
@@ -293,17 +320,8 @@ def build_student(teacher, plan: PrunePlan):
     student.tie_weights()  # skipped with the weight init; tied heads must share the embedding tensor
     device = next(teacher.parameters()).device
     student.to(device)
-    hidden = plan.hidden.to(device)
-    embed = teacher.get_submodule(spec.embed).weight.index_select(1, hidden)
-    tied = getattr(plan.config, "tie_word_embeddings", False)
-    if spec.scaled_embedding and not tied:
-        # keep sqrt(hidden) * E equal to the teacher's on the kept channels (a tied matrix would also scale logits)
-        embed = embed * (teacher.config.hidden_size / plan.config.hidden_size) ** 0.5
-    copy_into(student.get_submodule(spec.embed).weight, embed)
-    if not tied:
-        copy_into(student.get_submodule(spec.lm_head).weight, teacher.get_submodule(spec.lm_head).weight[:, hidden])
-    for pname, param in student.get_submodule(spec.final_norm).named_parameters():
-        copy_into(param, getattr(teacher.get_submodule(spec.final_norm), pname)[hidden])
+    _copy_embedding(spec, teacher, student, plan)
+    _copy_head(spec, teacher, student, plan)
     t_layers, s_layers = spec.decoder_layers(teacher), spec.decoder_layers(student)
     d, heads, kv = head_dim(teacher.config), teacher.config.num_attention_heads, num_kv_heads(teacher.config)
     for i, t in enumerate(plan.layers):
@@ -349,27 +367,41 @@ def check_output(out: str | Path, overwrite: bool) -> None:
 
 
 def run_prune(model, tokenizer, scores: ImportanceScores | str | Path, target: PruneTarget, config: PruneConfig,
-              out: str | Path, info: dict | None = None, adapter: str | Path | None = None) -> StageOutput:
-    """Prune `model` to `target` and save it to `out` (written whole, then moved: never half a folder).
+              out: str | Path, info: dict | None = None, adapter: str | Path | None = None, dtype: str | None = None,
+              device: str = "cpu") -> StageOutput:
+    """Prune the teacher to `target` and save it to `out` (written whole, then moved: never half a folder).
 
-    The entry point of `hf-minitron prune` and the build's prune stage; `adapter`: a search winner's LoRA adapter
-    merged into the pruned weights first. `info` joins the plan in pruning.json.
+    The entry point of `hf-minitron prune` and the build's prune stage. `model`: a loaded teacher, or a
+    `ModelSource` (`models.resolve_source`), streamed (`prune_stream.py`) or loaded here in `dtype` on `device` as
+    `config.mode` says; `adapter`: a search winner's LoRA adapter merged into the pruned weights first (in memory).
+    `info` joins the plan in pruning.json.
     """
     import shutil
 
+    from .models import load_config, load_model
+    from .prune_stream import use_stream, write_student
+
     if not isinstance(scores, ImportanceScores):
         scores = ImportanceScores.load(scores)
-    student, plan = prune_model(model, scores, target, config)
-    if adapter is not None:
-        from .search import merge_adapter
-
-        student = merge_adapter(student, adapter)
+    stream = use_stream(config.mode, model, adapter)
+    if not stream and not isinstance(model, torch.nn.Module):
+        model = load_model(model, dtype=dtype, device=device)
+    teacher_config = load_config(model) if stream else model.config
+    plan = plan_pruning(teacher_config, scores, target, config)
     info = {**(info or {}), "search_adapter_merged": adapter is not None,
-            **plan_summary(plan, target, config, model.config)}
+            **plan_summary(plan, target, config, teacher_config)}
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_student(student, tmp, tokenizer, info)
+    if stream:
+        write_student(model, plan, tmp, tokenizer, info, dtype)
+    else:
+        student = build_student(model, plan)
+        if adapter is not None:
+            from .search import merge_adapter
+
+            student = merge_adapter(student, adapter)
+        save_student(student, tmp, tokenizer, info)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return StageOutput(out, hash_folder(out), record={"parameters": info["student_parameters"]})

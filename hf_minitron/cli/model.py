@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import os
 
@@ -55,20 +57,28 @@ def add_commands(sub) -> None:
 def run_importance(args) -> None:
     from ..importance import check_output
     from ..importance import run_importance as run
+    from ..layerwise import use_layers
+    from ..models import load_tokenizer
 
     check_output(args.out, args.overwrite)
     config = ImportanceConfig(**given(args, "importance", ImportanceConfig))
     teacher = model_args(args)
     source = teacher.resolve()
-    model, tokenizer = teacher.load(source, seq_len=config.seq_len)
-    run(model, tokenizer, data_source(args), config, args.out, {"teacher": source.record()})
+    if use_layers(config.mode, source):  # a safetensors folder read one layer at a time: never loaded whole
+        model, tokenizer = source, load_tokenizer(source, teacher.trust_remote_code)
+    else:
+        (model, tokenizer), config = teacher.load(source, seq_len=config.seq_len), replace(config, mode="memory")
+    run(model, tokenizer, data_source(args), config, args.out, {"teacher": source.record()}, dtype=teacher.dtype,
+        device=teacher.device)
     print(f"importance scores written to {args.out}")
 
 
 def run_prune(args) -> None:
-    from ..models import check_scores_model, load_config
+    from ..archs import count_parameters
+    from ..models import check_scores_model, load_config, load_tokenizer
     from ..prune import check_output, student_config
     from ..prune import run_prune as run
+    from ..prune_stream import use_stream
 
     check_output(args.out, args.overwrite)
     target = PruneTarget(**given(args, "target", PruneTarget))
@@ -77,11 +87,14 @@ def run_prune(args) -> None:
     source = teacher.resolve()
     student_config(load_config(source, teacher.trust_remote_code), target)  # impossible targets fail before loading
     check_scores_model(args.importance, source)  # scores of another model (even of the same shape) are refused
-    model, tokenizer = teacher.load(source)
+    if use_stream(config.mode, source):  # the student written from the teacher's shards: never loaded whole
+        model, tokenizer = source, load_tokenizer(source, teacher.trust_remote_code)
+    else:
+        (model, tokenizer), config = teacher.load(source), replace(config, mode="memory")
     out = run(model, tokenizer, args.importance, target, config, args.out,
-              {"teacher": source.as_dict(), "importance": str(args.importance)})
-    print(f"pruned model ({out.record['parameters']:,} parameters, teacher {model.num_parameters():,}) "
-          f"written to {args.out}")
+              {"teacher": source.as_dict(), "importance": str(args.importance)}, dtype=teacher.dtype)
+    teacher_params = count_parameters(load_config(source, teacher.trust_remote_code))
+    print(f"pruned model ({out.record['parameters']:,} parameters, teacher {teacher_params:,}) written to {args.out}")
 
 
 def run_params(args) -> None:
