@@ -226,7 +226,7 @@ class MinitronDistillTrainer(SFTTrainer):
             t_final, t_states = t_out.hidden_states[-1], self.t_reader.states(t_out.hidden_states)
             del t_out
         # a teacher dispatched over several GPUs (--device auto) leaves each state on its layer's GPU
-        t_states = [h.to(s_final.device) for h in t_states]
+        t_states = [_to_device(h, s_final.device) for h in t_states]
         t_mask = mask.to(t_final.device)
         unwrapped = self.accelerator.unwrap_model(model)
         kd_sum, ce_sum = chunked_logit_losses(
@@ -305,6 +305,11 @@ class MinitronDistillTrainer(SFTTrainer):
             from safetensors.torch import load_file
 
             projs.load_state_dict(load_file(path, device=str(projs[0].weight.device)))
+
+
+def _to_device(state, device):
+    """A captured state (a tensor, or the attention site's (q, k, v)) on `device`."""
+    return tuple(x.to(device) for x in state) if isinstance(state, tuple) else state.to(device)
 
 
 def text_dataset(data, text_column: str = "text", streaming: bool = False):
