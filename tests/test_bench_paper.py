@@ -91,6 +91,23 @@ def test_losses_verdict_needs_both_claims():
     assert exp_losses.verdict({"arms": arms})["verdict"] == "not reproduced"
 
 
+def test_one_experiment_runs_resumes_and_renders(tmp_path, smollm2_tokenizer, capsys, one_thread):
+    from helpers import teacher_folder
+    from run import main
+
+    teacher = teacher_folder(tmp_path / "teacher", smollm2_tokenizer)
+    args = ["--teacher", str(teacher), "--quick", "--eval-windows", "3", "--eval-len", "32", "--out",
+            str(tmp_path / "out"), "--only", "heads"]
+    assert main(args) == 0
+    rec = json.loads((tmp_path / "out" / "results.json").read_text())["experiments"]["heads"]
+    assert rec["verdict"] in ("reproduced", "not reproduced", "inconclusive") and rec["why"]
+    assert (tmp_path / "out" / "heads.png").is_file() and "Not run yet" in (tmp_path / "out" / "README.md").read_text()
+    capsys.readouterr()
+    assert main(args) == 0  # resumed: every arm read back
+    assert capsys.readouterr().out.count("done before") == len(rec["arms"])
+
+
+@pytest.mark.slow  # every experiment on a tiny teacher: about 2 minutes on 2 cores
 def test_the_suite_runs_every_experiment_resumes_and_renders(tmp_path, smollm2_tokenizer, capsys, one_thread):
     from helpers import teacher_folder
     from run import EXPERIMENTS, main
