@@ -250,6 +250,21 @@ def pyplot():
     return plt
 
 
+def curves(ax, arms: dict, names, ylabel: str, relative: bool = False) -> None:
+    """The training-loss curves of the arms `names` that have one (each divided by its first value with `relative`,
+    for losses in different units), log scale unless relative."""
+    for name in names:
+        if name in arms and arms[name].get("curve"):
+            steps, loss = zip(*arms[name]["curve"])
+            first = (loss[0] or 1.0) if relative else 1.0
+            ax.plot(steps, [v / first for v in loss], label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    if not relative:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+
+
 def text_bars(ax, arms: dict, names: list[str], teacher: dict | None = None) -> None:
     """Perplexity bars of `names` on each held-out text (log scale), the teacher's as dashed lines."""
     for i, text in enumerate(EVAL_SETS):

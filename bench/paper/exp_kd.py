@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 
-from common import (OUT_OF_DOMAIN, Suite, distilled_arm, importance, paired, pruned_arm, pyplot, save, teacher_arm,
-                    text_bars)
+from common import (OUT_OF_DOMAIN, Suite, curves, distilled_arm, importance, paired, pruned_arm, pyplot, save,
+                    teacher_arm, text_bars)
 
 NAME = "kd_vs_ce"
 TITLE = "Distillation vs cross-entropy vs random init (paper Table 11)"
@@ -81,14 +81,7 @@ def verdict(rec: dict) -> dict:
 def plot(rec: dict, path) -> None:
     arms = rec["arms"]
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.8))
-    for name in ("pruned + KD", "pruned + CE", "random init + KD"):
-        if name in arms and arms[name].get("curve"):
-            steps, loss = zip(*arms[name]["curve"])
-            left.plot(steps, loss, label=name)
-    left.set_xlabel("optimizer step")
-    left.set_ylabel("training loss (KD: forward KL; CE: NLL)")
-    left.set_yscale("log")
-    left.legend(fontsize=8)
+    curves(left, arms, ("pruned + KD", "pruned + CE", "random init + KD"), "training loss (KD: forward KL; CE: NLL)")
     text_bars(right, arms, [n for n in arms if n != "teacher"], arms["teacher"])
     right.set_title("held-out perplexity after equal tokens")
     save(fig, path)

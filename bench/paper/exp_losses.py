@@ -9,8 +9,8 @@ learned projection, dynamic weight alpha = L_logit / L_is).
 
 from __future__ import annotations
 
-from common import (OUT_OF_DOMAIN, Suite, distilled_arm, importance, paired, pruned_arm, pyplot, save, teacher_arm,
-                    text_bars)
+from common import (OUT_OF_DOMAIN, Suite, curves, distilled_arm, importance, paired, pruned_arm, pyplot, save,
+                    teacher_arm, text_bars)
 
 NAME = "losses"
 TITLE = "Loss choice: forward KL, reverse KL, MSE, cosine, and L_is on a depth-pruned student (best practices 6-7)"
@@ -90,14 +90,7 @@ def verdict(rec: dict) -> dict:
 def plot(rec: dict, path) -> None:
     arms = rec["arms"]
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 3.8))
-    for name in (*LOGIT_ARMS, IS_ARM):
-        if name in arms and arms[name].get("curve"):
-            steps, loss = zip(*arms[name]["curve"])
-            first = loss[0] or 1.0
-            left.plot(steps, [v / first for v in loss], label=name)  # each loss in its own units: relative
-    left.set_xlabel("optimizer step")
-    left.set_ylabel("logit loss / its first value")
-    left.legend(fontsize=8)
+    curves(left, arms, (*LOGIT_ARMS, IS_ARM), "logit loss / its first value", relative=True)  # different units
     text_bars(right, arms, [n for n in arms if n != "teacher"], arms["teacher"])
     right.set_title("held-out perplexity after equal tokens")
     save(fig, path)

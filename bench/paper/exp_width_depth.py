@@ -7,8 +7,8 @@ only and after the same KD tokens (same windows, order, schedule and seed).
 
 from __future__ import annotations
 
-from common import (OUT_OF_DOMAIN, Suite, distilled_arm, importance, paired, pruned_arm, pyplot, save, teacher_arm,
-                    text_bars)
+from common import (OUT_OF_DOMAIN, Suite, curves, distilled_arm, importance, paired, pruned_arm, pyplot, save,
+                    teacher_arm, text_bars)
 
 NAME = "width_vs_depth"
 TITLE = "Width vs depth at equal parameters (paper Fig. 8, best practice 2)"
@@ -82,14 +82,7 @@ def verdict(rec: dict) -> dict:
 def plot(rec: dict, path) -> None:
     arms = rec["arms"]
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.8))
-    for name in ("depth + KD", "width + KD"):
-        if name in arms and arms[name].get("curve"):
-            steps, loss = zip(*arms[name]["curve"])
-            left.plot(steps, loss, label=name)
-    left.set_xlabel("optimizer step")
-    left.set_ylabel("KD loss (forward KL)")
-    left.set_yscale("log")
-    left.legend(fontsize=8)
+    curves(left, arms, ("depth + KD", "width + KD"), "KD loss (forward KL)")
     text_bars(right, arms, [n for n in ("depth", "width", "depth + KD", "width + KD") if n in arms], arms["teacher"])
     right.set_title("held-out perplexity, same parameter count")
     save(fig, path)
