@@ -53,9 +53,11 @@ def _resume_at(layers, stop: int, hidden: torch.Tensor):
 
 
 def nll_sum(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of `batch` [B, S] under `logits` [B, S, V], float64."""
+    """Summed next-token NLL of `batch` [B, S] under `logits` [B, S, V], float64, on the logits' device
+    (a dispatched model's logits come from its last device, its input went to its first)."""
     logits = logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+    targets = batch[:, 1:].reshape(-1).to(logits.device)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
                                              reduction="sum").double()
 
 
@@ -73,7 +75,7 @@ def perplexity_drop(model, batch: torch.Tensor, inputs: list[torch.Tensor], runs
     for r, run in enumerate(runs):
         for i in range(n - run + 1):
             with _resume_at(layers, i + run, inputs[i][: len(batch)]):
-                out[r, i] = nll_sum(model(input_ids=batch, use_cache=False).logits, batch)
+                out[r, i] = nll_sum(model(input_ids=batch, use_cache=False).logits, batch).to(out.device)
     return out
 
 
@@ -85,7 +87,8 @@ def add_block_importance(bi_sum: torch.Tensor, states: list[torch.Tensor], max_r
     """
     n_layers = len(states) - 1
     tokens = states[0].numel() // states[0].shape[-1]
-    unit = torch.stack([torch.nn.functional.normalize(h.float(), dim=-1, eps=1e-8).flatten() for h in states])
+    unit = torch.stack([torch.nn.functional.normalize(h.float(), dim=-1, eps=1e-8).flatten().to(bi_sum.device)
+                        for h in states])  # a dispatched model's states come from the devices of their layers
     cos_sum = (unit @ unit.T).double()  # [i, j] = sum over tokens of cos(h_i, h_j)
     for run in range(1, max_run + 1):
         i = torch.arange(n_layers - run + 1, device=cos_sum.device)

@@ -71,7 +71,7 @@ def _layer_inputs(model, batch: torch.Tensor) -> tuple[list[torch.Tensor], torch
     finally:
         for h in handles:
             h.remove()
-    return inputs, nll_sum(logits, batch)
+    return inputs, nll_sum(logits, batch).to(batch.device)
 
 
 @torch.no_grad()
@@ -97,7 +97,7 @@ def head_ablation(model, batches: list[torch.Tensor], progress: bool = True) -> 
             for i in range(cfg.num_hidden_layers):
                 for h in range(cfg.num_attention_heads):
                     with _resume_at(layers, i, inputs[i]) if i else nullcontext(), zero_head(model, i, h):
-                        nll[i, h] += nll_sum(model(input_ids=batch, use_cache=False).logits, batch)
+                        nll[i, h] += nll_sum(model(input_ids=batch, use_cache=False).logits, batch).to(device)
                 bar.update()
     return {"head_ablation_nll": nll, "head_ablation_base_nll": base, "head_ablation_tokens": tokens}
 

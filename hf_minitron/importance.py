@@ -103,7 +103,7 @@ class _Accumulator:
         self.stats = torch.zeros(2, 3, *units, dtype=torch.float64, device=device)
 
     def add(self, values: torch.Tensor, index=None) -> None:  # values [3, B, U]
-        v = values.double()
+        v = values.to(self.stats.device, torch.float64)  # a dispatched model's layers sit on different devices
         target = self.stats if index is None else self.stats[:, :, index]
         target[0] += v.sum(1)
         target[1] += (v * v).sum(1)
@@ -312,7 +312,7 @@ def compute_importance(model, input_ids: torch.Tensor, config: ImportanceConfig 
             logits = model(input_ids=batch, use_cache=False).logits
         k = max(0, config.depth_ppl_samples - b * config.batch_size) if ppl_runs else 0
         if k:  # the perplexity-drop pass: the full model's NLL is this pass's, each skip resumes from `states`
-            ppl_base += nll_sum(logits[:k], batch[:k])
+            ppl_base += nll_sum(logits[:k], batch[:k]).to(device)
             ppl_tokens += batch[:k, 1:].numel()
         del logits
         add_block_importance(bi_sum, states, max_run)
