@@ -120,6 +120,9 @@ def chunked_logit_losses(h_s: torch.Tensor, h_t: torch.Tensor, labels: torch.Ten
     return kd_total, ce_total
 
 
+SMALL_TAIL = 1e-4  # below this student tail mass, 1 - (top-K mass) loses float32 precision
+
+
 def sparse_forward_kl(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor,
                       tail_logp: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token forward KL [N] from a cached teacher: its K most likely tokens `top_ids` [N, K] with log-probs
@@ -130,11 +133,20 @@ def sparse_forward_kl(student_logits: torch.Tensor, top_ids: torch.Tensor, top_l
     onto the same K + 1 buckets, so the loss is exact when K = vocab and a lower bound of the full KL otherwise
     (merging outcomes never raises a KL); scaled by tau^2 like `logit_divergence`.
     """
-    zs = student_logits.float() / temperature
+    zs = student_logits.float()
+    if temperature != 1.0:
+        zs = zs / temperature
     log_z = zs.logsumexp(-1)
     ls_top = zs.gather(-1, top_ids) - log_z[:, None]
-    # the student's remaining mass; a large finite fill instead of -inf keeps the gradient finite when K = vocab
-    ls_tail = zs.scatter(-1, top_ids, torch.finfo(zs.dtype).min).logsumexp(-1) - log_z
+    # the student's remaining mass from its top-K alone (a second pass over the vocabulary cost a third of the loss);
+    # where that mass is too small for float32 to resolve, from a log-sum-exp over the rest of those rows' vocabulary
+    kept = top_logp > float("-inf")  # a top-P cache pads with an id already listed, at log-prob -inf
+    q_tail = (1 - torch.where(kept, ls_top.double().exp(), 0.0).sum(-1)).clamp_min(1e-12)
+    ls_tail = q_tail.log().float()
+    exact = (q_tail < SMALL_TAIL).nonzero().squeeze(-1)
+    if len(exact):  # a large finite fill instead of -inf keeps the gradient finite when K = vocab
+        rest = zs[exact].scatter(-1, top_ids[exact], torch.finfo(zs.dtype).min).logsumexp(-1) - log_z[exact]
+        ls_tail = ls_tail.index_put((exact,), rest)
     lt_top, lt_tail = top_logp.float(), tail_logp.float()
     pt_top, pt_tail = lt_top.exp(), lt_tail.exp()
     top = pt_top * (torch.where(pt_top > 0, lt_top, 0.0) - ls_top)  # 0 * log 0 = 0: a top-P cache's padding

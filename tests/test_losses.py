@@ -75,3 +75,25 @@ def test_chunked_sparse_losses_match_unchunked_and_cut_the_student_to_the_teache
     torch.testing.assert_close(chunked, whole)
     cut = sparse_forward_kl(head(h)[:, :32], ids, logp, tail).sum()
     torch.testing.assert_close(whole[0], cut)
+
+
+def _bucketed_kl_reference(z_s, ids, logp, tail):
+    """The folded forward KL with the student's tail from a log-sum-exp over its non-top-K logits (the slow, exact
+    way the fast path must agree with)."""
+    log_q = z_s.log_softmax(-1)
+    q_top = log_q.gather(-1, ids)
+    q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return (logp.exp() * (logp - q_top)).sum(-1) + tail.exp() * (tail - q_tail)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # a spread student, and one whose tail float32 cannot resolve
+def test_sparse_kl_matches_the_exact_tail_and_its_gradient(scale):
+    torch.manual_seed(0)
+    z_t, z_s = torch.randn(6, 64), (torch.randn(6, 64) * scale).requires_grad_()
+    logp, ids = z_t.log_softmax(-1).topk(8, -1)
+    tail = torch.log1p(-logp.exp().sum(-1))
+    fast, exact = sparse_forward_kl(z_s, ids, logp, tail), _bucketed_kl_reference(z_s, ids, logp, tail)
+    torch.testing.assert_close(fast, exact, rtol=1e-4, atol=1e-5)
+    (g_fast,) = torch.autograd.grad(fast.sum(), z_s)
+    (g_exact,) = torch.autograd.grad(_bucketed_kl_reference(z_s, ids, logp, tail).sum(), z_s)
+    torch.testing.assert_close(g_fast, g_exact, rtol=1e-4, atol=1e-5)
