@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "paper"))
 import exp_aggregation  # noqa: E402
+import exp_chain  # noqa: E402
 import exp_kd  # noqa: E402
 import exp_losses  # noqa: E402
 import exp_width_depth  # noqa: E402
@@ -91,6 +92,21 @@ def test_losses_verdict_needs_both_claims():
     assert exp_losses.verdict({"arms": arms})["verdict"] == "not reproduced"
 
 
+def test_chain_verdict_compares_the_chain_with_one_shot():
+    arms = {exp_chain.ONE_SHOT: {"eval": _eval(0.0, 0.0)}, exp_chain.CHAIN: {"eval": _eval(-0.1, -0.3)}}
+    assert exp_chain.verdict({"arms": arms})["verdict"] == "reproduced"
+    arms[exp_chain.CHAIN] = {"eval": _eval(0.2, -0.3)}  # better out of domain, worse on the other text
+    assert exp_chain.verdict({"arms": arms})["verdict"] == "not reproduced"
+    arms[exp_chain.CHAIN] = {"eval": _eval(0.0, 0.0)}
+    assert exp_chain.verdict({"arms": arms})["verdict"] == "inconclusive"
+
+
+def test_chain_widths_are_two_thirds_and_one_third_of_the_teachers_mlp():
+    from transformers import LlamaConfig
+
+    assert exp_chain.widths(LlamaConfig(intermediate_size=1536)) == (1024, 512)
+
+
 def test_one_experiment_runs_resumes_and_renders(tmp_path, smollm2_tokenizer, capsys, one_thread):
     from helpers import teacher_folder
     from run import main
@@ -120,8 +136,13 @@ def test_the_suite_runs_every_experiment_resumes_and_renders(tmp_path, smollm2_t
     assert set(results) == set(EXPERIMENTS)
     for rec in results.values():
         assert rec["verdict"] in ("reproduced", "not reproduced", "inconclusive") and rec["why"]
-        assert rec["machine"]["commit"] and all(len(a["eval"]["wikitext2"]["nll"]) == 3 for a in rec["arms"].values())
-        assert all(a["hellaswag"]["n"] == 4 and 0 <= a["hellaswag"]["acc_norm"] <= 1 for a in rec["arms"].values())
+        models = [a for a in rec["arms"].values() if "candidates" not in a]  # a search arm is not one model
+        assert rec["machine"]["commit"] and all(len(a["eval"]["wikitext2"]["nll"]) == 3 for a in models)
+        assert all(a["hellaswag"]["n"] == 4 and 0 <= a["hellaswag"]["acc_norm"] <= 1 for a in models)
+    search = results["search_ranking"]["arms"]
+    names = [c["name"] for c in search["search (lora)"]["candidates"]]
+    assert len(names) >= 2 and names == [c["name"] for c in search["search (full)"]["candidates"]]
+    assert all(f"{n} + KD" in search for n in names)
     kd = results["kd_vs_ce"]["arms"]
     assert kd["pruned + KD"]["tokens"] == kd["pruned + CE"]["tokens"] == kd["random init + KD"]["tokens"]
     readme = (tmp_path / "out" / "README.md").read_text()

@@ -21,17 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import exp_aggregation  # noqa: E402
+import exp_chain  # noqa: E402
 import exp_heads  # noqa: E402
 import exp_kd  # noqa: E402
 import exp_losses  # noqa: E402
+import exp_search  # noqa: E402
 import exp_width_depth  # noqa: E402
 from common import DATA_DIR, HERE, TEACHER, Suite  # noqa: E402
 
-EXPERIMENTS = {m.NAME: m for m in (exp_aggregation, exp_heads, exp_width_depth, exp_kd, exp_losses)}
-NOT_YET = {
-    "chain": "Iterative chain vs one shot at equal total tokens (135M -> ~100M -> ~70M vs 135M -> ~70M)",
-    "search_ranking": "Does the LoRA-ranked candidate order agree with the order after a longer KD (Kendall tau)?",
-}
+EXPERIMENTS = {m.NAME: m for m in (exp_aggregation, exp_heads, exp_width_depth, exp_kd, exp_chain, exp_losses,
+                                    exp_search)}
 
 
 def render(suite: Suite) -> Path:
@@ -51,8 +50,6 @@ def render(suite: Suite) -> Path:
     for name, module in EXPERIMENTS.items():
         rec = results.get(name)
         lines.append(f"| [{module.TITLE}](#{name}) | {rec.get('verdict', 'not run') if rec else 'not run'} |")
-    for title in NOT_YET.values():
-        lines.append(f"| {title} | not built yet |")
     for name, module in EXPERIMENTS.items():
         rec = results.get(name)
         lines += ["", f"## {module.TITLE}", f'<a id="{name}"></a>', "", f"**The paper:** {module.FINDING}", ""]
@@ -69,8 +66,11 @@ def render(suite: Suite) -> Path:
         for arm, a in rec["arms"].items():
             hs = a.get("hellaswag")
             hs = f"{hs['acc_norm']:.3f} +- {hs['se']:.3f} (n {hs['n']})" if hs else "-"
-            lines.append(f"| {arm} | {a.get('params', 0) / 1e6:.1f}M | {a['eval']['wikitext2']['ppl']:.2f} | "
-                         f"{a['eval']['pydoc']['ppl']:.2f} | {hs} | {a.get('wall_s', 0):.0f} s |")
+            ppl = [f"{a['eval'][t]['ppl']:.2f}" if "eval" in a else "-" for t in ("wikitext2", "pydoc")]
+            params = f"{a['params'] / 1e6:.1f}M" if "params" in a else "-"
+            lines.append(f"| {arm} | {params} | {ppl[0]} | {ppl[1]} | {hs} | {a.get('wall_s', 0):.0f} s |")
+        if any("eval" not in a for a in rec["arms"].values()):  # arms that are not one model (a search)
+            lines += [""] + [f"- {f}" for f in rec.get("figures", [])]
         png = f"{name}.png"
         module.plot(rec, suite.out / png)
         lines += ["", f"![{name}]({png})", "",
