@@ -177,9 +177,14 @@ def teacher_top_k(teacher, input_ids: torch.Tensor, k: int, temperature: float =
     parts = []
     for start in range(0, flat.shape[0], chunk_tokens):
         z = head(flat[start:start + chunk_tokens]).float()
-        z = (transform(z) if transform is not None else z) / temperature
-        log_z = z.logsumexp(-1, keepdim=True)
+        z = transform(z) if transform is not None else z
+        if temperature != 1.0:
+            z = z / temperature
         top, ids = z.topk(min(k, z.shape[-1]), dim=-1)
+        # log Z from the top-K's maximum, in place over the chunk's logits (no longer needed): one pass fewer than
+        # logsumexp, which finds the maximum again
+        peak = top[:, :1]
+        log_z = z.sub_(peak).exp_().sum(-1, keepdim=True).log_().add_(peak)
         logp = top - log_z
         parts.append((ids, logp, _tail(logp, z.shape[-1])))
     ids, logp, tail = (torch.cat(p).cpu() for p in zip(*parts))
