@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .resources import shipped
-from .rundir import (CARD_FILE, CONFIG_FILE, DISTILL_FILE, EVAL_FILE, PRUNING_FILE, SEARCH_FILE, SFT_FILE, TEACHER,
-                     MemberRecord)
+from .rundir import (CARD_FILE, CONFIG_FILE, DISTILL_FILE, EVAL_FILE, PRUNING_FILE, RECOVERY_PLOT, SEARCH_FILE,
+                     SFT_FILE, TEACHER, MemberRecord)
 from .utils import first_line, read_json, si
 
 TAGS = ["pruned", "knowledge-distillation", "minitron", "hf-minitron"]
@@ -106,6 +106,7 @@ class MemberMeta:
     sft_from: str | None = None  # the base member an instruct variant was fine-tuned from
     recipe: str | None = None  # text of the recipe (YAML) or commands that reproduce the member
     plot: str | None = None  # file name of the family plot, relative to the card
+    recovery_plot: str | None = None  # file name of the member's recovery curve (KD loss against tokens)
 
 
 def collect_member(folder: str | Path, name: str | None = None, **overrides) -> MemberMeta:
@@ -133,7 +134,9 @@ def collect_member(folder: str | Path, name: str | None = None, **overrides) -> 
     if meta.license is None:
         meta.license = _teacher_license(meta.teacher)
     if meta.plot is None:
-        meta.plot = next((p.name for p in sorted(folder.glob("*.png"))), None)
+        meta.plot = next((p.name for p in sorted(folder.glob("*.png")) if p.name != RECOVERY_PLOT), None)
+    if meta.recovery_plot is None and (folder / RECOVERY_PLOT).is_file():
+        meta.recovery_plot = RECOVERY_PLOT
     return meta
 
 

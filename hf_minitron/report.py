@@ -21,8 +21,8 @@ from .cards import TAGS, CardError, is_repo_id, template_env, write_member_card
 from .cost import account
 from .evaluate import primary_metric
 from .publish import card_is_generated, publish_run
-from .rundir import (CARD_FILE, CONFIG_FILE, EVAL_FILE, FAMILY_PLOT, FAMILY_RESULTS_FILE, FAMILY_TABLE_FILE,
-                     INSTRUCT_SUFFIX, RECIPE_FILE, TEACHER, StageOutput, hash_json)
+from .rundir import (CARD_FILE, CONFIG_FILE, DISTILL_FILE, EVAL_FILE, FAMILY_PLOT, FAMILY_RESULTS_FILE,
+                     FAMILY_TABLE_FILE, INSTRUCT_SUFFIX, RECIPE_FILE, RECOVERY_PLOT, TEACHER, StageOutput, hash_json)
 from .utils import read_json, si
 
 # ---- the family: table, plot, card ----
@@ -102,22 +102,61 @@ def plot_family(results: list[dict], out: str | Path, teacher: str | None = None
     return out
 
 
+def recovery_curve(distill: dict | None) -> list[tuple[int, float]]:
+    """(tokens seen, KD loss) at each logged step of a member's distillation (its distill_result.json): how far the
+    pruned model came back towards its teacher. The logit part of the loss when logged apart, else the total."""
+    if not distill:
+        return []
+    per_step = distill.get("tokens_per_step") or 0
+    return [(int(h["step"]) * per_step, float(h.get("kd_logit", h["loss"])))
+            for h in distill.get("log_history", []) if "loss" in h and "step" in h]
+
+
+def plot_recovery(curves: dict[str, list[tuple[int, float]]], out: str | Path, title: str | None = None) -> Path | None:
+    """PNG of each member's KD loss against the tokens it was distilled on (log scale); None when no curve has
+    two points."""
+    curves = {name: c for name, c in curves.items() if len(c) > 1}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for name, curve in curves.items():
+        ax.plot([t for t, _ in curve], [v for _, v in curve], label=name)
+    ax.set_xlabel("distillation tokens")
+    ax.set_ylabel("KD loss to the teacher (lower is closer)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "recovery by distillation")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def render_family_card(results: list[dict], name: str, teacher: str | None = None, members: dict | None = None,
                        plot: str | None = None, license: str | None = None, template_dir: str | Path | None = None,
-                       recipe: str | None = None) -> str:
+                       recipe: str | None = None, recovery: str | None = None) -> str:
     """README text for the family (a collection's description page or a family repo): table, plot, member links."""
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(license=license, tags=list(TAGS), base_model=teacher if is_repo_id(teacher) else None)
     return template_env(template_dir).get_template("family.md.j2").render(
         card_data=data.to_yaml(), name=name, teacher=teacher, table=family_table(results), plot=plot,
-        members=members or {}, recipe=recipe)
+        members=members or {}, recipe=recipe, recovery=recovery)
 
 
 def write_family_report(results: list[dict], out: str | Path, name: str, teacher: str | None = None,
-                        members: dict | None = None, license: str | None = None, recipe: str | None = None) -> dict:
-    """The family's comparison in `out`: family_results.json, family.md (table), family.png (plot), README.md (card).
-
+                        members: dict | None = None, license: str | None = None, recipe: str | None = None,
+                        curves: dict | None = None) -> dict:
+    """The family's comparison in `out`: family_results.json, family.md (table), family.png (plot), README.md (card),
+    and recovery.png when `curves` ({member: `recovery_curve`}) has one.
 
     `results` are the members' records (teacher included, so the plot shows where the family started).
     """
@@ -128,8 +167,12 @@ def write_family_report(results: list[dict], out: str | Path, name: str, teacher
     paths["results"].write_text(json.dumps(results, indent=1) + "\n")
     paths["table"].write_text(family_table(results))
     plot_family(results, paths["plot"], teacher=teacher, title=name)
+    recovery = plot_recovery(curves or {}, out / RECOVERY_PLOT, title=f"{name}: recovery by distillation")
+    if recovery:
+        paths["recovery"] = recovery
     paths["card"].write_text(render_family_card(results, name, teacher=teacher, members=members, plot=FAMILY_PLOT,
-                                                license=license, recipe=recipe))
+                                                license=license, recipe=recipe,
+                                                recovery=RECOVERY_PLOT if recovery else None))
     return paths
 
 
@@ -174,11 +217,13 @@ def report_family(recipe, run, log=print) -> Path | None:
         return None
     fields = card_fields(recipe, run, folders)
     out = run.family()
+    curves = {name: recovery_curve(read_json(folder / DISTILL_FILE)) for name, folder, _ in folders}
     paths = write_family_report(results, out, recipe.name, teacher=TEACHER,
                                 members={n: f"../{n}" for n, _, _ in folders},
-                                recipe=next(iter(fields.values()))["recipe"])
+                                recipe=next(iter(fields.values()))["recipe"], curves=curves)
     for name, folder, _ in folders:
         shutil.copy2(paths["plot"], folder / paths["plot"].name)
+        plot_recovery({name: curves[name]}, folder / RECOVERY_PLOT, title=f"{name}: recovery by distillation")
         if card_is_generated(folder):
             write_member_card(folder, **fields[name], plot=paths["plot"].name)
     log(f"family report: {paths['table']} , {paths['plot']}; a model card in each member folder")

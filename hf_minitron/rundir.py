@@ -62,6 +62,7 @@ CARD_FILE = "README.md"
 FAMILY_RESULTS_FILE = "family_results.json"
 FAMILY_TABLE_FILE = "family.md"
 FAMILY_PLOT = "family.png"
+RECOVERY_PLOT = "recovery.png"  # KD loss against tokens: every member's in the family folder, its own in a member's
 
 # member names that would collide with a run-folder entry or a model reference
 RESERVED_NAMES = frozenset({TEACHER, PARENT, IMPORTANCE_DIR, WORK_DIR, EVAL_DIR, FAMILY_DIR, MANIFEST, RECIPE_FILE})

@@ -170,3 +170,14 @@ def test_member_card_says_when_intermediate_losses_were_turned_on(tmp_path):
                                  files={DISTILL_FILE: {**distill_record(), "is_policy": note}})
     card = write_member_card(folder).read_text()
     assert note in card
+
+
+def test_member_card_shows_its_recovery_curve_when_the_folder_has_one(member):
+    from hf_minitron.rundir import FAMILY_PLOT, RECOVERY_PLOT
+
+    folder, _ = member
+    (folder / FAMILY_PLOT).write_bytes(b"png")
+    (folder / RECOVERY_PLOT).write_bytes(b"png")
+    meta = collect_member(folder)
+    assert meta.plot == FAMILY_PLOT and meta.recovery_plot == RECOVERY_PLOT  # the family plot is not the curve
+    assert f"![recovery by distillation]({RECOVERY_PLOT})" in render_member_card(meta)

@@ -98,6 +98,7 @@ def test_chain_with_instruct_variant_then_skip_force_and_stale(files, tmp_path, 
     assert (out / "family" / "family.png").stat().st_size > 1000
     card = (out / "smaller" / "README.md").read_text()
     assert "hf-minitron" in card and "](family.png)" in card and (out / "smaller" / "family.png").is_file()
+    assert (out / "family" / "recovery.png").is_file() and "](recovery.png)" in card  # the KD loss against tokens
 
     again = build(from_dict(tiny_recipe(files, evaluate=tasks)), out, progress=False, log=lines.append)
     assert set(actions(again).values()) == {"skipped"}

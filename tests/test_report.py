@@ -7,8 +7,9 @@ import json
 import pytest
 
 from hf_minitron.cards import CardError
-from hf_minitron.report import family_rows, family_table, plot_family, render_family_card, write_family_report
-from hf_minitron.rundir import CARD_FILE, FAMILY_PLOT, FAMILY_RESULTS_FILE, FAMILY_TABLE_FILE
+from hf_minitron.report import (family_rows, family_table, plot_family, plot_recovery, recovery_curve,
+                                render_family_card, write_family_report)
+from hf_minitron.rundir import CARD_FILE, FAMILY_PLOT, FAMILY_RESULTS_FILE, FAMILY_TABLE_FILE, RECOVERY_PLOT
 
 TEACHER = {"model": "teacher", "parameters": 135_000_000,
            "perplexity": [{"data": "w.txt", "seq_len": 512, "perplexity": 26.1}],
@@ -63,3 +64,26 @@ def test_write_family_report_files(tmp_path):
     assert paths["plot"].is_file()
     assert paths["card"].name == CARD_FILE
     assert "![quality vs parameters](family.png)" in paths["card"].read_text()
+
+
+DISTILLED = {"tokens_per_step": 1024, "log_history": [
+    {"step": 1, "loss": 2.0, "kd_logit": 1.5}, {"step": 2, "loss": 1.2, "kd_logit": 1.0},
+    {"step": 2, "train_loss": 1.6, "train_runtime": 3.0}]}
+
+
+def test_recovery_curve_is_the_kd_loss_against_tokens():
+    assert recovery_curve(DISTILLED) == [(1024, 1.5), (2048, 1.0)]
+    assert recovery_curve(None) == []
+
+
+def test_plot_recovery_needs_a_curve_of_two_points(tmp_path):
+    assert plot_recovery({"m": [(1024, 1.5)]}, tmp_path / RECOVERY_PLOT) is None
+    png = plot_recovery({"m": recovery_curve(DISTILLED)}, tmp_path / RECOVERY_PLOT)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_family_report_shows_the_recovery_curves(tmp_path):
+    paths = write_family_report([TEACHER, SMALL], tmp_path / "family", "tiny family", teacher="teacher",
+                                curves={"m-90M": recovery_curve(DISTILLED)})
+    assert paths["recovery"].is_file()
+    assert f"![recovery by distillation]({RECOVERY_PLOT})" in paths["card"].read_text()
