@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .resources import shipped
 from .rundir import (CONFIG_FILE, EVAL_FILE, FAMILY_PLOT, FAMILY_RESULTS_FILE, MANIFEST, PRUNING_FILE, SFT_FILE,
-                     MemberRecord, find_member_folders)
+                     TEACHER, MemberRecord, RunDir, find_member_folders)
 from .utils import read_json
 
 SPACE_FILES = ("app.py", "requirements.txt", "README.md")
@@ -89,6 +89,35 @@ def member_entry(spec: str | Path) -> dict:
     return entry
 
 
+def teacher_entry(spec: str, results: dict | None = None) -> dict | None:
+    """The teacher as a family-file member (the Space's first column, the reference): a local folder, a .gguf file,
+    a `pkg:` file (resolved to where it lies) or a Hub id; None for a spec the Space cannot load. It gets the
+    prompt as it is, as the base members do."""
+    path = Path(spec).expanduser()
+    if spec.startswith("pkg:"):
+        from .models import resolve_source
+
+        try:
+            src = resolve_source(spec)
+        except Exception:  # the package is not installed here: no column, the name stays in the intro
+            return None
+        where = {"model": src.path, "gguf_file": src.gguf_file}
+    elif path.is_file() and path.suffix == ".gguf":
+        where = {"model": str(path.resolve().parent), "gguf_file": path.name}
+    elif path.is_dir():
+        where = {"model": str(path.resolve())}
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        where = {"model": spec}
+    else:
+        return None
+    entry = {"name": TEACHER, "source": spec, **{k: v for k, v in where.items() if v}}
+    if results:
+        entry["eval"] = results
+        if results.get("parameters"):
+            entry["params"] = int(results["parameters"])
+    return entry
+
+
 def family_from_run(run: str | Path, name: str | None = None) -> dict:
     """A family (as the family file's dict) from a run folder: its member folders, each member's eval_results.json,
     and the family report (family_results.json, family.png) wherever it lies in the run."""
@@ -110,8 +139,8 @@ def family_from_run(run: str | Path, name: str | None = None) -> dict:
     teacher = (read_json(run / MANIFEST) or {}).get("teacher")
     if isinstance(teacher, dict):
         teacher = teacher.get("source")
-    if teacher:
-        family["teacher"] = str(teacher)
+    if teacher:  # a column of its own when the Space can load it, else its name in the intro
+        family["teacher"] = teacher_entry(str(teacher), read_json(RunDir(run, {}).teacher_eval())) or str(teacher)
     report = sorted(run.glob(f"**/{FAMILY_RESULTS_FILE}"), key=lambda p: len(p.parts))
     if report:
         family["results"] = str(report[0].resolve())
@@ -207,6 +236,9 @@ def write_space_folder(source, out: str | Path, repo_ids: dict[str, str] | None 
             missing.append(m.get("name"))
     if missing:
         raise SpaceError(f"members {missing} are local folders: give their Hub ids (repo_ids) for a Space")
+    teacher = family.get("teacher")
+    if isinstance(teacher, dict) and Path(teacher["model"]).is_absolute():  # the Space cannot load it: its name only
+        family["teacher"] = teacher.get("source") or teacher["name"]
     for key, target in (("results", FAMILY_RESULTS_FILE), ("plot", FAMILY_PLOT)):
         if isinstance(family.get(key), str):  # a file: copied next to the app (inline results stay inline)
             if Path(family[key]).is_file():

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_minitron.rundir import MemberRecord
 from hf_minitron.space import (SpaceError, app_dir, build_family, family_from_run, launch_space, load_app, member_entry,
-                               write_space_folder)
+                               teacher_entry, write_space_folder)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "space"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -128,6 +128,36 @@ def test_family_file_round_trip(run_dir, app, tmp_path):
     built = build_family(tmp_path / "family.json")
     assert built["results"] == str((tmp_path / "family_results.json").resolve())
     assert app.family_from_dict(built, base="/").members[0].model == family.members[0].model
+
+
+def test_a_teacher_given_as_a_model_is_the_first_column(run_dir, app):
+    big = str(run_dir / "members" / "tiny-big")
+    family = app.family_from_dict({"teacher": {"name": "teacher", "model": big, "source": "org/teacher"},
+                                   "members": [str(run_dir / "members" / "tiny-small")]})
+    assert [m.name for m in family.members] == ["teacher", "tiny-small"] and family.members[0].teacher
+    assert family.teacher == "org/teacher" and not family.members[1].teacher
+
+
+def test_teacher_entry_of_a_folder_a_gguf_a_hub_id_and_an_unloadable_spec(run_dir, tmp_path):
+    record = {"model": "teacher", "parameters": 1234}
+    folder = teacher_entry(str(run_dir / "members" / "tiny-big"), record)
+    assert folder["model"] == str((run_dir / "members" / "tiny-big").resolve()) and folder["params"] == 1234
+    (tmp_path / "t.gguf").write_bytes(b"GGUF")
+    assert teacher_entry(str(tmp_path / "t.gguf")) == {"name": "teacher", "source": str(tmp_path / "t.gguf"),
+                                                       "model": str(tmp_path), "gguf_file": "t.gguf"}
+    assert teacher_entry("org/model")["model"] == "org/model"
+    assert teacher_entry("./no/such/thing") is None
+
+
+def test_family_from_run_gives_the_teacher_a_column(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "manifest.json").write_text(json.dumps({"teacher": {"source": str(run / "members" / "tiny-big")}}))
+    family = family_from_run(run)
+    assert family["teacher"]["name"] == "teacher" and family["teacher"]["model"].endswith("tiny-big")
+    out = write_space_folder(run, tmp_path / "space", repo_ids={"tiny-big": "org/tiny-big",
+                                                                "tiny-small": "org/tiny-small"})
+    assert json.loads((out / "family.json").read_text())["teacher"] == str(run / "members" / "tiny-big")
 
 
 @pytest.mark.parametrize("data, message", [

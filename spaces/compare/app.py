@@ -8,7 +8,8 @@ variable, then `family.json` / `family.yaml` / `family.yml` next to this file, t
 
     {
       "name": "SmolLM2 Minitron family",
-      "teacher": "HuggingFaceTB/SmolLM2-135M",          # optional
+      "teacher": "HuggingFaceTB/SmolLM2-135M",          # optional; a member-like object ({"name": "teacher",
+                                                        # "model": ...}) also gets a column, first, as the reference
       "description": "markdown shown under the title",   # optional
       "members": [
         {"name": "smollm2-100m", "model": "my-org/smollm2-100m",   # Hub id, or a local folder (relative to the file)
@@ -66,10 +67,12 @@ class Member:
     gguf_file: str | None = None
     dtype: str | None = None
     eval: dict | None = None
+    teacher: bool = False  # the family's teacher: the first column, the reference the members are compared with
 
     @property
     def label(self) -> str:
-        extra = [human(self.params)] if self.params else []
+        extra = (["teacher"] if self.teacher and self.name != "teacher" else []) + \
+            ([human(self.params)] if self.params else [])
         if self.instruct:
             extra.append("instruct")
         return f"{self.name} ({', '.join(extra)})" if extra else self.name
@@ -113,28 +116,18 @@ def family_from_dict(data: dict, base: str | Path = ".") -> Family:
     base = Path(base)
     if not isinstance(data, dict) or not isinstance(data.get("members"), list) or not data["members"]:
         raise FamilyError("a family file needs a non-empty 'members' list")
-    known = {f for f in Member.__dataclass_fields__}
+    teacher = data.get("teacher")
+    listed = ([("teacher", {**teacher, "teacher": True})] if isinstance(teacher, dict) else []) + \
+        [(f"members[{i}]", raw) for i, raw in enumerate(data["members"])]
     members, seen = [], set()
-    for i, raw in enumerate(data["members"]):
-        if isinstance(raw, str):
-            raw = {"model": raw}
-        if not isinstance(raw, dict) or not raw.get("model"):
-            raise FamilyError(f"members[{i}] needs a 'model' (a Hub id or a local folder)")
-        unknown = set(raw) - known
-        if unknown:
-            raise FamilyError(f"members[{i}] has unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        raw = dict(raw)
-        local = _is_local(str(raw["model"]), base)
-        raw["model"] = str(local) if local else str(raw["model"])
-        raw.setdefault("name", Path(str(raw["model"]).rstrip("/")).name)
-        raw["instruct"] = bool(raw.get("instruct", False))
-        if raw["name"] in seen:
-            raise FamilyError(f"two members are named {raw['name']!r}; give them distinct 'name's")
-        seen.add(raw["name"])
-        if isinstance(raw.get("eval"), (str, Path)):  # a path to the member's eval_results.json
-            found = _is_local(str(raw["eval"]), base)
-            raw["eval"] = json.loads(found.read_text()) if found else None
-        members.append(Member(**raw))
+    for where, raw in listed:
+        member = _member(where, raw, base)
+        if member.name in seen:
+            raise FamilyError(f"two members are named {member.name!r}; give them distinct 'name's")
+        seen.add(member.name)
+        members.append(member)
+    if isinstance(teacher, dict):
+        teacher = teacher.get("source") or members[0].model
     results = data.get("results") or []
     if isinstance(results, (str, Path)):
         found = _is_local(str(results), base)
@@ -142,8 +135,28 @@ def family_from_dict(data: dict, base: str | Path = ".") -> Family:
     if isinstance(results, dict):
         results = [results]
     plot = _is_local(str(data["plot"]), base) if data.get("plot") else None
-    return Family(name=data.get("name") or "hf-minitron family", members=members, teacher=data.get("teacher"),
+    return Family(name=data.get("name") or "hf-minitron family", members=members, teacher=teacher,
                   description=data.get("description"), results=list(results), plot=plot)
+
+
+def _member(where: str, raw, base: Path) -> Member:
+    """One member of the family file (`where` names it in errors), local paths taken from `base`."""
+    if isinstance(raw, str):
+        raw = {"model": raw}
+    if not isinstance(raw, dict) or not raw.get("model"):
+        raise FamilyError(f"{where} needs a 'model' (a Hub id or a local folder)")
+    raw = {k: v for k, v in raw.items() if not (where == "teacher" and k == "source")}  # the teacher's spec
+    unknown = set(raw) - set(Member.__dataclass_fields__)
+    if unknown:
+        raise FamilyError(f"{where} has unknown keys {sorted(unknown)} (known: {sorted(Member.__dataclass_fields__)})")
+    local = _is_local(str(raw["model"]), base)
+    raw["model"] = str(local) if local else str(raw["model"])
+    raw.setdefault("name", Path(str(raw["model"]).rstrip("/")).name)
+    raw["instruct"] = bool(raw.get("instruct", False))
+    if isinstance(raw.get("eval"), (str, Path)):  # a path to the member's eval_results.json
+        found = _is_local(str(raw["eval"]), base)
+        raw["eval"] = json.loads(found.read_text()) if found else None
+    return Member(**raw)
 
 
 def load_family(path: str | Path) -> Family:
@@ -479,8 +492,8 @@ def build_app(family: Family | None = None, cache: ModelCache | None = None, err
                                        f"`{family.teacher}` with hf-minitron." if family.teacher else "")
         if intro:
             gr.Markdown(intro)
-        names = [m.name for m in family.members]
-        default = names if len(names) <= 4 else names[:2]
+        names = [m.name for m in family.members]  # the teacher, when the family file gives one, first
+        default = names if len(names) <= 4 else names[:3 if family.members[0].teacher else 2]
         with gr.Tab("Compare", id="compare"):
             with gr.Row():
                 with gr.Column(scale=3):
