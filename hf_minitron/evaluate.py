@@ -38,6 +38,7 @@ CODE_TASKS = {"humaneval": 0, "mbpp": 3}
 PRESETS = {"paper": PAPER_TASKS, "code": CODE_TASKS}
 UNSAFE_TASKS = {"humaneval", "mbpp"}  # run generated code: lm-eval asks for an explicit confirmation
 # metric shown in tables and plots, first one present wins
+LOOP_PROMPTS = ("The history of the city", "def read_config(path):", "In this tutorial we will")
 PRIMARY_METRICS = ["acc_norm", "acc", "mc2", "exact_match,strict-match", "exact_match", "pass@1", "pass_at_1"]
 
 
@@ -70,6 +71,9 @@ class EvaluateConfig:
         "help": "let code tasks (humaneval, mbpp) execute the generated programs"})
     teacher: bool = field(default=True, metadata={
         "help": "also score the teacher, for the summary and the family table", "build_only": True})
+    greedy_prompts: list[str] = field(default_factory=lambda: list(LOOP_PROMPTS), metadata={
+        "help": "prompts whose greedy continuations (48 new tokens) are recorded and checked for a loop (a 4-gram "
+                "repeated three times), which perplexity does not show; empty: none"})
 
     def local_tasks(self) -> list[LocalChoiceTask]:
         return [LocalChoiceTask(f, context_column=self.context_column, choices_column=self.choices_column,
@@ -80,6 +84,32 @@ class EvaluateConfig:
         parse_tasks(self.tasks)
         if self.stride is not None and not 0 < self.stride <= self.seq_len:
             raise EvalError(f"{key}.stride: {self.stride} must be in 1..seq_len ({self.seq_len})")
+
+
+def repeated_ngram(ids: list[int], n: int = 4, times: int = 3) -> tuple[int, ...] | None:
+    """The first n-gram of `ids` that occurs `times` times or more (a degenerate greedy loop), else None."""
+    seen: dict[tuple[int, ...], int] = {}
+    for i in range(len(ids) - n + 1):
+        gram = tuple(ids[i:i + n])
+        seen[gram] = seen.get(gram, 0) + 1
+        if seen[gram] >= times:
+            return gram
+    return None
+
+
+@torch.no_grad()
+def greedy_loops(model, tokenizer, prompts=LOOP_PROMPTS, max_new_tokens: int = 48) -> list[dict]:
+    """Each prompt's greedy continuation and the 4-gram it loops on (None: no loop), the check that a member does
+    not degenerate into repetition the way perplexity cannot show."""
+    out = []
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)[0, enc.input_ids.shape[1]:]
+        gram = repeated_ngram(ids.tolist())
+        out.append({"prompt": prompt, "continuation": tokenizer.decode(ids, skip_special_tokens=True),
+                    "loop": None if gram is None else tokenizer.decode(list(gram))})
+    return out
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> float:
@@ -329,6 +359,8 @@ def evaluate_model(model, tokenizer, name: str, config: EvaluateConfig | None = 
     if task_dict or config.choice_files:
         result["tasks"] = run_lm_eval(model, tokenizer, task_dict, config.local_tasks(), limit=config.limit,
                                       batch_size=config.batch_size, allow_code_execution=config.allow_code_execution)
+    if config.greedy_prompts:
+        result["greedy"] = greedy_loops(model, tokenizer, config.greedy_prompts)
     if out is not None:
         save_results(result, out)
     return result

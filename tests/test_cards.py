@@ -181,3 +181,12 @@ def test_member_card_shows_its_recovery_curve_when_the_folder_has_one(member):
     meta = collect_member(folder)
     assert meta.plot == FAMILY_PLOT and meta.recovery_plot == RECOVERY_PLOT  # the family plot is not the curve
     assert f"![recovery by distillation]({RECOVERY_PLOT})" in render_member_card(meta)
+
+
+def test_member_card_lists_the_greedy_continuations_and_their_loops(member):
+    folder, _ = member
+    results = {**RESULTS, "greedy": [{"prompt": "a|b", "continuation": "x\ny | z", "loop": None},
+                                     {"prompt": "p", "continuation": "of the of the of the", "loop": "of the"}]}
+    (folder / EVAL_FILE).write_text(json.dumps(results))
+    body = render_member_card(collect_member(folder))
+    assert "| a\\|b | x y \\| z | none |" in body and "| p | of the of the of the | of the |" in body

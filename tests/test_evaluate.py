@@ -145,3 +145,18 @@ def test_real_teacher_hellaswag_reference(smollm2_path, smollm2_tokenizer, share
                       limit=300, batch_size=8)
     metrics = out["local_hellaswag_val_dev"]["metrics"]
     assert metrics["acc"] == pytest.approx(0.377, abs=0.01) and metrics["acc_norm"] == pytest.approx(0.44, abs=0.01)
+
+
+def test_a_greedy_loop_is_a_4_gram_seen_three_times():
+    from hf_minitron.evaluate import repeated_ngram
+
+    assert repeated_ngram([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4]) == (1, 2, 3, 4)
+    assert repeated_ngram([1, 2, 3, 4, 1, 2, 3, 4, 5, 6, 7, 8]) is None  # twice is not a loop
+    assert repeated_ngram(list(range(40))) is None
+
+
+def test_evaluation_records_each_prompts_greedy_continuation(small_model, smollm2_tokenizer):
+    config = EvaluateConfig(greedy_prompts=["The history of"])
+    greedy = evaluate_model(small_model, smollm2_tokenizer, "m", config)["greedy"]
+    assert [g["prompt"] for g in greedy] == ["The history of"] and greedy[0]["continuation"]
+    assert "greedy" not in evaluate_model(small_model, smollm2_tokenizer, "m", EvaluateConfig(greedy_prompts=[]))

@@ -218,6 +218,9 @@ def test_quickstart_builds_a_real_family(tmp_path, smollm2_path):
         ids = model.generate(**tok("The for statement", return_tensors="pt"), max_new_tokens=8, do_sample=False)
         assert len(tok.decode(ids[0])) > len("The for statement")
     assert result["fewer_tokens"] > 1000
+    greedy = json.loads((tmp_path / "run" / "smollm2-70m" / "eval_results.json").read_text())["greedy"]
+    loops = [(g["prompt"], g["loop"]) for g in greedy if g["loop"]]
+    assert not loops, f"the smallest member's greedy continuations loop: {loops}"  # issue 12's goal
 
 
 def test_a_second_build_on_a_busy_run_folder_stops_at_once(files, tmp_path):
