@@ -23,8 +23,8 @@ import torch
 from trl import SFTTrainer
 
 from .checkpoints import SaveOnInterrupt, drop_checkpoints, last_complete_checkpoint
-from .distill import EXCLUDED as TRAINER_EXCLUDED
-from .distill import TextTrainingConfig, text_dataset, trainer_config
+from .training import EXCLUDED as TRAINER_EXCLUDED
+from .training import TextTrainingConfig, text_dataset, trainer_config
 from .models import set_config_dtype
 from .rundir import CORRECTION_FILE, StageOutput, hash_folder
 from .schedule import resolve_schedule

@@ -94,6 +94,12 @@ def plot_family(results: list[dict], out: str | Path, teacher: str | None = None
         ax.set_xlabel("parameters (M)")
         ax.grid(alpha=0.3)
     fig.suptitle(title or "quality vs parameters")
+    return _save(fig, out)
+
+
+def _save(fig, out: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -132,12 +138,7 @@ def plot_recovery(curves: dict[str, list[tuple[int, float]]], out: str | Path, t
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "recovery by distillation")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def render_family_card(results: list[dict], name: str, teacher: str | None = None, members: dict | None = None,

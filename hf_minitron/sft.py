@@ -18,7 +18,7 @@ from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers
 
 from .checkpoints import SaveOnInterrupt, drop_checkpoints, last_complete_checkpoint
-from .distill import default_bf16, trainer_config
+from .training import default_bf16, trainer_config
 from .rundir import SFT_FILE
 
 RESULT_FILE = SFT_FILE  # named in rundir.py, with every artefact of a run

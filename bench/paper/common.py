@@ -192,6 +192,17 @@ def paired(a: dict, b: dict) -> dict:
     return out
 
 
+def decide(cmp: dict, why: str, figures: list[str], undecided: str = " (within 2 SE)") -> dict:
+    """The verdict of a claim "arm a beats arm b" from their `paired` comparison: reproduced when a is better beyond
+    2 SE out of the training distribution and worse on no text, not reproduced when b is better on any text."""
+    wins = [d["better"] for d in cmp.values()]
+    if cmp[OUT_OF_DOMAIN]["better"] == "a" and "b" not in wins:
+        return {"verdict": "reproduced", "why": why, "figures": figures}
+    if "b" in wins:
+        return {"verdict": "not reproduced", "why": why, "figures": figures}
+    return {"verdict": "inconclusive", "why": why + undecided, "figures": figures}
+
+
 def importance(suite: Suite, samples: int, seq_len: int):
     """The teacher's importance scores on `samples` x `seq_len` calibration tokens (computed once per run)."""
     key = ("scores", samples, seq_len)

@@ -9,8 +9,8 @@ the chain's pruning from its teacher. Same windows, order, schedule and seed in 
 
 from __future__ import annotations
 
-from common import (OUT_OF_DOMAIN, Suite, curves, distilled_arm, importance, paired, pruned_arm, pyplot, save,
-                    teacher_arm, text_bars)
+from common import (Suite, curves, decide, distilled_arm, importance, paired, pruned_arm, pyplot, save, teacher_arm,
+                    text_bars)
 
 NAME = "chain"
 TITLE = "Iterative chain vs one shot at equal total tokens (paper Fig. 2, Table 11; best practice 1)"
@@ -98,13 +98,7 @@ def verdict(rec: dict) -> dict:
         comparisons[f"{CHAIN} - {CHAIN_FROM_TEACHER}"] = paired(arms[CHAIN]["eval"], arms[CHAIN_FROM_TEACHER]["eval"])
     why = "; ".join(f"{name} on {t}: {d['dlogppl']:+.4f} +- {d['se']:.4f} log-ppl"
                     for name, cmp in comparisons.items() for t, d in cmp.items())
-    main = comparisons[f"{CHAIN} - {ONE_SHOT}"]
-    wins = [d["better"] for d in main.values()]
-    if main[OUT_OF_DOMAIN]["better"] == "a" and "b" not in wins:
-        return {"verdict": "reproduced", "why": why, "figures": figures}
-    if "b" in wins:
-        return {"verdict": "not reproduced", "why": why, "figures": figures}
-    return {"verdict": "inconclusive", "why": why + " (within 2 SE)", "figures": figures}
+    return decide(comparisons[f"{CHAIN} - {ONE_SHOT}"], why, figures)
 
 
 def plot(rec: dict, path) -> None:

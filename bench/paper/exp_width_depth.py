@@ -7,8 +7,8 @@ only and after the same KD tokens (same windows, order, schedule and seed).
 
 from __future__ import annotations
 
-from common import (OUT_OF_DOMAIN, Suite, curves, distilled_arm, importance, paired, pruned_arm, pyplot, save,
-                    teacher_arm, text_bars)
+from common import (Suite, curves, decide, distilled_arm, importance, paired, pruned_arm, pyplot, save, teacher_arm,
+                    text_bars)
 
 NAME = "width_vs_depth"
 TITLE = "Width vs depth at equal parameters (paper Fig. 8, best practice 2)"
@@ -71,12 +71,7 @@ def verdict(rec: dict) -> dict:
                f"{a['eval']['pydoc']['ppl']:.2f}" for n, a in arms.items()]
     why = "; ".join(f"width - depth {when} on {t}: {d['dlogppl']:+.4f} +- {d['se']:.4f} log-ppl"
                     for when, cmp in (("before KD", before), ("after KD", after)) for t, d in cmp.items())
-    wins = [d["better"] for d in after.values()]
-    if after[OUT_OF_DOMAIN]["better"] == "a" and "b" not in wins:
-        return {"verdict": "reproduced", "why": why, "figures": figures}
-    if "b" in wins:
-        return {"verdict": "not reproduced", "why": why, "figures": figures}
-    return {"verdict": "inconclusive", "why": why + " (within 2 SE after KD)", "figures": figures}
+    return decide(after, why, figures, " (within 2 SE after KD)")
 
 
 def plot(rec: dict, path) -> None:
