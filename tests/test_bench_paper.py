@@ -13,6 +13,7 @@ import exp_aggregation  # noqa: E402
 import exp_chain  # noqa: E402
 import exp_kd  # noqa: E402
 import exp_losses  # noqa: E402
+import exp_search  # noqa: E402
 import exp_width_depth  # noqa: E402
 from common import paired  # noqa: E402
 
@@ -105,6 +106,25 @@ def test_chain_widths_are_two_thirds_and_one_third_of_the_teachers_mlp():
     from transformers import LlamaConfig
 
     assert exp_chain.widths(LlamaConfig(intermediate_size=1536)) == (1024, 512)
+
+
+def _search_arms(pruned: list[float], searched: list[float], after_kd: list[float]) -> dict:
+    names = ["a", "b", "c", "d"]
+    candidates = [{"name": n, "shape": {}, "params": 1e6, "score_before": p, "score_after": q}
+                  for n, p, q in zip(names, pruned, searched)]
+    arms = {"search (lora)": {"candidates": candidates}}
+    arms.update({f"{n} + KD": {"eval": _eval(o, o)} for n, o in zip(names, after_kd)})
+    return {"arms": arms}
+
+
+def test_search_verdict_asks_that_retraining_ranks_better_than_pruning():
+    rec = _search_arms([4, 3, 2, 1], [1, 2, 3, 4], [0.0, 0.3, 0.6, 0.9])  # the search's order is the long KD's
+    assert exp_search.verdict(rec)["verdict"] == "reproduced"
+    rec = _search_arms([1, 2, 3, 4], [1, 2, 3, 4], [0.0, 0.3, 0.6, 0.9])  # pruning alone ranked them as well
+    result = exp_search.verdict(rec)
+    assert result["verdict"] == "not reproduced" and "retraining was not needed" in result["why"]
+    rec = _search_arms([4, 3, 2, 1], [1, 2, 3, 4], [0.6, 0.0, 0.3, 0.9])  # the search's winner is beaten after KD
+    assert exp_search.verdict(rec)["verdict"] == "not reproduced"
 
 
 def test_one_experiment_runs_resumes_and_renders(tmp_path, smollm2_tokenizer, capsys, one_thread):

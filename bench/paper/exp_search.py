@@ -84,9 +84,8 @@ def run(suite: Suite) -> dict:
 
 
 def _long_order(arms: dict, names: list[str], text: str) -> list[float]:
-    import math
-
-    return [math.log(arms[f"{n} + KD"]["eval"][text]["ppl"]) for n in names]
+    """Each candidate's mean per-window log-perplexity on `text` after the longer KD."""
+    return [sum(arms[f"{n} + KD"]["eval"][text]["nll"]) / len(arms[f"{n} + KD"]["eval"][text]["nll"]) for n in names]
 
 
 def verdict(rec: dict) -> dict:
@@ -120,6 +119,9 @@ def verdict(rec: dict) -> dict:
     why += f"; the LoRA search's winner {winner} " + (f"is beaten after the longer KD by {', '.join(beaten)} beyond "
                                                       "2 SE on pydoc" if beaten else "is not beaten beyond 2 SE")
     better = all(taus[("lora", t)] > taus[("pruned", t)] for t in ("wikitext2", "pydoc"))
+    if all(taus[("lora", t)] == taus[("pruned", t)] for t in ("wikitext2", "pydoc")):
+        why += ("; the prune-only ranking agrees with the longer KD exactly as well as the search's: retraining was "
+                "not needed to rank these candidates")
     if not beaten and better:
         return {"verdict": "reproduced", "why": why, "figures": figures}
     if beaten or all(taus[("lora", t)] <= taus[("pruned", t)] for t in ("wikitext2", "pydoc")):
