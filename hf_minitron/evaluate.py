@@ -104,8 +104,9 @@ def greedy_loops(model, tokenizer, prompts=LOOP_PROMPTS, max_new_tokens: int = 4
     out = []
     for prompt in prompts:
         enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)[0, enc.input_ids.shape[1]:]
+                             pad_token_id=pad)[0, enc.input_ids.shape[1]:]
         gram = repeated_ngram(ids.tolist())
         out.append({"prompt": prompt, "continuation": tokenizer.decode(ids, skip_special_tokens=True),
                     "loop": None if gram is None else tokenizer.decode(list(gram))})

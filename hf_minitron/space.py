@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .cards import is_repo_id
 from .resources import shipped
 from .rundir import (CONFIG_FILE, EVAL_FILE, FAMILY_PLOT, FAMILY_RESULTS_FILE, MANIFEST, PRUNING_FILE, SFT_FILE,
                      TEACHER, MemberRecord, RunDir, find_member_folders)
@@ -95,18 +96,18 @@ def teacher_entry(spec: str, results: dict | None = None) -> dict | None:
     prompt as it is, as the base members do."""
     path = Path(spec).expanduser()
     if spec.startswith("pkg:"):
-        from .models import resolve_source
+        from .models import ModelLoadError, resolve_source
 
         try:
             src = resolve_source(spec)
-        except Exception:  # the package is not installed here: no column, the name stays in the intro
+        except ModelLoadError:  # the package is not installed here: no column, the name stays in the intro
             return None
         where = {"model": src.path, "gguf_file": src.gguf_file}
     elif path.is_file() and path.suffix == ".gguf":
         where = {"model": str(path.resolve().parent), "gguf_file": path.name}
     elif path.is_dir():
         where = {"model": str(path.resolve())}
-    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    elif is_repo_id(spec):
         where = {"model": spec}
     else:
         return None
