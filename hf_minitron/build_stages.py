@@ -194,8 +194,9 @@ def cache_need(r: Recipe, m: MemberSection) -> dict:
     need = -(-r.distill_tokens(m) // per_step) * per_step
     search = m.search_settings(r.search)
     shared = bool(m.params) and search.seq_len == window
+    stops, search_step = eval_steps(search)
+    shared = shared and bool(stops)  # a search that does not retrain reads no teacher
     if shared:
-        stops, search_step = eval_steps(search)
         need = max(need, stops[-1] * search_step)
     return {"mode": None if mode in (None, "", "off", "none") else mode, "top_k": get("teacher_cache_top_k"),
             "top_p": get("teacher_cache_top_p"), "temperature": get("temperature"), "seq_len": window,
@@ -285,7 +286,8 @@ def prune_stage(b: Build, m: MemberSection, shape: dict, scores_dir: Path) -> No
     from .prune import PruneTarget, run_prune
     from .prune_stream import use_stream
 
-    merge = bool(m.params) and m.search_settings(b.recipe.search).adapter == "merge"
+    search = m.search_settings(b.recipe.search)
+    merge = bool(m.params) and search.adapter == "merge" and search.tokens > 0  # no retraining: no adapter
     adapter = b.run.work(m.name) / SEARCH_DIR / "adapter" if merge else None
     info = {"teacher": b.source.as_dict(), "base": m.base, "importance": str(scores_dir)}
     parents = {"importance": b.run.output_hash(f"importance/{m.base}"), "base": b.identity(m.base)}

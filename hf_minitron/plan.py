@@ -133,12 +133,12 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
 
             n_kd = 0 if cached and shared else n[kd]
             step = "distill" if n_kd else "train"
-            work = [{step: sum(train_flops(c.params, stops[k - 1] * per_step, n_kd) for c in found),
+            work = [{step: sum(train_flops(c.params, stops[k - 1] * per_step, n_kd) for c in found) if k else 0,
                      "forward": sum(forward_flops(c.params, (k + 1) * score_tokens) for c in found)}  # scored once
-                    for k in (earliest, len(stops))]  # pruned, then after each interval
+                    for k in (earliest, len(stops))]  # pruned, then after each interval (none: tokens 0)
             rows.append(Row(m.name, "search", f"{len(found)} candidates ({min(c.params for c in found) / 1e6:.1f}-"
                             f"{max(c.params for c in found) / 1e6:.1f}M)", m.params,
-                            stops[-1] * per_step * len(found), work[1], low_work=work[0]))
+                            (stops[-1] if stops else 0) * per_step * len(found), work[1], low_work=work[0]))
             model = f"e.g. {_shape(configs[m.name])}"
         n[m.name] = count_parameters(configs[m.name])
         weights = n[m.name] * size

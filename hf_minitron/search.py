@@ -65,7 +65,9 @@ class SearchConfig:
         "help": "trained in full alongside LoRA, what hidden-size pruning disturbs: every norm, and the embeddings "
                 "(and an untied LM head) of shapes whose hidden size is pruned"})
     tokens: int = field(default=1_000_000, metadata={
-        "help": "most retraining tokens per candidate (paper: rankings settle after ~300 steps)"})
+        "help": "most retraining tokens per candidate (paper: rankings settle after ~300 steps); 0: no retraining, "
+                "candidates ranked by their perplexity after pruning alone (bench/paper's search experiment found "
+                "that order agreed with a longer KD's on SmolLM2; the paper found it unreliable in general)"})
     eval_every: int | None = field(default=None, metadata={
         "help": "retraining tokens between two rankings of all candidates (None: a quarter of `tokens`)"})
     stable_evals: int = field(default=2, metadata={
@@ -96,6 +98,7 @@ class SearchConfig:
                          (self.eval_every is None or self.eval_every >= 1,
                           f"eval_every: must be >= 1 token, got {self.eval_every}"),
                          (self.stable_evals >= 0, f"stable_evals: must be >= 0, got {self.stable_evals}"),
+                         (self.tokens >= 0, f"tokens: must be >= 0 (0: no retraining), got {self.tokens}"),
                          *((all(v > 0 for v in values or []), f"{name}: values must be > 0, got {values}")
                            for name, values in lists.items())):
             if not ok:
@@ -103,8 +106,11 @@ class SearchConfig:
 
 
 def eval_steps(search: SearchConfig) -> tuple[list[int], int]:
-    """(the steps after which every candidate is scored, tokens per step): every `eval_every` tokens and the end."""
+    """(the steps after which every candidate is scored, tokens per step): every `eval_every` tokens and the end;
+    no steps when the search does not retrain (`tokens` 0)."""
     per_step = search.batch_size * search.seq_len
+    if not search.tokens:
+        return [], per_step
     steps = max(1, math.ceil(search.tokens / per_step))
     every = max(1, math.ceil((search.eval_every or math.ceil(search.tokens / 4)) / per_step))
     return sorted({*range(every, steps, every), steps}), per_step
@@ -177,7 +183,7 @@ def _restore(candidates: list[Candidate], out: Path, search: SearchConfig) -> No
     state = json.loads(path.read_text())
     done = {json.dumps(c["shape"], sort_keys=True): c for c in state["candidates"]}
     kept = out / "adapter" / ADAPTER_BASE_FILE
-    finished = state.get("winner") is not None and (search.adapter == "discard" or (
+    finished = state.get("winner") is not None and (search.adapter == "discard" or not search.tokens or (
         kept.is_file() and json.loads(kept.read_text())["shape"] == state["winner"]["shape"]))
     for c in candidates:
         prior = done.get(json.dumps(c.shape, sort_keys=True))
@@ -224,6 +230,14 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget:
         return candidates
 
     candidates = ranks.on_main(restored)  # every process resumes from the main one's view
+    if not stops:  # no retraining: each candidate is pruned and scored once
+        for c in tqdm([c for c in candidates if c.score_before is None], desc="scoring pruned candidates",
+                      disable=not progress):
+            student, _ = prune_model(base_model, scores, c.target(), prune_options)
+            c.base_sha256, c.score_before = ranks.on_main(fingerprint, student), score(student, windows)
+            log(f"  candidate {c.name}: {c.params / 1e6:.2f}M params, ppl {c.score_before:,.2f} after pruning")
+            ranks.on_main(_write, out, candidates, budget, search, None)
+            del student
     cache, rows = {}, rankings(candidates)
     for k, stop in enumerate(stops, 1):
         if settled(rows, search.stable_evals):
@@ -248,7 +262,7 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget:
         log(f"  step {stop}: ranking {' > '.join(f'c{i + 1}' for i in r['order'])}"
             + ("" if r["kendall_tau"] is None else f" (Kendall tau {r['kendall_tau']:.2f} vs the previous)"))
     for c in candidates:
-        c.score_after, c.tokens = c.curve[-1]["perplexity"], c.curve[-1]["tokens"]
+        c.score_after, c.tokens = (c.curve[-1]["perplexity"], c.curve[-1]["tokens"]) if c.curve else (c.score_before, 0)
     order = sorted(range(len(candidates)), key=lambda i: (candidates[i].score_after, candidates[i].score_before))
     for rank, i in enumerate(order, 1):
         candidates[i].rank = rank
@@ -258,8 +272,8 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget:
     table += format_curve(rows, note)
 
     def finish() -> tuple[dict, str]:
-        checkpoint = _checkpoint(out, winner, winner.curve[-1]["step"])
-        if search.adapter == "merge" and checkpoint.is_dir():
+        checkpoint = _checkpoint(out, winner, winner.curve[-1]["step"]) if winner.curve else None
+        if search.adapter == "merge" and checkpoint and checkpoint.is_dir():
             keep_weights(checkpoint, out / "adapter", winner.base_sha256, base_path, winner.shape, search.mode)
         result = _write(out, candidates, budget, search, order[0], rows, note)
         for c in candidates:  # the checkpoints are not needed again
@@ -286,6 +300,8 @@ def settled_at(rows: list[dict]) -> int | None:
 
 def _settle_note(rows: list[dict], stops: list[int], search: SearchConfig) -> str:
     last, at = rows[-1]["step"], settled_at(rows)
+    if not stops:
+        return "No retraining (search.tokens 0): ranked by perplexity after pruning alone."
     if at is None:
         return (f"Ranking not settled: it still changed at step {last}, the last evaluation; raise search.tokens "
                 f"or lower search.eval_every to see it settle." if len(rows) > 2 else

@@ -91,6 +91,22 @@ def test_search_stops_once_the_ranking_holds(tmp_path):
     assert result["settled"].startswith("Ranking settled at step 1") and "stopped early" in result["settled"]
 
 
+def test_search_without_retraining_ranks_by_the_pruned_perplexity(tmp_path):
+    tok, teacher, scores, windows = _search_setup()
+    budget = int(count_parameters(teacher.config) * 0.8)
+    search = SearchSection(tolerance=0.1, multiple=16, max_candidates=3, tokens=0, eval_windows=2, eval_seq_len=32,
+                           adapter="merge")
+    output = run_search(teacher, scores, teacher, tok, text_dataset(), windows, budget, search, tmp_path / "s",
+                        progress=False, log=lambda *_: None)
+    result = json.loads((output.path / "search.json").read_text())
+    cands = result["candidates"]
+    assert len(cands) == 3 and all(c["curve"] == [] and c["tokens"] == 0 for c in cands)
+    assert all(c["score_after"] == c["score_before"] > 0 for c in cands) and result["tokens"] == 0
+    assert result["winner"]["score_before"] == min(c["score_before"] for c in cands)
+    assert [r["step"] for r in result["rankings"]] == [0] and result["settled"].startswith("No retraining")
+    assert not (tmp_path / "s" / "adapter").exists()  # nothing trained, nothing to merge
+
+
 def test_interrupted_search_resumes_where_it_stopped(tmp_path, monkeypatch):
     tok, teacher, scores, windows = _search_setup()
     budget = int(count_parameters(teacher.config) * 0.8)
