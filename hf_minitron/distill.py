@@ -20,15 +20,16 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from .archs import logit_transform
+from .archs import count_parameters, logit_transform
 from .checkpoints import SaveOnInterrupt, drop_checkpoints, last_complete_checkpoint
 from .intermediate import (AUTO, SITES, Projection, Site, StateReader, attention_relation_loss, build_projections,
-                           check_layer_spec, check_relation_heads, pair_projections, resolve_pairs)
+                           check_layer_spec, check_relation_heads, kept_layers_for, pair_projections, resolve_pairs)
 from .models import check_same_tokenizer, load_model_spec, set_config_dtype
 from .losses import (LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_loss_name, chunked_logit_losses,
                      intermediate_losses)
-from .rundir import DISTILL_FILE
+from .rundir import DISTILL_FILE, PRUNING_FILE
 from .schedule import resolve_schedule
+from .utils import read_json
 from .training import EXCLUDED, TextTrainingConfig, text_dataset, trainer_config  # noqa: F401 (the stages' API)
 
 PROJ_ATTR = "minitron_is_projections"  # student submodule holding the L_is projections during training
@@ -118,11 +119,13 @@ class MinitronDistillTrainer(SFTTrainer):
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the accumulation window's token count itself
 
-    def __init__(self, model, teacher, args: DistillConfig, **kwargs):
+    def __init__(self, model, teacher, args: DistillConfig, pruning: dict | None = None, **kwargs):
+        """`pruning`: the student's pruning record (pruning.json), which says which teacher blocks it kept."""
         self.teacher = teacher.eval().requires_grad_(False)
         resolve_schedule(args)
         n_t, n_s = teacher.config.num_hidden_layers, model.config.num_hidden_layers
-        self.state_pairs, self.is_note = resolve_pairs(args.is_layers, args.is_sites, n_t, n_s)
+        kept = kept_layers_for(pruning, n_t, count_parameters(teacher.config), n_s)
+        self.state_pairs, self.is_note = resolve_pairs(args.is_layers, args.is_sites, n_t, n_s, kept)
         if self.is_note and args.process_index == 0:
             print(self.is_note, flush=True)
         self.att_index = [i for i, p in enumerate(self.state_pairs) if p.site == "attention"]  # L_att: no projection
@@ -320,9 +323,11 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
     per_step *= config.world_size
     config.max_steps = math.ceil(max_tokens / per_step)
     student_model.train()
+    pruning = read_json(Path(student, PRUNING_FILE)) if isinstance(student, str) else None  # which blocks it kept
+    extra = {} if cache else {"pruning": pruning}
     trainer = (CachedDistillTrainer if cache else MinitronDistillTrainer)(
         student_model, cache or teacher_model, config, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=[SaveOnInterrupt()])
+        callbacks=[SaveOnInterrupt()], **extra)
     last = last_complete_checkpoint(out) if resume else None
     train_out = trainer.train(resume_from_checkpoint=last)
     trainer.save_dtype = save_dtype

@@ -61,23 +61,39 @@ def check_layer_spec(spec: str | None) -> None:
         parse_layer_map(spec)
 
 
-def auto_layer_map(n_teacher: int, n_student: int) -> list[tuple[int, int]]:
-    """Embedding output plus proportionally mapped block outputs when the student keeps fewer than 3/4 of the
-    teacher's layers (student block s -> teacher block round(s * Lt / Ls)); [] otherwise. The student's last state
-    is left out: it is the final norm's output, which the logit loss already matches."""
+def auto_layer_map(n_teacher: int, n_student: int, kept: list[int] | None = None) -> list[tuple[int, int]]:
+    """Embedding output plus block outputs when the student keeps fewer than 3/4 of the teacher's layers; []
+    otherwise. `kept`: the teacher blocks the student's were copied from (a depth prune's record): student block s
+    is matched with the block it is a copy of; without it, proportionally (student block s -> teacher block
+    round(s * Lt / Ls)). The student's last state is left out: it is the final norm's output, which the logit loss
+    already matches."""
     if n_student >= AUTO_DEPTH_RATIO * n_teacher:
         return []
+    if kept is not None:  # hidden state s is block s-1's output; teacher state k+1 is block k's
+        return [(0, 0)] + [(kept[s - 1] + 1, s) for s in range(1, n_student)]
     return [(0, 0)] + [(int(s * n_teacher / n_student + 0.5), s) for s in range(1, n_student)]
 
 
-def resolve_pairs(spec: str | None, sites: list[str], n_teacher: int, n_student: int) -> tuple[list[StatePair], str]:
+def kept_layers_for(record: dict | None, n_teacher: int, teacher_params: int, n_student: int) -> list[int] | None:
+    """The teacher blocks a pruned student kept, from its pruning record, when the distillation teacher is the model
+    it was pruned from (same layer and parameter counts); None otherwise."""
+    kept = (record or {}).get("kept_layers")
+    if (not kept or len(kept) != n_student or max(kept) >= n_teacher
+            or record.get("teacher_parameters") != teacher_params):
+        return None
+    return list(kept)
+
+
+def resolve_pairs(spec: str | None, sites: list[str], n_teacher: int, n_student: int,
+                  kept: list[int] | None = None) -> tuple[list[StatePair], str]:
     """The state pairs to compare, and one line saying how they were chosen (empty when given explicitly)."""
     note = ""
     if spec == AUTO:
-        layer_map = auto_layer_map(n_teacher, n_student)
+        layer_map = auto_layer_map(n_teacher, n_student, kept)
         if layer_map:
+            how = "each block with the teacher block it was copied from" if kept else "proportionally"
             note = (f"is_layers auto: the student keeps {n_student} of the teacher's {n_teacher} layers (< 3/4), so "
-                    f"L_is is on: {','.join(f'{t}:{s}' for t, s in layer_map)}")
+                    f"L_is is on ({how}): {','.join(f'{t}:{s}' for t, s in layer_map)}")
     else:
         layer_map = parse_layer_map(spec)
     for t, s in layer_map:

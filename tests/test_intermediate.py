@@ -20,6 +20,41 @@ def test_auto_maps_blocks_proportionally_only_below_three_quarters_of_the_layers
     assert auto_layer_map(32, 24) == []  # 3/4 of the layers kept: logits only (paper best practice 7)
 
 
+def test_auto_matches_each_kept_block_with_the_block_it_was_copied_from():
+    from hf_minitron.intermediate import auto_layer_map
+
+    # teacher blocks 0, 1, 4, 7 kept: student state s (block s-1's output) pairs with teacher state kept[s-1] + 1
+    assert auto_layer_map(8, 4, kept=[0, 1, 4, 7]) == [(0, 0), (1, 1), (2, 2), (5, 3)]
+    assert auto_layer_map(8, 6, kept=[0, 1, 2, 3, 4, 5]) == []  # 3/4 kept: logits only, whatever was kept
+
+
+def test_kept_layers_are_used_only_against_the_model_the_student_was_pruned_from():
+    from hf_minitron.intermediate import kept_layers_for
+
+    record = {"kept_layers": [0, 2, 3], "teacher_parameters": 1000}
+    assert kept_layers_for(record, 4, 1000, 3) == [0, 2, 3]
+    assert kept_layers_for(record, 4, 999, 3) is None  # another teacher (e.g. the grand-parent of a chain)
+    assert kept_layers_for(record, 3, 1000, 3) is None and kept_layers_for(None, 4, 1000, 3) is None
+
+
+def test_distilling_a_depth_pruned_student_pairs_its_blocks_with_their_originals(tmp_path, one_thread):
+    from hf_minitron.distill import RESULT_FILE, distill
+    from hf_minitron.importance import compute_importance
+    from hf_minitron.prune import PruneConfig, PruneTarget, run_prune
+
+    tok = tiny_tokenizer()
+    teacher = tiny_llama(len(tok), layers=4, seed=0)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    scores = compute_importance(teacher, torch.randint(0, len(tok), (4, 16)), progress=False)
+    run_prune(teacher, tok, scores, PruneTarget(drop_layers=[1, 3]), PruneConfig(), tmp_path / "student")
+    out = tmp_path / "run"
+    distill(str(tmp_path / "teacher"), str(tmp_path / "student"), write_corpus(tmp_path), str(out),
+            max_tokens=2 * 32, max_length=32, per_device_train_batch_size=2, report_to=[])
+    result = json.loads((out / RESULT_FILE).read_text())
+    assert result["is_pairs"] == ["0:0", "1:1"] and "copied from" in result["is_policy"]  # proportional: 2:1
+
+
 def test_auto_policy_turns_on_and_says_so(tmp_path, capsys):
     tok = tiny_tokenizer()
     teacher, student = tiny_llama(len(tok), layers=4), tiny_llama(len(tok), hidden=32, inter=64, layers=2, seed=1)
