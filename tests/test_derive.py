@@ -37,8 +37,9 @@ def test_a_short_run_gets_the_short_run_settings_and_a_long_one_the_papers(smoll
 
     short = derive_recipe(TeacherArgs(source=SMOLLM2), data="pydoc-topics", sizes="100M", tokens="24K")
     long = derive_recipe(TeacherArgs(source=SMOLLM2), data="pydoc-topics", sizes="100M", tokens="2B")
-    assert (short.distill["learning_rate"], short.search.adapter, short.data.holdout) == (
-        SHORT_RUN["distill"]["learning_rate"], "merge", SHORT_RUN["holdout"])
+    assert (short.distill["learning_rate"], short.search.tokens, short.search.depth, short.data.holdout) == (
+        SHORT_RUN["distill"]["learning_rate"], 0, True, SHORT_RUN["holdout"])
+    assert short.search.num_heads == [9] and long.search.num_heads is None  # SmolLM2-135M's 9 heads kept
     assert (long.distill["learning_rate"], long.distill["min_lr"], long.search.adapter) == (1e-4, 1e-5, "discard")
 
 
