@@ -83,10 +83,11 @@ def test_width_and_depth_students_have_about_the_same_parameters():
 
 def test_losses_verdict_needs_both_claims():
     good = {"forward KL": _eval(0.0, 0.0), "reverse KL": _eval(0.3, 0.3), "MSE logits": _eval(0.3, 0.3),
-            "cosine logits": _eval(0.3, 0.3), exp_losses.IS_ARM: _eval(-0.2, -0.2)}
+            "cosine logits": _eval(0.3, 0.3), exp_losses.IS_KEPT_ARM: _eval(-0.2, -0.2),
+            exp_losses.IS_ARM: _eval(0.1, 0.1)}  # the proportional pairs are reported, the kept-layer ones decide
     arms = {n: {"eval": e} for n, e in good.items()}
     assert exp_losses.verdict({"arms": arms})["verdict"] == "reproduced"
-    arms[exp_losses.IS_ARM] = {"eval": _eval(0.0, 0.0)}
+    arms[exp_losses.IS_KEPT_ARM] = {"eval": _eval(0.0, 0.0)}
     result = exp_losses.verdict({"arms": arms})
     assert result["verdict"] == "inconclusive" and "L_is helps: undecided" in result["why"]
     arms["reverse KL"] = {"eval": _eval(-0.2, -0.2)}

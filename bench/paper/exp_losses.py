@@ -19,17 +19,30 @@ FINDING = ("Forward KL divergence on the logits is the best single distillation 
            "state losses (embedding and block outputs) to the logit loss helps (best practice 7).")
 DROP_FRACTION = 0.27
 LOGIT_ARMS = {"forward KL": "forward_kl", "reverse KL": "reverse_kl", "MSE logits": "mse", "cosine logits": "cosine"}
-IS_ARM = "forward KL + L_is"
+IS_ARM = "forward KL + L_is"  # block pairs mapped proportionally (the auto policy before kept-layer pairs)
+IS_KEPT_ARM = "forward KL + L_is, kept-layer pairs"
 
 
-def student(suite: Suite):
+def student(suite: Suite, with_plan: bool = False):
     from hf_minitron.prune import PruneConfig, PruneTarget, prune_model
 
     teacher = suite.teacher()
     samples, seq_len = (8, 256) if suite.quick else (32, 512)
     layers = teacher.config.num_hidden_layers
     target = PruneTarget(num_layers=layers - max(1, round(layers * DROP_FRACTION)))
-    return prune_model(teacher, importance(suite, samples, seq_len), target, PruneConfig(depth_metric="bi"))[0]
+    model, plan = prune_model(teacher, importance(suite, samples, seq_len), target, PruneConfig(depth_metric="bi"))
+    return (model, plan) if with_plan else model
+
+
+def kept_pairs_arm(suite: Suite, tokens: int) -> dict:
+    """Forward KL + L_is with each student block paired with the teacher block it was copied from (what the build's
+    auto policy does with a pruned folder's record; the loaded student here has no record, so the pairs are given)."""
+    from hf_minitron.intermediate import auto_layer_map
+
+    model, plan = student(suite, with_plan=True)
+    pairs = auto_layer_map(suite.teacher().config.num_hidden_layers, len(plan.layers), plan.layers)
+    return distilled_arm(suite, "is-kept", model, tokens, logit_loss="forward_kl",
+                         is_layers=",".join(f"{t}:{s}" for t, s in pairs))
 
 
 def run(suite: Suite) -> dict:
@@ -47,6 +60,7 @@ def run(suite: Suite) -> dict:
                                                                      logit_loss=loss, is_layers="off"))
     suite.arm(rec, IS_ARM, lambda: distilled_arm(suite, "is", student(suite), tokens, logit_loss="forward_kl",
                                                  is_layers="auto"))
+    suite.arm(rec, IS_KEPT_ARM, lambda: kept_pairs_arm(suite, tokens))
     rec.update(verdict(rec))
     suite.save()
     return rec
@@ -58,16 +72,18 @@ def _claim(rec_arms: dict, a: str, b: str) -> dict:
 
 def verdict(rec: dict) -> dict:
     """Two claims, each decided out of the training distribution (pydoc) and not contradicted on WikiText-2:
-    forward KL beats each other logit loss; adding L_is beats forward KL alone. Reproduced when both hold, not
-    reproduced when the data contradict either, else inconclusive."""
+    forward KL beats each other logit loss; adding L_is (its pairs as the build maps them: each block with the one
+    it was copied from) beats forward KL alone. Reproduced when both hold, not reproduced when the data contradict
+    either, else inconclusive. The proportionally mapped L_is arm is reported beside it."""
     arms = rec["arms"]
-    if not all(n in arms for n in (*LOGIT_ARMS, IS_ARM)):
+    if not all(n in arms for n in (*LOGIT_ARMS, IS_ARM, IS_KEPT_ARM)):
         return {"verdict": "inconclusive", "why": "not every arm has run", "figures": []}
     figures = [f"{n}: WikiText-2 {a['eval']['wikitext2']['ppl']:.2f}, pydoc {a['eval']['pydoc']['ppl']:.2f}"
                for n, a in arms.items()]
     comparisons = {f"forward KL - {other}": _claim(arms, "forward KL", other) for other in LOGIT_ARMS
                    if other != "forward KL"}
-    comparisons[f"{IS_ARM} - forward KL"] = _claim(arms, IS_ARM, "forward KL")
+    for arm in (IS_KEPT_ARM, IS_ARM):
+        comparisons[f"{arm} - forward KL"] = _claim(arms, arm, "forward KL")
     why = "; ".join(f"{name} on {t}: {d['dlogppl']:+.4f} +- {d['se']:.4f}" for name, cmp in comparisons.items()
                     for t, d in cmp.items())
 
@@ -78,7 +94,7 @@ def verdict(rec: dict) -> dict:
         return "holds" if all(c[OUT_OF_DOMAIN]["better"] == "a" for c in results) else "undecided"
 
     kl = holds([n for n in comparisons if n.startswith("forward KL -")])
-    lis = holds([f"{IS_ARM} - forward KL"])
+    lis = holds([f"{IS_KEPT_ARM} - forward KL"])
     why = f"forward KL best: {kl}; L_is helps: {lis}. " + why
     if kl == lis == "holds":
         return {"verdict": "reproduced", "why": why, "figures": figures}
@@ -90,7 +106,8 @@ def verdict(rec: dict) -> dict:
 def plot(rec: dict, path) -> None:
     arms = rec["arms"]
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 3.8))
-    curves(left, arms, (*LOGIT_ARMS, IS_ARM), "logit loss / its first value", relative=True)  # different units
+    # the losses have different units: each curve relative to its first value
+    curves(left, arms, (*LOGIT_ARMS, IS_ARM, IS_KEPT_ARM), "logit loss / its first value", relative=True)
     text_bars(right, arms, [n for n in arms if n != "teacher"], arms["teacher"])
     right.set_title("held-out perplexity after equal tokens")
     save(fig, path)
