@@ -6,6 +6,7 @@ Hub downloads go through `huggingface_hub.snapshot_download`, so its cache, `HF_
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -268,6 +269,7 @@ def load_model(source: ModelSource | str, dtype: str | None = None, device: str 
         kwargs["device_map"] = device_map_for(device)
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+        kwargs["config"] = load_config(source, trust_remote_code)  # parsed once (the weights' parse is separate)
     else:
         kwargs["use_safetensors"] = True
         get_arch(load_config(source, trust_remote_code))  # an unsupported architecture fails before any weight loads
@@ -319,11 +321,29 @@ def load_config(source: ModelSource | str, trust_remote_code: bool = False):
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if not source.gguf_file and read_json(Path(source.folder) / "config.json") is None:  # names a broken file
         raise ModelLoadError(f"model folder {source.spec!r} has no config.json")
+    key = _gguf_key(source)
+    if key in _GGUF_CONFIGS:
+        return copy.deepcopy(_GGUF_CONFIGS[key])
     try:
-        return AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs)
+        config = AutoConfig.from_pretrained(source.folder, trust_remote_code=trust_remote_code, **kwargs)
     except _file_errors() as e:
         hint = " (truncated or corrupt?)" if source.gguf_file else ""
         raise ModelLoadError(f"cannot read the config of {source.file()!r}{hint}: {first_line(e)}") from e
+    if key:
+        _GGUF_CONFIGS[key] = copy.deepcopy(config)
+    return config
+
+
+# A GGUF file's config is parsed from its whole header (the vocabulary included: ~10 s for SmolLM2 on 2 cores); a
+# build asks for it several times (plan, stages, model load), so it is parsed once per file version and process.
+_GGUF_CONFIGS: dict = {}
+
+
+def _gguf_key(source: ModelSource) -> tuple | None:
+    if not source.gguf_file:
+        return None
+    stat = os.stat(source.file())
+    return source.file(), stat.st_mtime_ns, stat.st_size
 
 
 def set_config_dtype(folder: str, dtype: torch.dtype) -> None:

@@ -70,6 +70,21 @@ def test_gguf_teacher_is_saveable(smollm2_path, tmp_path):
     assert "quantization_config" not in (tmp_path / "config.json").read_text()
 
 
+def test_a_gguf_config_is_parsed_once_per_process(smollm2_path, monkeypatch):
+    import transformers
+
+    import hf_minitron.models as models
+
+    monkeypatch.setattr(models, "_GGUF_CONFIGS", {})
+    calls = []
+    real = transformers.AutoConfig.from_pretrained
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: calls.append(a) or real(*a, **k))
+    first = models.load_config(str(smollm2_path))
+    first.num_hidden_layers = 1  # a caller's change does not reach the next caller
+    second = models.load_config(str(smollm2_path))
+    assert len(calls) == 1 and second.num_hidden_layers == 30
+
+
 def test_bad_sources_fail_with_one_line(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_source("./no/such/folder")
