@@ -29,8 +29,8 @@ from .losses import (LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_los
                      intermediate_losses)
 from .rundir import DISTILL_FILE, PRUNING_FILE
 from .schedule import resolve_schedule
-from .utils import read_json
 from .training import EXCLUDED, TextTrainingConfig, text_dataset, trainer_config  # noqa: F401 (the stages' API)
+from .utils import read_json
 
 PROJ_ATTR = "minitron_is_projections"  # student submodule holding the L_is projections during training
 PROJ_FILE = "is_projections.safetensors"  # where checkpoints keep them (never in the student's weights)
