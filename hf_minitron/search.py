@@ -230,11 +230,18 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget:
         return candidates
 
     candidates = ranks.on_main(restored)  # every process resumes from the main one's view
-    if not stops:  # no retraining: each candidate is pruned and scored once
-        for c in tqdm([c for c in candidates if c.score_before is None], desc="scoring pruned candidates",
-                      disable=not progress):
-            student, _ = prune_model(base_model, scores, c.target(), prune_options)
+
+    def pruned(c: Candidate):
+        """The candidate pruned from the base; its fingerprint and pruned score recorded the first time."""
+        student, _ = prune_model(base_model, scores, c.target(), prune_options)
+        if c.score_before is None or c.base_sha256 is None:
             c.base_sha256, c.score_before = ranks.on_main(fingerprint, student), score(student, windows)
+        return student
+
+    if not stops:  # no retraining: each candidate is pruned and scored once
+        for c in tqdm([c for c in candidates if c.score_before is None or c.base_sha256 is None],
+                      desc="scoring pruned candidates", disable=not progress):
+            student = pruned(c)
             log(f"  candidate {c.name}: {c.params / 1e6:.2f}M params, ppl {c.score_before:,.2f} after pruning")
             ranks.on_main(_write, out, candidates, budget, search, None)
             del student
@@ -243,9 +250,7 @@ def run_search(base_model, scores, teacher, tokenizer, dataset, windows, budget:
         if settled(rows, search.stable_evals):
             break
         for c in tqdm([c for c in candidates if len(c.curve) < k], desc=f"search step {stop}", disable=not progress):
-            student, _ = prune_model(base_model, scores, c.target(), prune_options)
-            if c.score_before is None or c.base_sha256 is None:
-                c.base_sha256, c.score_before = ranks.on_main(fingerprint, student), score(student, windows)
+            student = pruned(c)
             start = c.curve[-1]["step"] if c.curve else 0
             model = wrap(student, search, base_model.config, seed)
             train_segment(model, teacher, tokenizer, dataset, search, out / f"candidate-{c.name}", stops[-1], stop,
