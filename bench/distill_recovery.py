@@ -138,7 +138,7 @@ def hellaswag(model, tasks: list[dict], items: list[tuple[list[int], int]], pad_
             "norm_hits": norm_hits}
 
 
-def paired_se(evaluator, a: dict, b: dict) -> float:
+def paired_se(a: dict, b: dict) -> float:
     """Standard error of acc_norm(a) - acc_norm(b) over the same tasks: paired when both runs kept their per-task
     hits (the common case), else the unpaired sqrt(SE_a^2 + SE_b^2)."""
     ha, hb = a.get("hellaswag_norm_hits"), b.get("hellaswag_norm_hits")
@@ -156,12 +156,13 @@ def write_hellaswag_contexts(data_dir: str, first: int, out_dir: str) -> str:
     ending), so a context sharing any sentence with a scored task's context or endings is left out. Returns its path.
     """
     def sentences(text: str) -> set[str]:
+        text = text.split(": ", 1)[-1]  # without the activity label that prefixes every context
         return {x.strip().lower() for x in text.replace("!", ".").replace("?", ".").split(".") if len(x.strip()) > 20}
 
     path = os.path.join(out_dir, f"hellaswag_contexts_from_{first}.txt")
     with open(os.path.join(data_dir, "hellaswag_val_dev.jsonl")) as f:
         tasks = [json.loads(line) for line in f if line.strip()]
-    scored = set().union(*(sentences(t["ctx"] + ". " + ". ".join(t["endings"])) for t in tasks[:first]))
+    scored = set().union(*(sentences(t["ctx"] + " " + e) for t in tasks[:first] for e in t["endings"]))
     kept = [t["ctx"] for t in tasks[first:] if not sentences(t["ctx"]) & scored]
     with open(path, "w") as f:
         f.write("\n".join(kept) + "\n")
@@ -380,7 +381,7 @@ def main(argv=None) -> int:
                        args.max_tokens, **extra)
         ratio = kd_rec["ppl_wikitext2_16x512"] / tppl
         gap = ev_t["hellaswag_acc_norm"] - kd_rec["hellaswag_acc_norm"]
-        se = paired_se(evaluator, ev_t, kd_rec)
+        se = paired_se(ev_t, kd_rec)
         in_time = kd_rec["wall_s"] <= 30 * 60
         print("\n== Benchmark 1: recovery ==", flush=True)
         print(table([ev_t, ev_p, kd_rec], tppl))

@@ -1,0 +1,35 @@
+"""bench/distill_recovery.py: the benchmark-domain text it may distil on never carries a scored task, and the
+HellaSwag gap's standard error pairs the same tasks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import distill_recovery  # noqa: E402
+
+
+def _task(ctx: str, endings: list[str], label: int = 0) -> dict:
+    return {"ctx": ctx, "endings": endings, "label": label}
+
+
+def test_contexts_sharing_a_sentence_with_a_scored_task_are_left_out(tmp_path):
+    tasks = [
+        _task("Baking: A woman mixes flour and eggs in a bowl. she", ["pours the batter into a round pan.", "x", "y",
+                                                                      "z"]),
+        _task("Baking: She pours the batter into a round pan. she", ["a", "b", "c", "d"]),  # holds task 0's ending
+        _task("Surfing: A man paddles out beyond the breaking waves. he", ["a", "b", "c", "d"]),
+    ]
+    (tmp_path / "hellaswag_val_dev.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    path = distill_recovery.write_hellaswag_contexts(str(tmp_path), 1, str(tmp_path))
+    assert Path(path).read_text().splitlines() == [tasks[2]["ctx"]]
+
+
+def test_the_gap_standard_error_pairs_the_same_tasks():
+    a = {"hellaswag_norm_hits": [1, 1, 0, 0], "hellaswag_acc_norm": 0.5, "hellaswag_n": 4}
+    same = dict(a)
+    assert distill_recovery.paired_se(a, same) == 0.0  # identical answers: no uncertainty in the gap
+    unpaired = {"hellaswag_acc_norm": 0.5, "hellaswag_n": 4}
+    assert distill_recovery.paired_se(a, unpaired) > 0.3  # without per-task hits: sqrt(2 * 0.25 / 4)
