@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -62,7 +63,10 @@ def _run(tmp_path: Path, args: dict, processes: int) -> subprocess.CompletedProc
 
 
 def _lines(proc, tag: str) -> list:
-    return [json.loads(ln.split(" ", 1)[1]) for ln in proc.stdout.splitlines() if ln.startswith(tag + " ")]
+    """Every `TAG {json}` record in the run's stdout, wherever it starts: the two processes share one pipe, and a
+    block-buffered flush of one can leave part of a line in front of the other's record."""
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(proc.stdout, m.end())[0] for m in re.finditer(rf"{tag} (?=[\[{{])", proc.stdout)]
 
 
 @pytest.fixture(scope="module")
