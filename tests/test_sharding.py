@@ -24,17 +24,21 @@ SCRIPT = textwrap.dedent("""
     from hf_minitron.archs import get_arch
     from hf_minitron.sharding import local_bytes
 
+    def emit(tag, record):  # one write of one whole line: print("RANK", x) writes its parts apart, and the two
+        sys.stdout.write(f"{tag} {json.dumps(record)}\\n")  # processes' parts interleave in the shared pipe
+        sys.stdout.flush()
+
     class Report(TrainerCallback):  # how each model is held by this process once training runs
         trainer = None
         def on_step_end(self, a, state, control, **kw):
             t = self.trainer
             if state.global_step == 1:
                 layers = get_arch(t.teacher.config).decoder_layers(t.teacher)
-                print("RANK", json.dumps({
+                emit("RANK", {
                     "rank": t.accelerator.process_index, "type": t.accelerator.distributed_type.value,
                     "wrapper": type(t.model_wrapped).__name__, "student": local_bytes(t.model),
                     "teacher": local_bytes(t.teacher), "teacher_layers": local_bytes(layers),
-                    "dtensors": sum(hasattr(p, "to_local") for p in t.model.parameters())}), flush=True)
+                    "dtensors": sum(hasattr(p, "to_local") for p in t.model.parameters())})
 
     orig = d.MinitronDistillTrainer.__init__
     def init(self, *a, **kw):
@@ -44,7 +48,7 @@ SCRIPT = textwrap.dedent("""
         self.add_callback(report)
     d.MinitronDistillTrainer.__init__ = init
     r = d.distill(**json.loads(sys.argv[1]))
-    print("LOSSES", json.dumps([h["loss"] for h in r["log_history"] if "loss" in h]))
+    emit("LOSSES", [h["loss"] for h in r["log_history"] if "loss" in h])
 """)
 
 
@@ -63,8 +67,8 @@ def _run(tmp_path: Path, args: dict, processes: int) -> subprocess.CompletedProc
 
 
 def _lines(proc, tag: str) -> list:
-    """Every `TAG {json}` record in the run's stdout, wherever it starts: the two processes share one pipe, and a
-    block-buffered flush of one can leave part of a line in front of the other's record."""
+    """Every `TAG {json}` record in the run's stdout, wherever it starts: the two processes share one pipe, and the
+    trainer's own prints of one can leave part of a line in front of the other's record."""
     decoder = json.JSONDecoder()
     return [decoder.raw_decode(proc.stdout, m.end())[0] for m in re.finditer(rf"{tag} (?=[\[{{])", proc.stdout)]
 
