@@ -7,21 +7,32 @@ arms (learning rate, shape, L_is pairing) ran this way, with the students cut by
     python bench/distill_arm.py --student /tmp/p-640-21 --teacher RUN/smollm2-100m --out /tmp/kd-640-21 \\
         --set learning_rate=6e-4 min_lr=3e-5 [is_layers=off]
 
-Prints one JSON line: the settings, wall seconds, held-out perplexity, how many greedy prompts loop, the loss curve.
+Prints one JSON line: the settings, wall seconds, held-out perplexity, how many greedy prompts loop, the loss curve,
+and each evaluation window's mean NLL on the held-out pydoc windows and on 16 x 512 tokens of WikiText-2 test (a text
+no arm trains on, out of the training domain; skipped when ../shared/data is absent). `--against OTHER.json` (an
+earlier arm's line, same windows) adds the paired difference in log-perplexity with its standard error per text.
+
+    python bench/distill_arm.py ... --out /tmp/b > b.json; python bench/distill_arm.py ... --against b.json
 """
 
 import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
 
-from hf_minitron.data import TextSource, load_text_dataset, split_holdout
-from hf_minitron.distill import DistillConfig, distill
-from hf_minitron.evaluate import EvaluateConfig, evaluate_model
-from hf_minitron.models import load_model_spec
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper"))
+from common import paired, window_nll  # noqa: E402 (bench/paper's helpers)
+
+from hf_minitron.data import TextSource, load_text_dataset, split_holdout, token_windows  # noqa: E402
+from hf_minitron.distill import DistillConfig, distill  # noqa: E402
+from hf_minitron.evaluate import EvaluateConfig, evaluate_model  # noqa: E402
+from hf_minitron.models import load_model_spec  # noqa: E402
+
+WIKITEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "wikitext2_test.txt")
 
 BASE = dict(max_length=256, per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=2e-4,
             lr_scheduler_type="cosine_with_min_lr", min_lr=1e-5, warmup_steps=0.1)  # the quickstart's, before
@@ -35,6 +46,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=24000, help="distillation tokens (the quickstart's 24K)")
     p.add_argument("--holdout", type=float, default=0.15, help="held-out share of the documents (the quickstart's)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DistillConfig overrides (JSON values)")
+    p.add_argument("--against", help="an earlier arm's JSON line: print the paired difference to it per text")
     a = p.parse_args()
     overrides = {}
     for item in a.set:
@@ -51,8 +63,18 @@ def main() -> None:
     model, tok = load_model_spec(a.out, None, "cpu")
     r = evaluate_model(model, tok, "arm", EvaluateConfig(seq_len=512, windows=8), [TextSource("pydoc-topics")],
                        a.holdout)
-    print(json.dumps({"student": a.student, "teacher": a.teacher, "set": overrides, "wall_s": round(wall),
-                      "perplexity": r["perplexity"][0]["perplexity"],
+    texts = {"pydoc-topics": token_windows(TextSource("pydoc-topics"), tok, 512, 8, None, a.holdout)}
+    if os.path.isfile(WIKITEXT):
+        texts["wikitext2_test"] = token_windows(WIKITEXT, tok, 512, 16)
+    nll = {name: {"nll": window_nll(model, windows)} for name, windows in texts.items()}
+    against = None
+    if a.against:
+        with open(a.against) as f:
+            other = json.loads(f.read().strip().splitlines()[-1])
+        against = {"arm": other["student"], "out": other.get("out"), **paired(nll, other["window_nll"])}
+    print(json.dumps({"student": a.student, "teacher": a.teacher, "out": a.out, "set": overrides,
+                      "tokens": a.tokens, "wall_s": round(wall), "perplexity": r["perplexity"][0]["perplexity"],
+                      "window_nll": nll, "against": against,
                       "greedy_loops": sum(1 for g in r.get("greedy", []) if g.get("loop")),
                       "loss": [h["loss"] for h in res["log_history"] if "loss" in h],
                       "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -6,12 +6,17 @@ sequence length, so both sides do one student forward+backward and one teacher f
 process so peak memory (CUDA: max allocated; CPU: max RSS growth) is not shared.
 
     python bench/distill_step.py --teacher SmolLM2.gguf-folder-or-file --student pruned-folder --batch 4 --seq 512
+
+`--against bf16` times hf-minitron's step in fp32 against the same step under bf16 autocast (the student's forward,
+the teacher's and the loss, as a bf16 build trains; weights fp32), e.g. on a CPU with AVX512-BF16.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
@@ -38,14 +43,17 @@ def run_one(args) -> dict:
     ids = torch.randint(0, len(tok), (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     n_items = torch.tensor(args.batch * (args.seq - 1), device=device)
-    if args.method == "ours":
+    if args.method in ("ours", "ours_bf16"):
+        bf16 = args.method == "ours_bf16"
         cfg = DistillConfig(output_dir="/tmp/bench_distill_step", report_to=[], gradient_checkpointing=False,
-                            max_length=args.seq, kd_chunk_tokens=args.chunk, bf16=False)
+                            max_length=args.seq, kd_chunk_tokens=args.chunk, bf16=bf16,
+                            use_cpu=bf16 and device == "cpu")
         trainer = MinitronDistillTrainer(student, teacher, cfg, train_dataset=Dataset.from_dict({"text": ["x"]}),
                                          processing_class=tok)
 
-        def step():
-            return trainer.compute_loss(student, dict(inputs), num_items_in_batch=n_items)
+        def step():  # the student's forward autocast as accelerate's prepared model is; the rest by compute_loss
+            with torch.autocast(device, torch.bfloat16, enabled=bf16):
+                return trainer.compute_loss(student, dict(inputs), num_items_in_batch=n_items)
     else:
         from trl.experimental.gkd import GKDTrainer
 
@@ -84,13 +92,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default: 3)")
     p.add_argument("--chunk", type=int, default=1024, help="hf-minitron KD chunk in tokens (default: 1024)")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the models' own)")
-    p.add_argument("--method", choices=["ours", "gkd"], default=None, help="run one side only (internal)")
+    p.add_argument("--against", choices=["gkd", "bf16"], default="gkd",
+                   help="gkd: TRL's GKDTrainer loss; bf16: hf-minitron's own step under bf16 autocast")
+    p.add_argument("--method", choices=["ours", "gkd", "ours_bf16"], default=None,
+                   help="run one side only (internal)")
     args = p.parse_args(argv)
     if args.method:
         print("RESULT " + json.dumps(run_one(args)), flush=True)
         return 0
-    results = {}
-    for method in ("ours", "gkd"):
+    results, other = {}, {"gkd": "gkd", "bf16": "ours_bf16"}[args.against]
+    for method in ("ours", other):
         cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--method", method]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -99,9 +110,12 @@ def main(argv=None) -> int:
             return 1
         results[method] = json.loads(line[-1][7:])
         print(json.dumps(results[method]))
-    ours, gkd = results["ours"], results["gkd"]
-    print(json.dumps({"tokens_per_s_ratio": ours["tokens_per_s"] / gkd["tokens_per_s"],
+    ours, gkd = results["ours"], results[other]
+    print(json.dumps({"versus": other, "tokens_per_s_ratio": ours["tokens_per_s"] / gkd["tokens_per_s"],
                       "peak_memory_ratio": ours["peak_mb"] / gkd["peak_mb"],
+                      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                  "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+                      "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                       "note": "CPU peak = max RSS of the process (includes weights); CUDA peak = max allocated"}))
     return 0
 

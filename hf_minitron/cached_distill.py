@@ -142,11 +142,12 @@ class CachedDistillTrainer(MinitronDistillTrainer):
                     output_hidden_states=True, logits_to_keep=none)
         s_final = out.hidden_states[-1]
         del out
-        kd_sum, ce_sum = chunked_sparse_losses(
-            s_final[:, :-1][mask], inputs["topk_ids"][mask], inputs["topk_logprobs"][mask],
-            inputs["tail_logprob"][mask], labels[:, 1:][mask],
-            self.accelerator.unwrap_model(model).get_output_embeddings(), self.cache.meta["vocab_size"],
-            cfg.temperature, cfg.kd_chunk_tokens, cfg.w_clm != 0, self.logit_transforms[0])
+        with self.accelerator.autocast():  # the LM head in the forward's precision (accelerate wraps the forward)
+            kd_sum, ce_sum = chunked_sparse_losses(
+                s_final[:, :-1][mask], inputs["topk_ids"][mask], inputs["topk_logprobs"][mask],
+                inputs["tail_logprob"][mask], labels[:, 1:][mask],
+                self.accelerator.unwrap_model(model).get_output_embeddings(), self.cache.meta["vocab_size"],
+                cfg.temperature, cfg.kd_chunk_tokens, cfg.w_clm != 0, self.logit_transforms[0])
         n_local = mask.sum()
         n = num_items_in_batch if num_items_in_batch is not None else n_local.clamp(min=1)
         loss = cfg.w_logit * kd_sum / n + cfg.w_clm * ce_sum / n

@@ -150,6 +150,12 @@ class MinitronDistillTrainer(SFTTrainer):
 
     # ---- loss ---------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # under bf16/fp16 the teacher's forward and both LM heads run in the student's autocast too (accelerate
+        # wraps only the prepared model's forward): on a CPU with native bf16 that is most of the step's matmuls
+        with self.accelerator.autocast():
+            return self._minitron_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _minitron_loss(self, model, inputs, return_outputs, num_items_in_batch):
         cfg: DistillConfig = self.args
         labels = inputs["labels"]
         fwd = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}

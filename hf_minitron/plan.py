@@ -166,7 +166,9 @@ def _step_seconds(config, kind: str, batch: int, window: int, device: str, dtype
     """The median of `repeats` timed steps of `kind` (WORK) on a random model of `config`, after a small warm-up
     step (one step alone varied by 40% between two runs on an idle 2-core machine). Training steps include the
     AdamW update; distillation steps the teacher's forward and the build's logit loss (`chunked_logit_losses`
-    with the recipe's loss, temperature, top-k and chunking)."""
+    with the recipe's loss, temperature, top-k and chunking); both under bf16 autocast when the build's training
+    will be (`distill["bf16"]`)."""
+    import contextlib
     import statistics
 
     import torch
@@ -203,9 +205,11 @@ def _step_seconds(config, kind: str, batch: int, window: int, device: str, dtype
 
     ids = torch.randint(0, config.vocab_size, (batch, window), device=device)
     times = []
+    autocast = kind != "forward" and distill.get("bf16")
     for part in (ids[:1, :64], *[ids] * repeats):  # warm-up, then the timed steps
         t0 = time.perf_counter()
-        step(part)
+        with torch.autocast(device.split(":")[0], torch.bfloat16) if autocast else contextlib.nullcontext():
+            step(part)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -223,6 +227,7 @@ def calibrate(recipe, config) -> Calibration:
     from .archs import count_parameters
     from .models import DTYPES, resolve_device
     from .prune import PruneTarget, student_config
+    from .training import bf16_by_default
 
     device = resolve_device(recipe.teacher.device)
     dtype = DTYPES.get(recipe.teacher.dtype or "float32", torch.float32)
@@ -234,6 +239,8 @@ def calibrate(recipe, config) -> Calibration:
     shallow = student_config(config, PruneTarget(num_layers=1))
     settings = {k: recipe.distill_setting(k)  # the build's logit loss
                 for k in ("logit_loss", "temperature", "top_k", "kd_chunk_tokens", "w_clm")}
+    bf16 = recipe.distill.get("bf16")
+    settings["bf16"] = bf16_by_default() if bf16 is None and not recipe.distill.get("fp16") else bool(bf16)
     rates, parts = {}, []
     for kind, flops_per_token in zip(WORK, (2 * n, 6 * n, 8 * n)):
         layer = _step_seconds(deep, kind, batch, window, device, dtype, settings) / deep.num_hidden_layers
@@ -241,9 +248,10 @@ def calibrate(recipe, config) -> Calibration:
         step = head + depth * layer
         rates[kind] = flops_per_token * batch * window / step
         parts.append(f"{kind} {layer:.2f} s per layer + {head:.2f} s = {step:.1f} s, {si(rates[kind])}FLOP/s")
+    precision = str(dtype).replace("torch.", "") + (", training under bf16 autocast" if settings["bf16"] else "")
     return Calibration(rates, f"steps of {batch} x {window} tokens timed on random models of the teacher's shapes "
-                              f"({device}, {str(dtype).replace('torch.', '')}), a layer's time and the embeddings', "
-                              f"LM head's and loss's, added up to its {depth} layers: " + "; ".join(parts))
+                              f"({device}, {precision}), a layer's time and the embeddings', LM head's and loss's, "
+                              f"added up to its {depth} layers: " + "; ".join(parts))
 
 
 def format_plan(recipe, rows: list[Row], calibration: Calibration | None) -> str:

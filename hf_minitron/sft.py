@@ -45,7 +45,8 @@ class InstructConfig(SFTConfig):
     save_total_limit: int | None = field(default=2, metadata={
         "help": "checkpoints kept while training (the newest; none: all)"})
     bf16: bool | None = field(default=None, metadata={
-        "help": "bf16 mixed precision (default: on when a bf16-capable CUDA device is present)"})
+        "help": "bf16 autocast (default: on where bf16 is native: a bf16-capable GPU, or with no GPU a CPU "
+                "with AVX512-BF16/AMX)"})
 
     def __post_init__(self):
         check_template_path(self.chat_template)

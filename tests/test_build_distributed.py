@@ -93,6 +93,7 @@ def one(files):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launch's --mixed_precision, so both train in fp32
         build(from_dict(tiny_recipe(files)), files / "one", progress=False, log=lambda _: None)
     torch.set_num_threads(threads)
     return files / "one"

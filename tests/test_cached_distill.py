@@ -41,7 +41,8 @@ def _distill(tmp_path, name, teacher, data, text_column="text", **cfg):
     from hf_minitron.distill import distill
 
     cfg = {"max_length": 32, "per_device_train_batch_size": 2, "kd_chunk_tokens": 16, "report_to": [],
-           "save_strategy": "no", "logging_steps": 1, "learning_rate": 1e-3, "is_layers": "off", "seed": 0, **cfg}
+           "save_strategy": "no", "logging_steps": 1, "learning_rate": 1e-3, "is_layers": "off", "seed": 0,
+           "bf16": False, **cfg}  # fp32: the live and cached curves are compared to 1e-4
     return distill(teacher, tiny_llama(VOCAB, layers=1, seed=3), data, str(tmp_path / name), 4 * 64,
                    tokenizer=tiny_tokenizer(), text_column=text_column, **cfg)
 

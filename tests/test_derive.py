@@ -25,7 +25,7 @@ def files(tmp_path_factory, smollm2_tokenizer):
 
 
 def test_the_embedded_teacher_derives_the_quickstart_recipe(smollm2_path):
-    derived = derive_recipe(TeacherArgs(source=SMOLLM2), data="pydoc-topics", sizes="100M,70M", tokens="24K")
+    derived = derive_recipe(TeacherArgs(source=SMOLLM2), data="pydoc-topics", sizes="100M,70M", tokens="48K")
     derived, quick = derived.to_dict(), load_recipe(QUICKSTART).to_dict()
     # the cost section (the teacher's pretraining tokens) is the one thing a derivation cannot know
     assert derived.pop("cost") != quick.pop("cost")
@@ -35,7 +35,7 @@ def test_the_embedded_teacher_derives_the_quickstart_recipe(smollm2_path):
 def test_a_short_run_gets_the_short_run_settings_and_a_long_one_the_papers(smollm2_path):
     from hf_minitron.derive import SHORT_RUN
 
-    short = derive_recipe(TeacherArgs(source=SMOLLM2), data="pydoc-topics", sizes="100M", tokens="24K")
+    short = derive_recipe(TeacherArgs(source=SMOLLM2), data="pydoc-topics", sizes="100M", tokens="48K")
     long = derive_recipe(TeacherArgs(source=SMOLLM2), data="pydoc-topics", sizes="100M", tokens="2B")
     assert (short.distill["learning_rate"], short.search.tokens, short.search.depth, short.data.holdout) == (
         SHORT_RUN["distill"]["learning_rate"], 0, True, SHORT_RUN["holdout"])

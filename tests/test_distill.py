@@ -65,8 +65,9 @@ def text_dataset(n_docs: int = 40):
 def make_trainer(teacher, student, tmp_path, **cfg):
     from hf_minitron.distill import DistillConfig, MinitronDistillTrainer
 
+    # fp32 unless a test asks: these tests check the losses' algebra, which bf16 autocast would blur
     cfg = {"max_length": 32, "per_device_train_batch_size": 2, "gradient_checkpointing": False, "report_to": [],
-           "kd_chunk_tokens": 16, "max_steps": 1, "save_strategy": "no", "logging_steps": 1, **cfg}
+           "kd_chunk_tokens": 16, "max_steps": 1, "save_strategy": "no", "logging_steps": 1, "bf16": False, **cfg}
     config = DistillConfig(output_dir=str(tmp_path / "out"), **cfg)
     return MinitronDistillTrainer(student, teacher, config, train_dataset=text_dataset(),
                                   processing_class=tiny_tokenizer())
@@ -168,6 +169,24 @@ def test_loss_normalised_over_accumulation_window(tmp_path):
     per_token = trainer.compute_loss(trainer.model, batch)
     window = trainer.compute_loss(trainer.model, batch, num_items_in_batch=4 * n)
     assert torch.allclose(window * 4, per_token, rtol=1e-5)
+
+
+def test_bf16_runs_the_teacher_and_the_logit_loss_under_autocast(tmp_path):
+    """accelerate autocasts only the student's forward: the teacher's and the LM heads' matmuls must follow."""
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, torch.is_autocast_enabled("cpu"))
+        return hook
+
+    for name, module in (("teacher", teacher.model), ("head", student.lm_head)):
+        module.register_forward_hook(record(name))
+    trainer = make_trainer(teacher, student, tmp_path, is_layers="off", bf16=True, use_cpu=True)
+    trainer.compute_loss(trainer.model, first_batch(trainer))
+    assert seen == {"teacher": True, "head": True}
 
 
 def test_gemma2_kd_loss_compares_the_soft_capped_logits(tmp_path):

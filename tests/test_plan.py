@@ -87,6 +87,25 @@ def test_calibration_times_real_steps_of_the_teacher_shape_quickly(files):
     assert time.time() - start < 30
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_calibration_times_training_steps_in_the_builds_precision(files, monkeypatch, bf16):
+    import torch
+
+    import hf_minitron.losses as losses
+
+    seen, real = set(), losses.chunked_logit_losses
+
+    def recording(*args, **kwargs):  # called only by the timed distillation steps
+        seen.add(torch.is_autocast_enabled("cpu"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "chunked_logit_losses", recording)
+    r = recipe(files)
+    r.distill["bf16"] = bf16
+    c = calibrate(r, r.teacher.model_config())
+    assert seen == {bf16} and ("bf16 autocast" in c.basis) == bf16
+
+
 def test_no_estimate_when_the_teacher_device_is_missing(files, monkeypatch):
     import torch
 

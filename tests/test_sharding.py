@@ -79,7 +79,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
     teacher, student = save_pair(tmp)
     base = dict(teacher=teacher, student=student, data=write_corpus(tmp), max_tokens=4 * 4 * 32, max_length=32,
-                report_to=[], kd_chunk_tokens=16, is_layers="0:0,3:2", save_steps=2, logging_steps=1)
+                report_to=[], kd_chunk_tokens=16, is_layers="0:0,3:2", save_steps=2, logging_steps=1,
+                bf16=False)  # the launch says mixed_precision no; the single process must match it
     sharded = _run(tmp, {**base, "out": str(tmp / "fsdp"), "per_device_train_batch_size": 2}, processes=2)
     single = _run(tmp, {**base, "out": str(tmp / "one"), "per_device_train_batch_size": 4}, processes=1)
     return tmp, sharded, single
