@@ -43,7 +43,8 @@ def main() -> None:
     p.add_argument("--student", required=True, help="pruned student folder")
     p.add_argument("--teacher", required=True, help="KD teacher (model spec)")
     p.add_argument("--out", required=True, help="output folder (overwritten)")
-    p.add_argument("--tokens", type=int, default=24000, help="distillation tokens (the quickstart's 24K)")
+    p.add_argument("--tokens", type=int, default=24000,
+                   help="distillation tokens (default: 24K, the quickstart's before its 48K)")
     p.add_argument("--holdout", type=float, default=0.15, help="held-out share of the documents (the quickstart's)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DistillConfig overrides (JSON values)")
     p.add_argument("--against", help="an earlier arm's JSON line: print the paired difference to it per text")

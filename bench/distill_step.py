@@ -46,8 +46,7 @@ def run_one(args) -> dict:
     if args.method in ("ours", "ours_bf16"):
         bf16 = args.method == "ours_bf16"
         cfg = DistillConfig(output_dir="/tmp/bench_distill_step", report_to=[], gradient_checkpointing=False,
-                            max_length=args.seq, kd_chunk_tokens=args.chunk, bf16=bf16,
-                            use_cpu=bf16 and device == "cpu")
+                            max_length=args.seq, kd_chunk_tokens=args.chunk, bf16=bf16)
         trainer = MinitronDistillTrainer(student, teacher, cfg, train_dataset=Dataset.from_dict({"text": ["x"]}),
                                          processing_class=tok)
 

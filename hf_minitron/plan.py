@@ -227,7 +227,7 @@ def calibrate(recipe, config) -> Calibration:
     from .archs import count_parameters
     from .models import DTYPES, resolve_device
     from .prune import PruneTarget, student_config
-    from .training import bf16_by_default
+    from .training import effective_bf16
 
     device = resolve_device(recipe.teacher.device)
     dtype = DTYPES.get(recipe.teacher.dtype or "float32", torch.float32)
@@ -239,8 +239,7 @@ def calibrate(recipe, config) -> Calibration:
     shallow = student_config(config, PruneTarget(num_layers=1))
     settings = {k: recipe.distill_setting(k)  # the build's logit loss
                 for k in ("logit_loss", "temperature", "top_k", "kd_chunk_tokens", "w_clm")}
-    bf16 = recipe.distill.get("bf16")
-    settings["bf16"] = bf16_by_default() if bf16 is None and not recipe.distill.get("fp16") else bool(bf16)
+    settings["bf16"] = effective_bf16(recipe.distill.get("bf16"), recipe.distill.get("fp16", False))
     rates, parts = {}, []
     for kind, flops_per_token in zip(WORK, (2 * n, 6 * n, 8 * n)):
         layer = _step_seconds(deep, kind, batch, window, device, dtype, settings) / deep.num_hidden_layers

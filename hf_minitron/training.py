@@ -76,10 +76,14 @@ def default_bf16(args) -> None:
     CPU with AVX512-BF16/AMX (distillation and SFT alike; weights stay fp32, bf16 is autocast). bf16 without a GPU
     trains on the CPU, which transformers wants said (`use_cpu`). Under `accelerate launch` its mixed-precision
     setting decides instead (the launched processes' accelerator state is already fixed to it)."""
-    if args.bf16 is None and not args.fp16:
-        args.bf16 = bf16_by_default()
+    args.bf16 = effective_bf16(args.bf16, args.fp16)
     if args.bf16 and not torch.accelerator.is_available():
         args.use_cpu = True
+
+
+def effective_bf16(bf16: bool | None, fp16: bool = False) -> bool:
+    """Whether a training config's `bf16` setting (None: unset) trains under bf16 autocast here."""
+    return bf16_by_default() if bf16 is None and not fp16 else bool(bf16)
 
 
 def bf16_by_default() -> bool:
