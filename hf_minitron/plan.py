@@ -271,6 +271,11 @@ def format_plan(recipe, rows: list[Row], calibration: Calibration | None) -> str
                  f"{_bytes(peak)} of training checkpoints while a member trains)")
     if any(r.tokens is None and r.stage == "sft" for r in rows):
         lines.append("SFT runs epochs of data.sft, whose size is known only once read: not in the totals")
+    on_policy = recipe.distill_setting("on_policy")
+    if on_policy and any(r.stage == "distill" for r in rows):
+        lines.append(f"distill.on_policy {on_policy:g}: that share of the distillation steps first samples each window "
+                     f"past its first {recipe.distill_setting('on_policy_prompt')} tokens with the student, token "
+                     f"by token: not in the totals (such a step took 3.5x an off-policy one on the quickstart's 70m)")
     if calibration:
         high = sum(calibration.seconds(r.work) or 0 for r in rows)
         low = sum(calibration.seconds(r.low_work if r.low_work is not None else r.work) or 0 for r in rows)

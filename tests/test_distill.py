@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -187,6 +188,62 @@ def test_bf16_runs_the_teacher_and_the_logit_loss_under_autocast(tmp_path):
     trainer = make_trainer(teacher, student, tmp_path, is_layers="off", bf16=True, use_cpu=True)
     trainer.compute_loss(trainer.model, first_batch(trainer))
     assert seen == {"teacher": True, "head": True}
+
+
+def test_an_on_policy_step_scores_the_students_own_continuation(tmp_path):
+    """on_policy=1: the teacher sees the window's prompt followed by the student's samples, not the corpus."""
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
+    seen = []
+    teacher.model.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"]),
+                                        with_kwargs=True)
+    trainer = make_trainer(teacher, student, tmp_path, is_layers="off", on_policy=1.0, on_policy_prompt=8)
+    batch = first_batch(trainer)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    assert torch.equal(seen[0][:, :8], batch["input_ids"][:, :8]) and seen[0].shape == batch["input_ids"].shape
+    assert not torch.equal(seen[0][:, 8:], batch["input_ids"][:, 8:])
+    assert trainer._metrics["train"]["on_policy"] == [1.0]
+
+
+def test_an_off_policy_step_of_an_on_policy_run_scores_the_corpus(tmp_path):
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
+    seen = []
+    teacher.model.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"]),
+                                        with_kwargs=True)
+    trainer = make_trainer(teacher, student, tmp_path, is_layers="off", on_policy=1e-9, on_policy_prompt=8)
+    batch = first_batch(trainer)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    assert torch.equal(seen[0], batch["input_ids"]) and trainer._metrics["train"]["on_policy"] == [0.0]
+
+
+def test_on_policy_loss_is_normalised_over_the_sampled_tokens(tmp_path):
+    """Given the window's token count, an on-policy step divides by the sampled tokens it scores instead."""
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
+    trainer = make_trainer(teacher, student, tmp_path, is_layers="off", on_policy=1.0, on_policy_prompt=8)
+    batch = first_batch(trainer)
+    trainer.model.train()
+    n = (batch["labels"][:, 1:] != -100).sum()
+    torch.manual_seed(0)
+    per_token = trainer.compute_loss(trainer.model, batch)  # no count given: its own sampled tokens
+    torch.manual_seed(0)
+    given = trainer.compute_loss(trainer.model, batch, num_items_in_batch=n)
+    assert torch.allclose(given, per_token, rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"on_policy": 1.5}, "on_policy must be a fraction in [0, 1], got 1.5"),
+    ({"on_policy": 0.5, "teacher_cache": "auto"}, "needs the live teacher"),
+    ({"on_policy": 0.5, "on_policy_prompt": 32}, "on_policy_prompt must be in 1..max_length-1 (31), got 32"),
+])
+def test_on_policy_settings_refused_in_one_line(tmp_path, settings, message):
+    from hf_minitron.distill import DistillConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DistillConfig(output_dir=str(tmp_path), max_length=32, bf16=False, **settings)
 
 
 def test_gemma2_kd_loss_compares_the_soft_capped_logits(tmp_path):

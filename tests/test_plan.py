@@ -76,6 +76,15 @@ def test_the_table_states_totals_and_the_estimate_with_its_basis(files):
     assert "estimated wall time" not in format_plan(r, rows, None)
 
 
+def test_on_policy_distillation_is_named_as_outside_the_totals(files):
+    r = recipe(files, distill={"tokens": 256, "max_length": 32, "per_device_train_batch_size": 4, "on_policy": 0.25,
+                               "on_policy_prompt": 8})
+    text = format_plan(r, plan_rows(r), None)
+    assert "distill.on_policy 0.25: that share of the distillation steps first samples each window past its " \
+           "first 8 tokens" in text
+    assert "on_policy" not in format_plan(recipe(files), plan_rows(recipe(files)), None)
+
+
 def test_calibration_times_real_steps_of_the_teacher_shape_quickly(files):
     import time
 
