@@ -190,13 +190,19 @@ def test_bf16_runs_the_teacher_and_the_logit_loss_under_autocast(tmp_path):
     assert seen == {"teacher": True, "head": True}
 
 
+def teacher_inputs(teacher) -> list:
+    """The input_ids of every forward of `teacher`'s body, as they come."""
+    seen = []
+    teacher.model.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"]),
+                                        with_kwargs=True)
+    return seen
+
+
 def test_an_on_policy_step_scores_the_students_own_continuation(tmp_path):
     """on_policy=1: the teacher sees the window's prompt followed by the student's samples, not the corpus."""
     tok = tiny_tokenizer()
     teacher, student = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
-    seen = []
-    teacher.model.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"]),
-                                        with_kwargs=True)
+    seen = teacher_inputs(teacher)
     trainer = make_trainer(teacher, student, tmp_path, is_layers="off", on_policy=1.0, on_policy_prompt=8)
     batch = first_batch(trainer)
     trainer.model.train()
@@ -209,9 +215,7 @@ def test_an_on_policy_step_scores_the_students_own_continuation(tmp_path):
 def test_an_off_policy_step_of_an_on_policy_run_scores_the_corpus(tmp_path):
     tok = tiny_tokenizer()
     teacher, student = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
-    seen = []
-    teacher.model.register_forward_hook(lambda module, args, kwargs, out: seen.append(kwargs["input_ids"]),
-                                        with_kwargs=True)
+    seen = teacher_inputs(teacher)
     trainer = make_trainer(teacher, student, tmp_path, is_layers="off", on_policy=1e-9, on_policy_prompt=8)
     batch = first_batch(trainer)
     trainer.model.train()
