@@ -3,7 +3,8 @@ own text (the lambda of GKD, Agarwal et al., arXiv 2306.13649).
 
 An off-policy student only ever sees the corpus as context; greedy decoding feeds it its own output, where a small
 error (repeating a phrase) makes the next one likelier: the repetition loops of a briefly distilled member. Scoring
-the teacher on the student's own samples trains exactly those contexts. Which steps go on-policy is drawn from the
+the teacher on the student's own samples trains exactly those contexts (whether it helps is measured in
+bench/RESULTS.md: on the quickstart's 70m it did not). Which steps go on-policy is drawn from the
 seed and the step, so every process of a run (and a resumed run) draws the same.
 """
 
@@ -24,9 +25,8 @@ def is_on_policy_step(fraction: float, seed: int, step: int) -> bool:
 def student_windows(model, input_ids: torch.Tensor, prompt_tokens: int, pad_token_id: int | None) -> dict:
     """Each row's first `prompt_tokens` tokens continued by `model` (sampled at temperature 1, the policy itself)
     to the row's length; labels score the sampled tokens only. The returned dict replaces the batch's inputs."""
-    rows, length = input_ids.shape
     prompt = input_ids[:, :prompt_tokens]
-    new = length - prompt.shape[1]
+    new = input_ids.shape[1] - prompt.shape[1]
     # a fresh config: the member's generation_config (a repetition penalty, a top_p) must not shape its policy;
     # min_new_tokens = max_new_tokens keeps every window (and every process's generate loop) the same length
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
