@@ -197,6 +197,17 @@ class Evaluator:
         return res
 
 
+def reusable_evals(path: str, n_tasks: int, sources: dict[str, str]) -> dict:
+    """The teacher's and pruned student's figures in an earlier results.json that may stand for this run's: the same
+    HellaSwag tasks and the same model (teacher spec, student folder); a figure of another --student never does."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        evals = json.load(f).get("evals", {})
+    return {k: v for k, v in evals.items()
+            if k in sources and v.get("hellaswag_n") == n_tasks and v.get("source") == sources[k]}
+
+
 # ---- student -------------------------------------------------------------------------------------------------------
 def build_pruned(teacher, tokenizer, calib_files: str, out: str, samples: int = 32, seq_len: int = 256):
     """Every MLP 1536 -> 1024 by activation importance on `samples` x `seq_len` calibration tokens."""
@@ -313,7 +324,8 @@ def main(argv=None) -> int:
                         "tinyshakespeare.txt,wikitext2_valid.txt)")
     p.add_argument("--reuse-evals", action="store_true",
                    help="take the teacher's and the pruned student's figures from OUT_DIR/results.json of an earlier "
-                        "run with the same --hellaswag-n instead of evaluating them again (default: evaluate)")
+                        "run with the same --hellaswag-n that scored the same teacher spec and student folder instead "
+                        "of evaluating them again (default: evaluate)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     args = p.parse_args(argv)
     if args.threads:
@@ -352,12 +364,9 @@ def main(argv=None) -> int:
         print(f"PRUNE: MLP 1536 -> 1024 in {time.perf_counter() - t0:.0f} s, saved to {pruned_dir}", flush=True)
     pruned.eval()
 
-    earlier = {}
     res_path = os.path.join(args.out_dir, "results.json")
-    if args.reuse_evals and os.path.isfile(res_path):
-        with open(res_path) as f:
-            earlier = {k: v for k, v in json.load(f).get("evals", {}).items()
-                       if k in ("teacher", "pruned") and v.get("hellaswag_n") == len(evaluator.tasks)}
+    sources = {"teacher": args.teacher, "pruned": os.path.abspath(pruned_dir)}
+    earlier = reusable_evals(res_path, len(evaluator.tasks), sources) if args.reuse_evals else {}
     results: dict = {"args": vars(args), "machine": machine_line(), "evals": {}, "runs": {}}
 
     def save():
@@ -373,6 +382,8 @@ def main(argv=None) -> int:
             results["evals"][key] = r
             return r
         r = evaluator(name, model)
+        if key in sources:
+            r["source"] = sources[key]
         if run is not None:
             r["tokens"] = run["tokens"]
             r["wall_s"] = run["wall_s"]

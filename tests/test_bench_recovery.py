@@ -1,5 +1,5 @@
 """bench/distill_recovery.py: the benchmark-domain text it may distil on never carries a scored task, and the
-HellaSwag gap's standard error pairs the same tasks."""
+HellaSwag gap's standard error pairs the same tasks, and earlier figures stand only for the model they scored."""
 
 from __future__ import annotations
 
@@ -33,3 +33,15 @@ def test_the_gap_standard_error_pairs_the_same_tasks():
     assert distill_recovery.paired_se(a, same) == 0.0  # identical answers: no uncertainty in the gap
     unpaired = {"hellaswag_acc_norm": 0.5, "hellaswag_n": 4}
     assert distill_recovery.paired_se(a, unpaired) > 0.3  # without per-task hits: sqrt(2 * 0.25 / 4)
+
+
+def test_earlier_figures_are_reused_only_for_the_same_model_and_tasks(tmp_path):
+    evals = {"teacher": {"source": "T", "hellaswag_n": 1000, "ppl_wikitext2_16x512": 29.6},
+             "pruned": {"source": "/students/a", "hellaswag_n": 1000, "ppl_wikitext2_16x512": 59.3}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"evals": evals}))
+    same = distill_recovery.reusable_evals(str(path), 1000, {"teacher": "T", "pruned": "/students/a"})
+    assert set(same) == {"teacher", "pruned"}
+    other_student = distill_recovery.reusable_evals(str(path), 1000, {"teacher": "T", "pruned": "/students/g"})
+    assert set(other_student) == {"teacher"}
+    assert distill_recovery.reusable_evals(str(path), 300, {"teacher": "T", "pruned": "/students/a"}) == {}
