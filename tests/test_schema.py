@@ -115,3 +115,10 @@ def test_literal_fields_refuse_other_values():
 
 def test_target_lists_take_commas():
     assert from_mapping(PruneTarget, {"drop_layers": "3,4"}).drop_layers == [3, 4]
+
+
+def test_a_layer_pair_in_yaml_stays_a_string_not_a_base_60_number():
+    from hf_minitron.schema import load_yaml
+
+    assert load_yaml("1:1", "x") == "1:1" and load_yaml("{is_layers: 29:29}", "x") == {"is_layers": "29:29"}
+    assert load_yaml("6.0e-4", "x") == 6e-4 and load_yaml("3", "x") == 3 and load_yaml("0x10", "x") == 16
