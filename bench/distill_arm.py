@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+from datasets import concatenate_datasets
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper"))
 from common import paired, window_nll  # noqa: E402 (bench/paper's helpers)
@@ -46,6 +47,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=24000,
                    help="distillation tokens (default: 24K, the quickstart's before its 48K)")
     p.add_argument("--holdout", type=float, default=0.15, help="held-out share of the documents (the quickstart's)")
+    p.add_argument("--extra-data", help="a text file distilled on beside the quickstart's training documents "
+                                        "(read as one document), e.g. text sampled from the teacher")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DistillConfig overrides (JSON values)")
     p.add_argument("--against", help="an earlier arm's JSON line: print the paired difference to it per text")
     a = p.parse_args()
@@ -57,6 +60,8 @@ def main() -> None:
         except json.JSONDecodeError:
             overrides[key] = value
     data = split_holdout(load_text_dataset(TextSource("pydoc-topics")), a.holdout)[0]
+    if a.extra_data:
+        data = concatenate_datasets([data, load_text_dataset(TextSource(a.extra_data))])
     start = time.time()
     config = DistillConfig(output_dir=a.out, tokens=a.tokens, disable_tqdm=True, **{**BASE, **overrides})
     res = distill(a.teacher, a.student, data, a.out, config=config, overwrite=True)
@@ -74,6 +79,7 @@ def main() -> None:
             other = json.loads(f.read().strip().splitlines()[-1])
         against = {"arm": other["student"], "out": other.get("out"), **paired(nll, other["window_nll"])}
     print(json.dumps({"student": a.student, "teacher": a.teacher, "out": a.out, "set": overrides,
+                      "extra_data": a.extra_data,
                       "tokens": a.tokens, "wall_s": round(wall), "perplexity": r["perplexity"][0]["perplexity"],
                       "window_nll": nll, "against": against,
                       "greedy_loops": sum(1 for g in r.get("greedy", []) if g.get("loop")),

@@ -45,3 +45,21 @@ def test_earlier_figures_are_reused_only_for_the_same_model_and_tasks(tmp_path):
     other_student = distill_recovery.reusable_evals(str(path), 1000, {"teacher": "T", "pruned": "/students/g"})
     assert set(other_student) == {"teacher"}
     assert distill_recovery.reusable_evals(str(path), 300, {"teacher": "T", "pruned": "/students/a"}) == {}
+
+
+def test_teacher_continuations_keep_each_context_in_file_order(tmp_path, smollm2_tokenizer):
+    from transformers import AutoModelForCausalLM
+    from helpers import teacher_folder
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_folder(tmp_path / "t", smollm2_tokenizer))
+    side = smollm2_tokenizer.padding_side
+    contexts = ["Washing face: A young girl is inside a bathroom with her dad. she",
+                "Disc dog: The man throws. the dog", "Surfing: He paddles out. he"]
+    path = tmp_path / "contexts.txt"
+    path.write_text("\n".join(contexts) + "\n")
+    out = distill_recovery.continue_with_teacher(teacher, smollm2_tokenizer, str(path), 5, 0.7, 0, batch_size=2)
+    lines = Path(out).read_text().splitlines()
+    assert len(lines) == 3
+    for context, line in zip(contexts, lines):  # batched in length order, written in the file's
+        assert line.startswith(context) and len(line) > len(context)
+    assert smollm2_tokenizer.padding_side == side  # left padding only while generating
