@@ -32,6 +32,7 @@ from hf_minitron.data import TextSource, load_text_dataset, split_holdout, token
 from hf_minitron.distill import DistillConfig, distill  # noqa: E402
 from hf_minitron.evaluate import EvaluateConfig, evaluate_model  # noqa: E402
 from hf_minitron.models import load_model_spec  # noqa: E402
+from hf_minitron.schema import check_mapping, load_yaml  # noqa: E402
 
 WIKITEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "wikitext2_test.txt")
 
@@ -49,16 +50,15 @@ def main() -> None:
     p.add_argument("--holdout", type=float, default=0.15, help="held-out share of the documents (the quickstart's)")
     p.add_argument("--extra-data", help="a text file distilled on beside the quickstart's training documents "
                                         "(read as one document), e.g. text sampled from the teacher")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="DistillConfig overrides (JSON values)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="DistillConfig overrides (values read as the recipe reads YAML)")
     p.add_argument("--against", help="an earlier arm's JSON line: print the paired difference to it per text")
     a = p.parse_args()
-    overrides = {}
+    raw = {}
     for item in a.set:
         key, value = item.split("=", 1)
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+        raw[key] = load_yaml(value, f"--set {item}")
+    overrides = check_mapping(DistillConfig, raw, "--set")  # typed as a recipe's distill section: 6e-4 a float
     data = split_holdout(load_text_dataset(TextSource("pydoc-topics")), a.holdout)[0]
     if a.extra_data:
         data = concatenate_datasets([data, load_text_dataset(TextSource(a.extra_data))])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import distill_recovery  # noqa: E402
+import hellaswag_bench  # noqa: E402
 
 
 def _task(ctx: str, endings: list[str], label: int = 0) -> dict:
@@ -23,16 +24,16 @@ def test_contexts_sharing_a_sentence_with_a_scored_task_are_left_out(tmp_path):
         _task("Surfing: A man paddles out beyond the breaking waves. he", ["a", "b", "c", "d"]),
     ]
     (tmp_path / "hellaswag_val_dev.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
-    path = distill_recovery.write_hellaswag_contexts(str(tmp_path), 1, str(tmp_path))
+    path = hellaswag_bench.write_hellaswag_contexts(str(tmp_path), 1, str(tmp_path))
     assert Path(path).read_text().splitlines() == [tasks[2]["ctx"]]
 
 
 def test_the_gap_standard_error_pairs_the_same_tasks():
     a = {"hellaswag_norm_hits": [1, 1, 0, 0], "hellaswag_acc_norm": 0.5, "hellaswag_n": 4}
     same = dict(a)
-    assert distill_recovery.paired_se(a, same) == 0.0  # identical answers: no uncertainty in the gap
+    assert hellaswag_bench.paired_se(a, same) == 0.0  # identical answers: no uncertainty in the gap
     unpaired = {"hellaswag_acc_norm": 0.5, "hellaswag_n": 4}
-    assert distill_recovery.paired_se(a, unpaired) > 0.3  # without per-task hits: sqrt(2 * 0.25 / 4)
+    assert hellaswag_bench.paired_se(a, unpaired) > 0.3  # without per-task hits: sqrt(2 * 0.25 / 4)
 
 
 def test_earlier_figures_are_reused_only_for_the_same_model_and_tasks(tmp_path):
@@ -57,7 +58,7 @@ def test_teacher_continuations_keep_each_context_in_file_order(tmp_path, smollm2
                 "Disc dog: The man throws. the dog", "Surfing: He paddles out. he"]
     path = tmp_path / "contexts.txt"
     path.write_text("\n".join(contexts) + "\n")
-    out = distill_recovery.continue_with_teacher(teacher, smollm2_tokenizer, str(path), 5, 0.7, 0, batch_size=2)
+    out = hellaswag_bench.continue_with_teacher(teacher, smollm2_tokenizer, str(path), 5, 0.7, 0, batch_size=2)
     lines = Path(out).read_text().splitlines()
     assert len(lines) == 3
     for context, line in zip(contexts, lines):  # batched in length order, written in the file's

@@ -155,7 +155,7 @@ class Suite:
         """0-shot HellaSwag on the first `hellaswag` tasks of the shared dev file, scored as lm-eval does (acc_norm:
         log-likelihood per character of each ending), with the standard error of the accuracy."""
         sys.path.insert(0, str(HERE.parent))
-        from distill_recovery import encode_hellaswag, hellaswag, load_hellaswag
+        from hellaswag_bench import encode_hellaswag, hellaswag, load_hellaswag
 
         if "hellaswag" not in self._cache:
             tasks = load_hellaswag(os.path.join(self.data_dir, "hellaswag_val_dev.jsonl"), self.hellaswag)
