@@ -27,15 +27,21 @@ class SettingError(ValueError):
 MAX_YAML_CHARS = 1 << 20  # a recipe is a few kB; anything near this is not one
 
 
+YAML11_BOOLS = {"yes": True, "no": False, "on": True, "off": False}
+
+
 @functools.lru_cache(maxsize=1)
-def _yaml12_numbers() -> dict:
-    """SafeLoader's implicit resolvers without YAML 1.1's base-60 numbers: `1:1` (an is_layers pair) stays the
-    string it is, not the integer 61."""
+def _yaml12_resolvers() -> dict:
+    """SafeLoader's implicit resolvers with YAML 1.2's numbers and booleans instead of 1.1's: `1:1` (an is_layers
+    pair) stays the string it is, not the base-60 integer 61, and `off` (is_layers' word for none) stays a word, not
+    False; bool settings still take yes/no/on/off (`coerce`)."""
     import yaml
 
-    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-    resolvers = {first: [(tag, rx) for tag, rx in entries if tag not in (int_tag, float_tag)]
+    int_tag, float_tag, bool_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
+    resolvers = {first: [(tag, rx) for tag, rx in entries if tag not in (int_tag, float_tag, bool_tag)]
                  for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for first in "tTfF":
+        resolvers.setdefault(first, []).append((bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")))
     numbers = ((int_tag, r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
                (float_tag, r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
                            r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"))
@@ -57,7 +63,7 @@ def load_yaml(text: str, what: str):
                 raise SettingError(f"{what}: YAML aliases (*name) are not accepted (line {mark.line + 1})")
             return super().compose_node(parent, index)
 
-    NoAliases.yaml_implicit_resolvers = _yaml12_numbers()
+    NoAliases.yaml_implicit_resolvers = _yaml12_resolvers()
     if len(text) > MAX_YAML_CHARS:
         raise SettingError(f"{what}: {len(text):,} characters of YAML, more than the {MAX_YAML_CHARS:,} accepted")
     try:
@@ -196,6 +202,8 @@ def coerce(tp, value, key: str):
             raise SettingError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
         return value
     if tp is bool:
+        if isinstance(value, str) and value.lower() in YAML11_BOOLS:  # YAML 1.1's words, which load_yaml keeps
+            return YAML11_BOOLS[value.lower()]
         if not isinstance(value, bool):
             raise SettingError(f"{key}: expected true or false, got {value!r}")
         return value

@@ -122,3 +122,11 @@ def test_a_layer_pair_in_yaml_stays_a_string_not_a_base_60_number():
 
     assert load_yaml("1:1", "x") == "1:1" and load_yaml("{is_layers: 29:29}", "x") == {"is_layers": "29:29"}
     assert load_yaml("6.0e-4", "x") == 6e-4 and load_yaml("3", "x") == 3 and load_yaml("0x10", "x") == 16
+
+
+def test_is_layers_off_in_yaml_stays_the_word_not_false():
+    from hf_minitron.schema import check_mapping, load_yaml
+
+    section = load_yaml("{is_layers: off, gradient_checkpointing: off, bf16: yes}", "distill")
+    assert check_mapping(DistillConfig, section, "distill") == {
+        "is_layers": "off", "gradient_checkpointing": False, "bf16": True}  # bool settings still take YAML 1.1 words
