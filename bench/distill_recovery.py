@@ -149,6 +149,21 @@ def run_distill(name: str, teacher, student, tokenizer, data: str, out: str, max
     return info
 
 
+def recovery_distill_settings(args) -> dict:
+    """The recovery run's DistillConfig settings (--w-clm, then each --distill KEY=VALUE), read and typed as a recipe's
+    distill section and its overrides (6e-4 a float, 1:1 a string), before any model is loaded."""
+    from hf_minitron.distill import DistillConfig
+    from hf_minitron.schema import SettingError, apply_override, check_mapping
+
+    raw = {"w_clm": args.w_clm} if args.w_clm else {}
+    try:
+        for item in args.distill:
+            apply_override(raw, item)
+        return check_mapping(DistillConfig, raw, "--distill")
+    except SettingError as e:
+        raise SystemExit(f"--distill: {e}") from None
+
+
 def corrected_teacher(teacher, tokenizer, data: str, args):
     """(the teacher fine-tuned on the distillation text for --correct-tokens tokens, seconds it took): teacher
     correction as the follow-up report does it, through hf_minitron's own stage."""
@@ -250,12 +265,11 @@ def main(argv=None) -> int:
     for flag, files in (("--data", args.data), ("--calib-data", args.calib_data)):
         if "wikitext2_test.txt" in files.split(","):
             raise SystemExit(f"{flag} must not contain wikitext2_test.txt: it is the evaluation text")
+    distill_settings = recovery_distill_settings(args)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from hf_minitron.models import load_model, load_tokenizer, resolve_source
-    from hf_minitron.distill import DistillConfig
-    from hf_minitron.schema import check_mapping, load_yaml
 
     print(machine_line(), flush=True)
     print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
@@ -333,13 +347,6 @@ def main(argv=None) -> int:
     compare_tokens = args.compare_max_tokens or args.max_tokens
     kd_rec = None
     if args.which in ("recovery", "all"):
-        extra = {"w_clm": args.w_clm} if args.w_clm else {}
-        for item in args.distill:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"--distill {item!r}: expected KEY=VALUE")
-            extra[key] = load_yaml(value, f"--distill {item}")  # the recipe's reading: 1:1 stays a string
-        extra = check_mapping(DistillConfig, extra, "--distill")  # typed as a recipe's distill section
         kd_teacher = None
         if args.correct_tokens:
             kd_teacher, correct_s = corrected_teacher(teacher, tokenizer, data, args)
@@ -347,7 +354,7 @@ def main(argv=None) -> int:
             results["data_prep_s"] = data_prep_s
             eval_model("corrected_teacher", f"teacher corrected on {args.correct_tokens:,} tokens", kd_teacher)
         kd_rec = train(f"kd_{args.max_tokens}", f"pruned + KD {args.max_tokens:,} tok", copy.deepcopy(pruned),
-                       args.max_tokens, kd_teacher=kd_teacher, **extra)
+                       args.max_tokens, kd_teacher=kd_teacher, **distill_settings)
         ratio = kd_rec["ppl_wikitext2_16x512"] / tppl
         gap = ev_t["hellaswag_acc_norm"] - kd_rec["hellaswag_acc_norm"]
         se = paired_se(ev_t, kd_rec)

@@ -64,3 +64,15 @@ def test_teacher_continuations_keep_each_context_in_file_order(tmp_path, smollm2
     for context, line in zip(contexts, lines):  # batched in length order, written in the file's
         assert line.startswith(context) and len(line) > len(context)
     assert smollm2_tokenizer.padding_side == side  # left padding only while generating
+
+
+def test_distill_settings_are_read_as_a_recipe_reads_them_before_any_model_loads():
+    import argparse
+
+    import pytest
+
+    args = argparse.Namespace(w_clm=0.25, distill=["is_layers=1:1,2:2", "learning_rate=6e-4"])
+    assert distill_recovery.recovery_distill_settings(args) == {
+        "w_clm": 0.25, "is_layers": "1:1,2:2", "learning_rate": 6e-4}
+    with pytest.raises(SystemExit, match="learnig_rate"):
+        distill_recovery.recovery_distill_settings(argparse.Namespace(w_clm=0.0, distill=["learnig_rate=1"]))
