@@ -15,7 +15,7 @@ import exp_kd  # noqa: E402
 import exp_losses  # noqa: E402
 import exp_search  # noqa: E402
 import exp_width_depth  # noqa: E402
-from common import paired  # noqa: E402
+from common import compare, paired, paired_hellaswag  # noqa: E402
 
 
 def _eval(*offsets: float) -> dict:
@@ -31,6 +31,38 @@ def test_paired_differences_within_two_standard_errors_decide_nothing():
     far = {"t": {"nll": [1.5, 2.5, 3.5, 4.6]}}
     assert paired(a, close)["t"]["better"] is None
     assert paired(a, far)["t"]["better"] == "a" and paired(far, a)["t"]["better"] == "b"
+
+
+def _hellaswag(hits: list[int]) -> dict:
+    return {"acc_norm": sum(hits) / len(hits), "n": len(hits), "norm_hits": hits}
+
+
+def test_hellaswag_is_compared_task_by_task_and_only_on_the_same_tasks():
+    base = [1, 0] * 50
+    better = [1, 1] * 10 + [1, 0] * 40  # 10 more tasks right, none lost
+    assert paired_hellaswag({"hellaswag": _hellaswag(better)}, {"hellaswag": _hellaswag(base)})["better"] == "a"
+    assert paired_hellaswag({"hellaswag": _hellaswag(base)}, {"hellaswag": _hellaswag(better)})["better"] == "b"
+    assert paired_hellaswag({"hellaswag": _hellaswag(better[:60])}, {"hellaswag": _hellaswag(base)}) is None
+    assert "hellaswag" not in compare({"eval": _eval(0, 0), "hellaswag": _hellaswag(base)}, {"eval": _eval(0, 0)})
+
+
+def test_hellaswag_decides_the_kd_verdict_where_pydoc_cannot():
+    base, better = [1, 0] * 50, [1, 1] * 10 + [1, 0] * 40
+    arms = {"pruned + KD": {"eval": _eval(0.0, 0.0), "hellaswag": _hellaswag(better)},
+            "pruned + CE": {"eval": _eval(-0.4, 0.0), "hellaswag": _hellaswag(base)},
+            "random init + KD": {"eval": _eval(2.0, 2.0), "hellaswag": _hellaswag(base)}}
+    result = exp_kd.verdict({"arms": arms})  # pydoc level with CE, HellaSwag better than both
+    assert result["verdict"] == "reproduced" and "acc_norm +0.1000" in result["why"]
+    arms["pruned + CE"]["hellaswag"] = _hellaswag(better)
+    arms["pruned + KD"]["hellaswag"] = _hellaswag(base)  # now CE better on HellaSwag
+    assert exp_kd.verdict({"arms": arms})["verdict"] == "not reproduced"
+
+
+def test_a_hellaswag_loss_contradicts_the_chain():
+    base, better = [1, 0] * 50, [1, 1] * 10 + [1, 0] * 40
+    arms = {exp_chain.ONE_SHOT: {"eval": _eval(0.0, 0.0), "hellaswag": _hellaswag(better)},
+            exp_chain.CHAIN: {"eval": _eval(-0.1, -0.3), "hellaswag": _hellaswag(base)}}
+    assert exp_chain.verdict({"arms": arms})["verdict"] == "not reproduced"
 
 
 def test_aggregation_verdicts():

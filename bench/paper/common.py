@@ -192,11 +192,47 @@ def paired(a: dict, b: dict) -> dict:
     return out
 
 
+def paired_hellaswag(a: dict, b: dict) -> dict | None:
+    """Arm `a` minus arm `b` in HellaSwag acc_norm over the same tasks (positive: `a` better), its paired standard
+    error and which is better beyond SE_MULTIPLE standard errors; None unless both arms were scored on the same
+    tasks."""
+    ha, hb = (arm.get("hellaswag", {}).get("norm_hits") for arm in (a, b))
+    if not ha or not hb or len(ha) != len(hb):
+        return None
+    d = torch.tensor(ha, dtype=torch.float64) - torch.tensor(hb, dtype=torch.float64)
+    mean, se = d.mean().item(), (d.std(unbiased=True) / len(d) ** 0.5).item()
+    better = "a" if mean > SE_MULTIPLE * se else "b" if mean < -SE_MULTIPLE * se else None
+    return {"dacc_norm": mean, "se": se, "better": better}
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Two arms compared on every measure both have: per held-out text (`paired`) and, when both were scored on it,
+    HellaSwag (key "hellaswag", out of the training distribution like pydoc)."""
+    out = paired(a["eval"], b["eval"])
+    hs = paired_hellaswag(a, b)
+    if hs is not None:
+        out["hellaswag"] = hs
+    return out
+
+
+def describe(measure: str, d: dict) -> str:
+    """One comparison's figure in its own unit: log-perplexity per text, acc_norm on HellaSwag."""
+    if "dacc_norm" in d:
+        return f"{measure}: acc_norm {d['dacc_norm']:+.4f} +- {d['se']:.4f}"
+    return f"{measure}: {d['dlogppl']:+.4f} +- {d['se']:.4f} log-ppl"
+
+
+def out_of_domain(cmp: dict) -> list[str | None]:
+    """Who is better on each measure out of the training distribution: pydoc, and HellaSwag when measured."""
+    return [cmp[k]["better"] for k in (OUT_OF_DOMAIN, "hellaswag") if k in cmp]
+
+
 def decide(cmp: dict, why: str, figures: list[str], undecided: str = " (within 2 SE)") -> dict:
-    """The verdict of a claim "arm a beats arm b" from their `paired` comparison: reproduced when a is better beyond
-    2 SE out of the training distribution and worse on no text, not reproduced when b is better on any text."""
+    """The verdict of a claim "arm a beats arm b" from their `compare`: reproduced when a is better beyond 2 SE on a
+    measure out of the training distribution (pydoc or HellaSwag) and worse on none, not reproduced when b is better
+    on any."""
     wins = [d["better"] for d in cmp.values()]
-    if cmp[OUT_OF_DOMAIN]["better"] == "a" and "b" not in wins:
+    if "a" in out_of_domain(cmp) and "b" not in wins:
         return {"verdict": "reproduced", "why": why, "figures": figures}
     if "b" in wins:
         return {"verdict": "not reproduced", "why": why, "figures": figures}

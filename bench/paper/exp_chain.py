@@ -9,8 +9,8 @@ the chain's pruning from its teacher. Same windows, order, schedule and seed in 
 
 from __future__ import annotations
 
-from common import (Suite, curves, decide, distilled_arm, importance, paired, pruned_arm, pyplot, save, teacher_arm,
-                    text_bars)
+from common import (Suite, compare, curves, decide, describe, distilled_arm, importance, pruned_arm, pyplot, save,
+                    teacher_arm, text_bars)
 
 NAME = "chain"
 TITLE = "Iterative chain vs one shot at equal total tokens (paper Fig. 2, Table 11; best practice 1)"
@@ -93,11 +93,10 @@ def verdict(rec: dict) -> dict:
         return {"verdict": "inconclusive", "why": "not every arm has run", "figures": []}
     figures = [f"{n} ({a.get('params', 0) / 1e6:.1f}M): WikiText-2 {a['eval']['wikitext2']['ppl']:.2f}, pydoc "
                f"{a['eval']['pydoc']['ppl']:.2f}" for n, a in arms.items()]
-    comparisons = {f"{CHAIN} - {ONE_SHOT}": paired(arms[CHAIN]["eval"], arms[ONE_SHOT]["eval"])}
+    comparisons = {f"{CHAIN} - {ONE_SHOT}": compare(arms[CHAIN], arms[ONE_SHOT])}
     if CHAIN_FROM_TEACHER in arms:
-        comparisons[f"{CHAIN} - {CHAIN_FROM_TEACHER}"] = paired(arms[CHAIN]["eval"], arms[CHAIN_FROM_TEACHER]["eval"])
-    why = "; ".join(f"{name} on {t}: {d['dlogppl']:+.4f} +- {d['se']:.4f} log-ppl"
-                    for name, cmp in comparisons.items() for t, d in cmp.items())
+        comparisons[f"{CHAIN} - {CHAIN_FROM_TEACHER}"] = compare(arms[CHAIN], arms[CHAIN_FROM_TEACHER])
+    why = "; ".join(describe(f"{name} on {t}", d) for name, cmp in comparisons.items() for t, d in cmp.items())
     return decide(comparisons[f"{CHAIN} - {ONE_SHOT}"], why, figures)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 
-from common import (OUT_OF_DOMAIN, Suite, curves, distilled_arm, importance, paired, pruned_arm, pyplot, save,
-                    teacher_arm, text_bars)
+from common import (Suite, compare, curves, describe, distilled_arm, importance, out_of_domain, pruned_arm, pyplot,
+                    save, teacher_arm, text_bars)
 
 NAME = "kd_vs_ce"
 TITLE = "Distillation vs cross-entropy vs random init (paper Table 11)"
@@ -56,24 +56,26 @@ def run(suite: Suite) -> dict:
 
 
 def verdict(rec: dict) -> dict:
-    """Decided out of the training distribution (pydoc): KD must beat CE and random init + KD there beyond 2 SE.
-    WikiText-2 test shares the training text's distribution, so CE's fit to that text shows there; reported too."""
+    """Decided out of the training distribution (pydoc, and HellaSwag when measured): KD must beat CE and random
+    init + KD beyond 2 SE on one of those measures and lose on neither. WikiText-2 test shares the training text's
+    distribution, so CE's fit to that text shows there; reported, not deciding."""
     arms = rec["arms"]
     if not all(n in arms for n in ("pruned + KD", "pruned + CE", "random init + KD")):
         return {"verdict": "inconclusive", "why": "not every arm has run", "figures": []}
-    kd_ce = paired(arms["pruned + KD"]["eval"], arms["pruned + CE"]["eval"])
-    kd_rand = paired(arms["pruned + KD"]["eval"], arms["random init + KD"]["eval"])
+    kd_ce = compare(arms["pruned + KD"], arms["pruned + CE"])
+    kd_rand = compare(arms["pruned + KD"], arms["random init + KD"])
     figures = [f"{n}: WikiText-2 {a['eval']['wikitext2']['ppl']:.2f}, pydoc {a['eval']['pydoc']['ppl']:.2f}"
                for n, a in arms.items()]
-    why = "; ".join(f"KD - {other} on {t}: {d['dlogppl']:+.4f} +- {d['se']:.4f} log-ppl"
+    why = "; ".join(describe(f"KD - {other} on {t}", d)
                     for other, cmp in (("CE", kd_ce), ("random init", kd_rand)) for t, d in cmp.items())
     if kd_ce["wikitext2"]["better"] == "b":
         why += (". In the training text's distribution (WikiText-2) CE wins: it fits the training text itself, "
-                "while KD fits the teacher's distribution; the claim is judged out of that distribution (pydoc)")
-    wins = [kd_ce[OUT_OF_DOMAIN]["better"], kd_rand[OUT_OF_DOMAIN]["better"]]
-    if all(w == "a" for w in wins):
+                "while KD fits the teacher's distribution; the claim is judged out of that distribution (pydoc"
+                + (", HellaSwag)" if "hellaswag" in kd_ce else ")"))
+    wins = [out_of_domain(kd_ce), out_of_domain(kd_rand)]
+    if all("a" in w and "b" not in w for w in wins):
         return {"verdict": "reproduced", "why": why, "figures": figures}
-    if any(w == "b" for w in wins):
+    if any("b" in w for w in wins):
         return {"verdict": "not reproduced", "why": why, "figures": figures}
     return {"verdict": "inconclusive", "why": why + " (within 2 SE out of domain)", "figures": figures}
 

@@ -9,8 +9,8 @@ learned projection, dynamic weight alpha = L_logit / L_is).
 
 from __future__ import annotations
 
-from common import (OUT_OF_DOMAIN, Suite, curves, distilled_arm, importance, paired, pruned_arm, pyplot, save,
-                    teacher_arm, text_bars)
+from common import (Suite, compare, curves, describe, distilled_arm, importance, out_of_domain, pruned_arm, pyplot,
+                    save, teacher_arm, text_bars)
 
 NAME = "losses"
 TITLE = "Loss choice: forward KL, reverse KL, MSE, cosine, and L_is on a depth-pruned student (best practices 6-7)"
@@ -67,14 +67,14 @@ def run(suite: Suite) -> dict:
 
 
 def _claim(rec_arms: dict, a: str, b: str) -> dict:
-    return paired(rec_arms[a]["eval"], rec_arms[b]["eval"])
+    return compare(rec_arms[a], rec_arms[b])
 
 
 def verdict(rec: dict) -> dict:
-    """Two claims, each decided out of the training distribution (pydoc) and not contradicted on WikiText-2:
-    forward KL beats each other logit loss; adding L_is (its pairs as the build maps them: each block with the one
-    it was copied from) beats forward KL alone. Reproduced when both hold, not reproduced when the data contradict
-    either, else inconclusive. The proportionally mapped L_is arm is reported beside it."""
+    """Two claims, each decided out of the training distribution (pydoc, HellaSwag when measured) and contradicted
+    on no measure: forward KL beats each other logit loss; adding L_is (its pairs as the build maps them: each block
+    with the one it was copied from) beats forward KL alone. Reproduced when both hold, not reproduced when the data
+    contradict either, else inconclusive. The proportionally mapped L_is arm is reported beside it."""
     arms = rec["arms"]
     if not all(n in arms for n in (*LOGIT_ARMS, IS_ARM, IS_KEPT_ARM)):
         return {"verdict": "inconclusive", "why": "not every arm has run", "figures": []}
@@ -84,14 +84,13 @@ def verdict(rec: dict) -> dict:
                    if other != "forward KL"}
     for arm in (IS_KEPT_ARM, IS_ARM):
         comparisons[f"{arm} - forward KL"] = _claim(arms, arm, "forward KL")
-    why = "; ".join(f"{name} on {t}: {d['dlogppl']:+.4f} +- {d['se']:.4f}" for name, cmp in comparisons.items()
-                    for t, d in cmp.items())
+    why = "; ".join(describe(f"{name} on {t}", d) for name, cmp in comparisons.items() for t, d in cmp.items())
 
     def holds(cmp_names) -> str:
         results = [comparisons[n] for n in cmp_names]
         if any("b" in (d["better"] for d in c.values()) for c in results):
             return "contradicted"
-        return "holds" if all(c[OUT_OF_DOMAIN]["better"] == "a" for c in results) else "undecided"
+        return "holds" if all("a" in out_of_domain(c) for c in results) else "undecided"
 
     kl = holds([n for n in comparisons if n.startswith("forward KL -")])
     lis = holds([f"{IS_KEPT_ARM} - forward KL"])

@@ -7,8 +7,8 @@ only and after the same KD tokens (same windows, order, schedule and seed).
 
 from __future__ import annotations
 
-from common import (Suite, curves, decide, distilled_arm, importance, paired, pruned_arm, pyplot, save, teacher_arm,
-                    text_bars)
+from common import (Suite, compare, curves, decide, describe, distilled_arm, importance, pruned_arm, pyplot, save,
+                    teacher_arm, text_bars)
 
 NAME = "width_vs_depth"
 TITLE = "Width vs depth at equal parameters (paper Fig. 8, best practice 2)"
@@ -65,11 +65,11 @@ def verdict(rec: dict) -> dict:
     arms = rec["arms"]
     if not all(n in arms for n in ("depth", "width", "depth + KD", "width + KD")):
         return {"verdict": "inconclusive", "why": "not every arm has run", "figures": []}
-    before = paired(arms["width"]["eval"], arms["depth"]["eval"])
-    after = paired(arms["width + KD"]["eval"], arms["depth + KD"]["eval"])
+    before = compare(arms["width"], arms["depth"])
+    after = compare(arms["width + KD"], arms["depth + KD"])
     figures = [f"{n} ({a.get('params', 0) / 1e6:.1f}M): WikiText-2 {a['eval']['wikitext2']['ppl']:.2f}, pydoc "
                f"{a['eval']['pydoc']['ppl']:.2f}" for n, a in arms.items()]
-    why = "; ".join(f"width - depth {when} on {t}: {d['dlogppl']:+.4f} +- {d['se']:.4f} log-ppl"
+    why = "; ".join(describe(f"width - depth {when} on {t}", d)
                     for when, cmp in (("before KD", before), ("after KD", after)) for t, d in cmp.items())
     return decide(after, why, figures, " (within 2 SE after KD)")
 

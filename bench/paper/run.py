@@ -44,8 +44,9 @@ def render(suite: Suite) -> Path:
              "Held-out text: WikiText-2 test and CPython's language reference (`pydoc-topics`); calibration and "
              "training read tiny-shakespeare + WikiText-2 valid, so no arm trains on either text, but WikiText-2 "
              "test shares the training text's distribution and pydoc does not. Arms are compared window by window "
-             "(mean per-window log-perplexity difference +- its standard error); a difference within 2 standard "
-             "errors is inconclusive.", "",
+             "(mean per-window log-perplexity difference +- its standard error) and, where HellaSwag was measured "
+             "(`--hellaswag 1000`), task by task (acc_norm difference +- its paired standard error; out of the "
+             "training distribution, like pydoc); a difference within 2 standard errors is inconclusive.", "",
              "| experiment | verdict |", "|---|---|"]
     for name, module in EXPERIMENTS.items():
         rec = results.get(name)
