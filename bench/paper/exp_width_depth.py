@@ -7,8 +7,8 @@ only and after the same KD tokens (same windows, order, schedule and seed).
 
 from __future__ import annotations
 
-from common import (Suite, compare, curves, decide, describe, distilled_arm, importance, pruned_arm, pyplot, save,
-                    teacher_arm, text_bars)
+from common import (Suite, compare, curves, decide, describe, distilled_arm, held_out_text, importance, pruned_arm,
+                    pyplot, save, teacher_arm, text_bars)
 
 NAME = "width_vs_depth"
 TITLE = "Width vs depth at equal parameters (paper Fig. 8, best practice 2)"
@@ -71,7 +71,7 @@ def verdict(rec: dict) -> dict:
                f"{a['eval']['pydoc']['ppl']:.2f}" for n, a in arms.items()]
     why = "; ".join(describe(f"width - depth {when} on {t}", d)
                     for when, cmp in (("before KD", before), ("after KD", after)) for t, d in cmp.items())
-    return decide(after, why, figures, " (within 2 SE after KD)")
+    return decide(after, why, figures, " (within 2 SE after KD)", held_out_text(rec))
 
 
 def plot(rec: dict, path) -> None:

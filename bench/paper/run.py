@@ -4,6 +4,8 @@
     python bench/paper/run.py --only heads,kd_vs_ce # some of them
     python bench/paper/run.py --quick               # smaller calibration and budgets (minutes, not hours)
     python bench/paper/run.py --teacher ORG/NAME --device cuda   # another teacher, on a GPU
+    python bench/paper/run.py --only kd_vs_ce --hellaswag 1000   # with 0-shot HellaSwag on 1,000 tasks per arm
+    python bench/paper/run.py --only kd_vs_ce --train-on pydoc   # the reverse split: train on pydoc, not WikiText-2
     python bench/paper/run.py --render              # only rewrite README.md from results.json
 
 Each experiment writes its arms into `results.json` as they finish (a rerun skips the finished ones while the
@@ -27,59 +29,75 @@ import exp_kd  # noqa: E402
 import exp_losses  # noqa: E402
 import exp_search  # noqa: E402
 import exp_width_depth  # noqa: E402
-from common import DATA_DIR, HERE, TEACHER, Suite  # noqa: E402
+from common import DATA_DIR, HERE, TEACHER, TRAIN_ON, Suite  # noqa: E402
 
 EXPERIMENTS = {m.NAME: m for m in (exp_aggregation, exp_heads, exp_width_depth, exp_kd, exp_chain, exp_losses,
                                     exp_search)}
 
 
+REVERSE = "pydoc"  # the reverse split's training text (`--train-on pydoc`); its records sit beside the default's
+
+
 def render(suite: Suite) -> Path:
-    """README.md from results.json: per experiment the finding, figures, plot and verdict."""
+    """README.md from results.json: per experiment the finding, figures, plot and verdict, then the reverse split's
+    where it was run."""
     results = suite.results()["experiments"]
-    for name, module in EXPERIMENTS.items():  # verdicts from the arms, by the current rules
-        if "verdict" in results.get(name, {}):
-            results[name].update(module.verdict(results[name]))
+    for key, rec in results.items():  # verdicts from the arms, by the current rules
+        name = key.split("@")[0]
+        if name in EXPERIMENTS and "verdict" in rec:
+            rec.update(EXPERIMENTS[name].verdict(rec))
     lines = ["# The paper's findings at laptop scale (`bench/paper/`)", "",
              "Rendered by `python bench/paper/run.py` from `results.json`; every figure below was measured by it.",
              "Held-out text: WikiText-2 test and CPython's language reference (`pydoc-topics`); calibration and "
              "training read tiny-shakespeare + WikiText-2 valid, so no arm trains on either text, but WikiText-2 "
-             "test shares the training text's distribution and pydoc does not. Arms are compared window by window "
+             "test shares the training text's distribution and pydoc does not. The reverse split (`--train-on "
+             "pydoc`, where run) trains on tiny-shakespeare + pydoc less its last 15% of documents and evaluates on "
+             "those documents and WikiText-2 test, so the two texts swap roles. Arms are compared window by window "
              "(mean per-window log-perplexity difference +- its standard error) and, where HellaSwag was measured "
              "(`--hellaswag 1000`), task by task (acc_norm difference +- its paired standard error; out of the "
-             "training distribution, like pydoc); a difference within 2 standard errors is inconclusive.", "",
-             "| experiment | verdict |", "|---|---|"]
+             "training distribution, like the held-out text); a difference within 2 standard errors is "
+             "inconclusive.", "",
+             "| experiment | verdict | reverse split |", "|---|---|---|"]
     for name, module in EXPERIMENTS.items():
-        rec = results.get(name)
-        lines.append(f"| [{module.TITLE}](#{name}) | {rec.get('verdict', 'not run') if rec else 'not run'} |")
+        rec, rev = results.get(name), results.get(f"{name}@{REVERSE}")
+        lines.append(f"| [{module.TITLE}](#{name}) | {rec.get('verdict', 'not run') if rec else 'not run'} | "
+                     f"{rev.get('verdict', 'not run') if rev else 'not run'} |")
     for name, module in EXPERIMENTS.items():
-        rec = results.get(name)
+        rec, rev = results.get(name), results.get(f"{name}@{REVERSE}")
         lines += ["", f"## {module.TITLE}", f'<a id="{name}"></a>', "", f"**The paper:** {module.FINDING}", ""]
         if not rec or "verdict" not in rec:
             lines.append("Not run yet: `python bench/paper/run.py --only " + name + "`.")
-            continue
-        m = rec["machine"]
-        lines += [f"**Verdict: {rec['verdict']}.** {rec['why']}", "",
-                  f"Protocol: {', '.join(f'{k}: {v}' for k, v in rec.get('protocol', {}).items())}; "
-                  f"evaluation {rec['settings']['eval_windows']} x {rec['settings']['eval_len']} tokens per text, "
-                  f"seed {rec['settings']['seed']}, teacher `{rec['settings']['teacher']}`.", "",
-                  "| arm | params | WikiText-2 ppl | pydoc ppl | HellaSwag acc_norm | wall |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for arm, a in rec["arms"].items():
-            hs = a.get("hellaswag")
-            hs = f"{hs['acc_norm']:.3f} +- {hs['se']:.3f} (n {hs['n']})" if hs else "-"
-            ppl = [f"{a['eval'][t]['ppl']:.2f}" if "eval" in a else "-" for t in ("wikitext2", "pydoc")]
-            params = f"{a['params'] / 1e6:.1f}M" if "params" in a else "-"
-            lines.append(f"| {arm} | {params} | {ppl[0]} | {ppl[1]} | {hs} | {a.get('wall_s', 0):.0f} s |")
-        if any("eval" not in a for a in rec["arms"].values()):  # arms that are not one model (a search)
-            lines += [""] + [f"- {f}" for f in rec.get("figures", [])]
-        png = f"{name}.png"
-        module.plot(rec, suite.out / png)
-        lines += ["", f"![{name}]({png})", "",
-                  f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; torch {m['torch']}, "
-                  f"transformers {m['transformers']}; commit {m['commit']}; `{m['command']}`."]
+        else:
+            lines += record_lines(suite, module, rec, f"{name}.png")
+        if rev and "verdict" in rev:
+            lines += ["", f"### Reverse split: trained on tiny-shakespeare + {TRAIN_ON[REVERSE]}", ""]
+            lines += record_lines(suite, module, rev, f"{name}-reverse.png")
     path = suite.out / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def record_lines(suite: Suite, module, rec: dict, png: str) -> list[str]:
+    """One record's verdict, protocol, arms table, plot and provenance."""
+    m = rec["machine"]
+    lines = [f"**Verdict: {rec['verdict']}.** {rec['why']}", "",
+             f"Protocol: {', '.join(f'{k}: {v}' for k, v in rec.get('protocol', {}).items())}; "
+             f"evaluation {rec['settings']['eval_windows']} x {rec['settings']['eval_len']} tokens per text, "
+             f"seed {rec['settings']['seed']}, teacher `{rec['settings']['teacher']}`.", "",
+             "| arm | params | WikiText-2 ppl | pydoc ppl | HellaSwag acc_norm | wall |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for arm, a in rec["arms"].items():
+        hs = a.get("hellaswag")
+        hs = f"{hs['acc_norm']:.3f} +- {hs['se']:.3f} (n {hs['n']})" if hs else "-"
+        ppl = [f"{a['eval'][t]['ppl']:.2f}" if "eval" in a else "-" for t in ("wikitext2", "pydoc")]
+        params = f"{a['params'] / 1e6:.1f}M" if "params" in a else "-"
+        lines.append(f"| {arm} | {params} | {ppl[0]} | {ppl[1]} | {hs} | {a.get('wall_s', 0):.0f} s |")
+    if any("eval" not in a for a in rec["arms"].values()):  # arms that are not one model (a search)
+        lines += [""] + [f"- {f}" for f in rec.get("figures", [])]
+    module.plot(rec, suite.out / png)
+    return lines + ["", f"![{png[:-4]}]({png})", "",
+                    f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; torch {m['torch']}, "
+                    f"transformers {m['transformers']}; commit {m['commit']}; `{m['command']}`."]
 
 
 def main(argv=None) -> int:
@@ -97,6 +115,12 @@ def main(argv=None) -> int:
     p.add_argument("--hellaswag", type=int, default=0,
                    help="0-shot HellaSwag tasks per arm from the shared dev file (1000: SE ~0.015; default: none)")
     p.add_argument("--device", default="cpu", help="where the teacher and the pruned models run (default: cpu)")
+    p.add_argument("--train-on", choices=list(TRAIN_ON), default="wikitext2",
+                   help="the text trained and calibrated on beside tiny-shakespeare: "
+                        + "; ".join(f"{k}: {v}" for k, v in TRAIN_ON.items())
+                        + " (the reverse split: pydoc's held-out documents and WikiText-2 test are evaluated, and "
+                          "WikiText-2 is the text out of the training distribution; kept beside the default's "
+                          "records). Default: wikitext2")
     p.add_argument("--render", action="store_true", help="only render README.md from results.json")
     args = p.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(EXPERIMENTS)
@@ -104,7 +128,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown experiment {unknown[0]!r}; choose from {', '.join(EXPERIMENTS)}")
     suite = Suite(args.teacher, args.data_dir, Path(args.out), args.eval_windows, args.eval_len, args.seed,
-                  args.quick, args.kd_tokens, args.device, args.hellaswag)
+                  args.quick, args.kd_tokens, args.device, args.hellaswag, args.train_on)
     if not args.render:
         for name in names:
             print(f"== {name}: {EXPERIMENTS[name].TITLE}", flush=True)
