@@ -32,7 +32,7 @@ from hf_minitron.data import TextSource, load_text_dataset, split_holdout, token
 from hf_minitron.distill import DistillConfig, distill  # noqa: E402
 from hf_minitron.evaluate import EvaluateConfig, evaluate_model  # noqa: E402
 from hf_minitron.models import load_model_spec  # noqa: E402
-from hf_minitron.schema import SettingError, apply_override, check_mapping  # noqa: E402
+from hf_minitron.schema import SettingError, typed_overrides  # noqa: E402
 
 WIKITEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "wikitext2_test.txt")
 
@@ -84,11 +84,8 @@ def main() -> None:
                    help="DistillConfig overrides (values read as the recipe reads YAML)")
     p.add_argument("--against", help="an earlier arm's JSON line: print the paired difference to it per text")
     a = p.parse_args()
-    raw = {}
     try:  # read and typed as a recipe's distill section and its overrides: 6e-4 a float, 1:1 a string
-        for item in a.set:
-            apply_override(raw, item)
-        overrides = check_mapping(DistillConfig, raw, "--set")
+        overrides = typed_overrides(DistillConfig, a.set, "--set")
     except SettingError as e:
         raise SystemExit(f"--set: {e}") from None
     data = split_holdout(load_text_dataset(TextSource("pydoc-topics")), a.holdout)[0]

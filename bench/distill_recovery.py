@@ -153,13 +153,10 @@ def recovery_distill_settings(args) -> dict:
     """The recovery run's DistillConfig settings (--w-clm, then each --distill KEY=VALUE), read and typed as a recipe's
     distill section and its overrides (6e-4 a float, 1:1 a string), before any model is loaded."""
     from hf_minitron.distill import DistillConfig
-    from hf_minitron.schema import SettingError, apply_override, check_mapping
+    from hf_minitron.schema import SettingError, typed_overrides
 
-    raw = {"w_clm": args.w_clm} if args.w_clm else {}
     try:
-        for item in args.distill:
-            apply_override(raw, item)
-        return check_mapping(DistillConfig, raw, "--distill")
+        return typed_overrides(DistillConfig, args.distill, "--distill", {"w_clm": args.w_clm} if args.w_clm else {})
     except SettingError as e:
         raise SystemExit(f"--distill: {e}") from None
 

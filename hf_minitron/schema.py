@@ -333,6 +333,16 @@ def given(args: argparse.Namespace, section: str, cls=None) -> dict:
 # ---- `key.sub=value` overrides of a raw mapping (a recipe's, before it is checked) -----------------------
 
 
+def typed_overrides(cls, assignments, key: str, raw: dict | None = None) -> dict:
+    """`raw` with each `key=value` assignment applied as a recipe override is (`apply_override`), checked and typed
+    against `cls`'s fields (`check_mapping`): the settings a script's KEY=VALUE flags give (6e-4 a float, 1:1 a
+    string)."""
+    raw = dict(raw or {})
+    for assignment in assignments:
+        apply_override(raw, assignment)
+    return check_mapping(cls, raw, key)
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Set `a.b.c=value` in the raw recipe mapping; the value is read as YAML (`true`, `3`, `[1, 2]`, `100M`)."""
     dotted, sep, text = assignment.partition("=")

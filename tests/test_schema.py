@@ -130,3 +130,12 @@ def test_is_layers_off_in_yaml_stays_the_word_not_false():
     section = load_yaml("{is_layers: off, gradient_checkpointing: off, bf16: yes}", "distill")
     assert check_mapping(DistillConfig, section, "distill") == {
         "is_layers": "off", "gradient_checkpointing": False, "bf16": True}  # bool settings still take YAML 1.1 words
+
+
+def test_key_value_flags_are_typed_as_the_config_fields():
+    from hf_minitron.schema import SettingError, typed_overrides
+
+    assert typed_overrides(DistillConfig, ["learning_rate=6e-4", "is_layers=1:1"], "--set", {"w_clm": 0.25}) == {
+        "w_clm": 0.25, "learning_rate": 6e-4, "is_layers": "1:1"}
+    with pytest.raises(SettingError, match="unknown key '--set.learning_rat'"):
+        typed_overrides(DistillConfig, ["learning_rat=1e-4"], "--set")
