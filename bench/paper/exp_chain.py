@@ -97,7 +97,7 @@ def verdict(rec: dict) -> dict:
     if CHAIN_FROM_TEACHER in arms:
         comparisons[f"{CHAIN} - {CHAIN_FROM_TEACHER}"] = compare(arms[CHAIN], arms[CHAIN_FROM_TEACHER])
     why = "; ".join(describe(f"{name} on {t}", d) for name, cmp in comparisons.items() for t, d in cmp.items())
-    return decide(comparisons[f"{CHAIN} - {ONE_SHOT}"], why, figures, text=held_out_text(rec))
+    return decide(comparisons[f"{CHAIN} - {ONE_SHOT}"], why, figures, held_out_text(rec))
 
 
 def plot(rec: dict, path) -> None:

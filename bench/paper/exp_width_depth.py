@@ -71,7 +71,7 @@ def verdict(rec: dict) -> dict:
                f"{a['eval']['pydoc']['ppl']:.2f}" for n, a in arms.items()]
     why = "; ".join(describe(f"width - depth {when} on {t}", d)
                     for when, cmp in (("before KD", before), ("after KD", after)) for t, d in cmp.items())
-    return decide(after, why, figures, " (within 2 SE after KD)", held_out_text(rec))
+    return decide(after, why, figures, held_out_text(rec), " (within 2 SE after KD)")
 
 
 def plot(rec: dict, path) -> None:

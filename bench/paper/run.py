@@ -29,7 +29,7 @@ import exp_kd  # noqa: E402
 import exp_losses  # noqa: E402
 import exp_search  # noqa: E402
 import exp_width_depth  # noqa: E402
-from common import DATA_DIR, HERE, TEACHER, TRAIN_ON, Suite  # noqa: E402
+from common import DATA_DIR, HERE, TEACHER, TRAIN_ON, Suite, record_key  # noqa: E402
 
 EXPERIMENTS = {m.NAME: m for m in (exp_aggregation, exp_heads, exp_width_depth, exp_kd, exp_chain, exp_losses,
                                     exp_search)}
@@ -42,10 +42,10 @@ def render(suite: Suite) -> Path:
     """README.md from results.json: per experiment the finding, figures, plot and verdict, then the reverse split's
     where it was run."""
     results = suite.results()["experiments"]
-    for key, rec in results.items():  # verdicts from the arms, by the current rules
-        name = key.split("@")[0]
-        if name in EXPERIMENTS and "verdict" in rec:
-            rec.update(EXPERIMENTS[name].verdict(rec))
+    for name, module in EXPERIMENTS.items():  # verdicts from the arms, by the current rules
+        for key in (name, record_key(name, REVERSE)):
+            if "verdict" in results.get(key, {}):
+                results[key].update(module.verdict(results[key]))
     lines = ["# The paper's findings at laptop scale (`bench/paper/`)", "",
              "Rendered by `python bench/paper/run.py` from `results.json`; every figure below was measured by it.",
              "Held-out text: WikiText-2 test and CPython's language reference (`pydoc-topics`); calibration and "
@@ -59,11 +59,11 @@ def render(suite: Suite) -> Path:
              "inconclusive.", "",
              "| experiment | verdict | reverse split |", "|---|---|---|"]
     for name, module in EXPERIMENTS.items():
-        rec, rev = results.get(name), results.get(f"{name}@{REVERSE}")
+        rec, rev = results.get(name), results.get(record_key(name, REVERSE))
         lines.append(f"| [{module.TITLE}](#{name}) | {rec.get('verdict', 'not run') if rec else 'not run'} | "
                      f"{rev.get('verdict', 'not run') if rev else 'not run'} |")
     for name, module in EXPERIMENTS.items():
-        rec, rev = results.get(name), results.get(f"{name}@{REVERSE}")
+        rec, rev = results.get(name), results.get(record_key(name, REVERSE))
         lines += ["", f"## {module.TITLE}", f'<a id="{name}"></a>', "", f"**The paper:** {module.FINDING}", ""]
         if not rec or "verdict" not in rec:
             lines.append("Not run yet: `python bench/paper/run.py --only " + name + "`.")
