@@ -314,11 +314,10 @@ def distill_stage(b: Build, m: MemberSection, shape: dict, cache: Path | None = 
     from .distill import DistillConfig, distill
 
     r, folder, pruned = b.recipe, b.run.member(m.name), b.run.pruned(m.name)
-    tokens = r.distill_tokens(m)
 
     def fn(action) -> StageOutput:
         before_training(folder, action)
-        config = DistillConfig(output_dir=str(folder), **{**r.distill, "tokens": tokens,
+        config = DistillConfig(output_dir=str(folder), **{**r.distill_settings(m),
                                                           "teacher_cache": str(cache) if cache else None},
                                disable_tqdm=not b.progress)
         res = distill(None if cache else b.model(m.kd_teacher), str(pruned), b.train_documents(), str(folder),
@@ -340,7 +339,7 @@ def distill_stage(b: Build, m: MemberSection, shape: dict, cache: Path | None = 
                             "parameters": n,
                             "steps": res["steps"], "train_loss": res["train_loss"]})
 
-    settings = {**r.distill, "tokens": tokens, "kd_teacher": m.kd_teacher, "data": asdict(r.data.distillation),
+    settings = {**r.distill_settings(m), "kd_teacher": m.kd_teacher, "data": asdict(r.data.distillation),
                 "holdout": r.data.holdout}
     settings.pop("keep_checkpoints", None)
     parents = {"pruned": b.run.output_hash(f"{m.name}/prune"), "kd_teacher": b.identity(m.kd_teacher)}

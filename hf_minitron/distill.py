@@ -26,6 +26,7 @@ from .checkpoints import SaveOnInterrupt, drop_checkpoints, last_complete_checkp
 from .intermediate import (AUTO, SITES, Projection, Site, StateReader, attention_relation_loss, build_projections,
                            check_layer_spec, check_relation_heads, kept_layers_for, pair_projections, resolve_pairs)
 from .on_policy import is_on_policy_step, student_windows
+from .unlikelihood import UNLIKELIHOOD_NGRAM, unlikelihood_loss
 from .models import check_same_tokenizer, load_model_spec, set_config_dtype
 from .losses import (LOGIT_LOSSES, STATE_LOSSES, LogitLoss, StateLoss, check_loss_name, chunked_logit_losses,
                      intermediate_losses)
@@ -83,7 +84,18 @@ class DistillConfig(TextTrainingConfig):
                 "such step costs a generation (3.5x an off-policy step on the quickstart's 70m, where 0.5 neither "
                 "lowered perplexity nor stopped greedy loops: bench/RESULTS.md). Needs the live teacher"})
     on_policy_prompt: int = field(default=32, metadata={
-        "help": "tokens of each window kept as the prompt of an on-policy step (the rest is sampled)"})
+        "help": "tokens of each window kept as the prompt of an on-policy step (the rest is sampled) and of an "
+                "unlikelihood step (the rest is decoded greedily)"})
+    unlikelihood: float = field(default=0.0, metadata={
+        "help": "fraction of optimizer steps that also train against greedy repetition loops (sequence-level "
+                "unlikelihood, Welleck et al. 2019): each window's first on_policy_prompt tokens are continued "
+                "greedily by the student for unlikelihood_tokens tokens, and every token of a 4-gram repeated in "
+                "that continuation adds -log(1 - p) to the loss. Each such step costs a greedy generation and one "
+                "more forward (bench/RESULTS.md measures it)"})
+    unlikelihood_weight: float = field(default=1.0, metadata={
+        "help": "weight of the unlikelihood loss (mean over the continuation's tokens) beside the KD loss"})
+    unlikelihood_tokens: int = field(default=64, metadata={
+        "help": "tokens each unlikelihood step's greedy continuation runs (longer exposes more of a loop)"})
     kd_chunk_tokens: int = field(default=1024, metadata={
         "help": "tokens per chunk of the logit loss (peak loss memory ~ chunk x vocab); 0 = no chunking"})
     teacher_cache: str | None = field(default=None, metadata={
@@ -127,7 +139,15 @@ class DistillConfig(TextTrainingConfig):
         if self.on_policy and self.teacher_cache:
             raise ValueError(f"on_policy={self.on_policy} needs the live teacher to score the student's samples; "
                              f"turn teacher_cache ({self.teacher_cache!r}) off")
-        if self.on_policy and not 1 <= self.on_policy_prompt < (self.max_length or 0):
+        if not 0.0 <= self.unlikelihood <= 1.0:
+            raise ValueError(f"unlikelihood must be a fraction in [0, 1], got {self.unlikelihood}")
+        if self.unlikelihood and self.teacher_cache:
+            raise ValueError(f"unlikelihood={self.unlikelihood} is not implemented on a teacher cache's trainer; "
+                             f"turn teacher_cache ({self.teacher_cache!r}) off")
+        if self.unlikelihood and self.unlikelihood_tokens < UNLIKELIHOOD_NGRAM:
+            raise ValueError(f"unlikelihood_tokens must be >= {UNLIKELIHOOD_NGRAM} (one n-gram), got "
+                             f"{self.unlikelihood_tokens}")
+        if (self.on_policy or self.unlikelihood) and not 1 <= self.on_policy_prompt < (self.max_length or 0):
             raise ValueError(f"on_policy_prompt must be in 1..max_length-1 ({(self.max_length or 0) - 1}), got "
                              f"{self.on_policy_prompt}")
 
@@ -175,6 +195,7 @@ class MinitronDistillTrainer(SFTTrainer):
 
     def _minitron_loss(self, model, inputs, return_outputs, num_items_in_batch):
         cfg: DistillConfig = self.args
+        prompt_ids = inputs["input_ids"][:, :cfg.on_policy_prompt]  # before an on-policy step replaces the window
         if model.training and cfg.on_policy:
             on = is_on_policy_step(cfg.on_policy, cfg.seed, self.state.global_step)
             self._metrics["train"]["on_policy"].append(float(on))  # logged: the share of on-policy steps
@@ -228,8 +249,23 @@ class MinitronDistillTrainer(SFTTrainer):
             loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
         elif cfg.average_tokens_across_devices:  # n counts every rank's tokens; DDP averages gradients
             loss = loss * self.accelerator.num_processes
+        if model.training and cfg.unlikelihood and is_on_policy_step(cfg.unlikelihood, cfg.seed, self.state.global_step,
+                                                                     stream=1):
+            loss = loss + cfg.unlikelihood_weight * self._unlikelihood(model, prompt_ids) / getattr(
+                self, "current_gradient_accumulation_steps", 1)
         self._log_parts(kd_sum, ce_sum, l_is, n, n_local, fwd, att_sum)
         return (loss, None) if return_outputs else loss
+
+    def _unlikelihood(self, model, prompt_ids):
+        cfg: DistillConfig = self.args
+        unwrapped = self.accelerator.unwrap_model(model)
+        vocab = min(unwrapped.get_output_embeddings().out_features, self.teacher.get_output_embeddings().out_features)
+        pad = self.processing_class.pad_token_id if self.processing_class is not None else None
+        ul, share = unlikelihood_loss(model, unwrapped, prompt_ids, cfg.unlikelihood_tokens, pad,
+                                      self.logit_transforms[0], vocab)
+        self._metrics["train"]["unlikelihood"].append(ul.item())
+        self._metrics["train"]["repeat_share"].append(share)  # the continuations' share of repeated tokens
+        return ul
 
     def _on_policy_inputs(self, model, inputs, num_items_in_batch):
         """The batch's windows continued by the student; the token count rescaled to the sampled tokens."""
@@ -382,7 +418,8 @@ def distill(teacher, student, data, out: str, max_tokens: int | None = None, *, 
         "student": student if isinstance(student, str) else student_model.name_or_path,
         "losses": {k: getattr(config, k) for k in ("logit_loss", "temperature", "top_k", "jsd_beta", "w_logit",
                                                     "w_clm", "is_layers", "is_sites", "is_loss", "is_projection",
-                                                    "att_relation_heads", "alpha", "on_policy", "on_policy_prompt")},
+                                                    "att_relation_heads", "alpha", "on_policy", "on_policy_prompt",
+                                                    "unlikelihood", "unlikelihood_weight", "unlikelihood_tokens")},
         "is_pairs": [str(p) for p in trainer.state_pairs], "is_policy": trainer.is_note or None,
         "dtypes": {"trained": str(train_dtype)[6:], "saved": str(save_dtype)[6:]},  # str(torch.x) = "torch.x"
         "tokens_per_step": per_step, "gradient_accumulation_steps": config.gradient_accumulation_steps,

@@ -16,9 +16,13 @@ import torch
 from transformers import GenerationConfig
 
 
-def is_on_policy_step(fraction: float, seed: int, step: int) -> bool:
-    """Whether optimizer step `step` trains on the student's samples: a fixed draw per (seed, step)."""
-    return fraction > 0 and random.Random(seed * 1_000_003 + step).random() < fraction
+def is_on_policy_step(fraction: float, seed: int, step: int, stream: int = 0) -> bool:
+    """Whether optimizer step `step` trains on the student's samples: a fixed draw per (seed, step). `stream` 1
+    draws the unlikelihood steps, independently of the on-policy ones."""
+    if fraction <= 0:
+        return False
+    key = seed * 1_000_003 + step if stream == 0 else f"{stream}:{seed}:{step}"
+    return random.Random(key).random() < fraction
 
 
 @torch.no_grad()

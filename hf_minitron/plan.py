@@ -271,11 +271,19 @@ def format_plan(recipe, rows: list[Row], calibration: Calibration | None) -> str
                  f"{_bytes(peak)} of training checkpoints while a member trains)")
     if any(r.tokens is None and r.stage == "sft" for r in rows):
         lines.append("SFT runs epochs of data.sft, whose size is known only once read: not in the totals")
-    on_policy = recipe.distill_setting("on_policy")
-    if on_policy and any(r.stage == "distill" for r in rows):
-        lines.append(f"distill.on_policy {on_policy:g}: that share of the distillation steps first samples each window "
-                     f"past its first {recipe.distill_setting('on_policy_prompt')} tokens with the student, token "
-                     f"by token: not in the totals (such a step took 3.5x an off-policy one on the quickstart's 70m)")
+    distilled = [m for m in recipe.members if any(r.stage == "distill" and r.member == m.name for r in rows)]
+    on = [m for m in distilled if recipe.distill_setting("on_policy", m)]
+    if on:
+        prompt = recipe.distill_setting("on_policy_prompt", on[0])
+        lines.append(f"distill.on_policy {_members_values(recipe, on, 'on_policy')}: that share of the distillation "
+                     f"steps first samples each window past its first {prompt} tokens with the student, token by "
+                     f"token: not in the totals (such a step took 3.5x an off-policy one on the quickstart's 70m)")
+    ul = [m for m in distilled if recipe.distill_setting("unlikelihood", m)]
+    if ul:
+        lines.append(f"distill.unlikelihood {_members_values(recipe, ul, 'unlikelihood')}: that share of the "
+                     f"distillation steps also decodes {recipe.distill_setting('unlikelihood_tokens', ul[0])} greedy "
+                     f"tokens per window and runs one more forward: not in the totals (such a step took 1.8x a plain "
+                     f"one on the quickstart's 70m)")
     if calibration:
         high = sum(calibration.seconds(r.work) or 0 for r in rows)
         low = sum(calibration.seconds(r.low_work if r.low_work is not None else r.work) or 0 for r in rows)
@@ -284,6 +292,14 @@ def format_plan(recipe, rows: list[Row], calibration: Calibration | None) -> str
         lines.append(f"  an estimate: the FLOPs above at the throughputs measured just now, {calibration.basis}; "
                      "loading, tokenizing and saving are not in it")
     return "\n".join(lines)
+
+
+def _members_values(recipe, members, key: str) -> str:
+    """"0.25" when every member given has that value of distill `key`, else "0.25 (a), 0.5 (b)"."""
+    values = [recipe.distill_setting(key, m) for m in members]
+    if len(set(values)) == 1 and len(members) == len(recipe.members):
+        return f"{values[0]:g}"
+    return ", ".join(f"{v:g} ({m.name})" for v, m in zip(values, members))
 
 
 def _big(x: int | None) -> str:

@@ -51,6 +51,7 @@ class MemberSection:
     distill_tokens: int | None = None  # overrides distill.tokens for this member
     scratch_tokens: int | None = None  # overrides cost.scratch_tokens for this member
     search: dict | None = None  # overrides of the search section for this member, e.g. {min_width: 0.25}
+    distill: dict | None = None  # overrides of the distill section for this member, e.g. {unlikelihood: 0.5}
 
     @property
     def base(self) -> str:
@@ -102,12 +103,17 @@ class Recipe:
     def distill_tokens(self, m: MemberSection) -> int:
         return m.distill_tokens or self.distill["tokens"]
 
-    def distill_setting(self, key: str):
-        """A distillation setting as a build runs it: the recipe's, else `DistillConfig`'s default (read without
-        building trainer arguments, which check the hardware)."""
+    def distill_settings(self, m: MemberSection) -> dict:
+        """The distill section as member `m` trains with it: the recipe's, its own overrides, its token budget."""
+        return {**self.distill, **(m.distill or {}), "tokens": self.distill_tokens(m)}
+
+    def distill_setting(self, key: str, m: MemberSection | None = None):
+        """A distillation setting as a build runs it (for member `m`, with its overrides): the recipe's, else
+        `DistillConfig`'s default (read without building trainer arguments, which check the hardware)."""
         from .distill import DistillConfig
 
-        return self.distill.get(key, DistillConfig.__dataclass_fields__[key].default)
+        values = self.distill_settings(m) if m is not None else self.distill
+        return values.get(key, DistillConfig.__dataclass_fields__[key].default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,6 +132,10 @@ def _check(ok: bool, message: str) -> None:
 
 
 HARDWARE_KEYS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval", "use_cpu", "torch_compile")
+# distill settings a member cannot override: the windows, batch and teacher cache every member of a build shares
+# (one cache per teacher, data and window), the hardware, and the budget (members.N.distill_tokens sets that)
+FAMILY_DISTILL_KEYS = ("max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "teacher_cache",
+                       "teacher_cache_top_k", "teacher_cache_top_p", "tokens", *HARDWARE_KEYS)
 
 
 def _trainer_section(cls, values: dict, key: str, exclude) -> dict:
@@ -163,6 +173,14 @@ def _check_member(recipe: Recipe, i: int, m: MemberSection, seen: list[str]) -> 
         m.search_settings(recipe.search, key).check(f"{key}.search" if m.search else "search")
     except ValueError as e:
         raise RecipeError(str(e)) from None
+    if m.distill:
+        from .distill import EXCLUDED, DistillConfig
+
+        fixed = sorted(set(m.distill) & set(FAMILY_DISTILL_KEYS))
+        _check(not fixed, f"{key}.distill.{fixed[0] if fixed else ''}: shared by the whole family; set it in the "
+               f"distill section" + (f" ({key}.distill_tokens for the budget)" if fixed == ["tokens"] else ""))
+        m.distill = check_mapping(DistillConfig, m.distill, f"{key}.distill", EXCLUDED)
+        _trainer_section(DistillConfig, {**recipe.distill, **m.distill}, f"{key}.distill", EXCLUDED)
 
 
 def validate(recipe: Recipe) -> Recipe:

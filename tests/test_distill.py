@@ -238,10 +238,42 @@ def test_on_policy_loss_is_normalised_over_the_sampled_tokens(tmp_path):
     assert torch.allclose(given, per_token, rtol=1e-5)
 
 
+def test_an_unlikelihood_step_adds_the_loss_of_the_students_greedy_repeats(tmp_path):
+    """unlikelihood=1: the step's loss is the KD loss plus the weighted unlikelihood of its greedy continuation."""
+    from hf_minitron.unlikelihood import unlikelihood_loss
+
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
+    trainer = make_trainer(teacher, student, tmp_path, is_layers="off", unlikelihood=1.0, unlikelihood_weight=3.0,
+                           unlikelihood_tokens=24, on_policy_prompt=8)
+    batch = first_batch(trainer)
+    trainer.model.train()
+    total = trainer.compute_loss(trainer.model, batch)
+    ul, share = unlikelihood_loss(trainer.model, trainer.model, batch["input_ids"][:, :8], 24, tok.pad_token_id)
+    trainer.args.unlikelihood = 0.0
+    kd = trainer.compute_loss(trainer.model, batch)
+    assert torch.allclose(total, kd + 3.0 * ul, rtol=1e-5)
+    assert trainer._metrics["train"]["repeat_share"] == [share]
+
+
+def test_a_step_not_drawn_for_unlikelihood_adds_nothing(tmp_path):
+    tok = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tok), seed=0), tiny_llama(len(tok), seed=1)
+    trainer = make_trainer(teacher, student, tmp_path, is_layers="off", unlikelihood=1e-9, on_policy_prompt=8)
+    batch = first_batch(trainer)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    assert "unlikelihood" not in trainer._metrics["train"]
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"on_policy": 1.5}, "on_policy must be a fraction in [0, 1], got 1.5"),
     ({"on_policy": 0.5, "teacher_cache": "auto"}, "needs the live teacher"),
     ({"on_policy": 0.5, "on_policy_prompt": 32}, "on_policy_prompt must be in 1..max_length-1 (31), got 32"),
+    ({"unlikelihood": -0.1}, "unlikelihood must be a fraction in [0, 1], got -0.1"),
+    ({"unlikelihood": 0.5, "teacher_cache": "auto"}, "turn teacher_cache ('auto') off"),
+    ({"unlikelihood": 0.5, "unlikelihood_tokens": 3}, "unlikelihood_tokens must be >= 4 (one n-gram), got 3"),
+    ({"unlikelihood": 0.5, "on_policy_prompt": 0}, "on_policy_prompt must be in 1..max_length-1 (31), got 0"),
 ])
 def test_on_policy_settings_refused_in_one_line(tmp_path, settings, message):
     from hf_minitron.distill import DistillConfig

@@ -85,6 +85,21 @@ def test_on_policy_distillation_is_named_as_outside_the_totals(files):
     assert "on_policy" not in format_plan(recipe(files), plan_rows(recipe(files)), None)
 
 
+def test_unlikelihood_steps_are_named_as_outside_the_totals(files):
+    r = recipe(files, distill={"tokens": 256, "max_length": 32, "per_device_train_batch_size": 4,
+                               "unlikelihood": 0.5, "unlikelihood_tokens": 16, "on_policy_prompt": 8})
+    text = format_plan(r, plan_rows(r), None)
+    assert "distill.unlikelihood 0.5: that share of the distillation steps also decodes 16 greedy tokens" in text
+    assert "unlikelihood" not in format_plan(recipe(files), plan_rows(recipe(files)), None)
+
+
+def test_one_members_unlikelihood_is_named_with_the_member(files):
+    r = recipe(files, distill={"tokens": 256, "max_length": 32, "per_device_train_batch_size": 4})
+    r.members[-1].distill = {"unlikelihood": 1.0}
+    text = format_plan(r, plan_rows(r), None)
+    assert f"distill.unlikelihood 1 ({r.members[-1].name}): that share" in text
+
+
 def test_calibration_times_real_steps_of_the_teacher_shape_quickly(files):
     import time
 

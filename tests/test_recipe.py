@@ -87,10 +87,22 @@ def test_overrides_by_index_and_name():
     ("members.1.shape.hidden=3", "unknown key 'members.1.shape.hidden'"),
     ("members.0.search={min_widht: 0.2}", "unknown key 'members.0.search.min_widht'"),
     ("members.0.search={tolerance: 2}", "members.0.search.tolerance: must be in"),
+    ("members.1.distill={unlikelyhood: 1}", "unknown key 'members.1.distill.unlikelyhood'"),
+    ("members.1.distill={unlikelihood: 2}", "members.1.distill: unlikelihood must be a fraction in [0, 1], got 2"),
+    ("members.1.distill={max_length: 64}", "members.1.distill.max_length: shared by the whole family"),
+    ("members.1.distill={tokens: 5M}", "members.1.distill_tokens for the budget"),
 ])
 def test_bad_recipes_fail_naming_the_dotted_key(override, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("[", r"\[")):
         from_dict(minimal(), [override])
+
+
+def test_a_members_distill_overrides_are_its_own():
+    recipe = from_dict(minimal(), ["members.1.distill={unlikelihood: 0.5, learning_rate: 3e-4}"])
+    a, b = recipe.members
+    assert recipe.distill_setting("unlikelihood", b) == 0.5 and recipe.distill_settings(b)["learning_rate"] == 3e-4
+    assert recipe.distill_setting("unlikelihood", a) == 0.0 and "learning_rate" not in recipe.distill_settings(a)
+    assert recipe.distill_settings(b)["tokens"] == 1_000_000  # the family's budget, unless distill_tokens says
 
 
 def test_counts_and_missing_file():
