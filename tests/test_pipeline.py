@@ -257,6 +257,19 @@ def test_teacher_correction_runs_first_and_feeds_importance_and_distillation(fil
     assert set(actions(again).values()) == {"skipped"}
 
 
+def test_a_members_distill_overrides_reach_its_distillation_only(files, tmp_path):
+    raw = tiny_recipe(files, members=[{"name": "small", "shape": {"ffn_size": 96}},
+                                      {"name": "smaller", "parent": "small", "shape": {"ffn_size": 64},
+                                       "distill": {"unlikelihood": 1.0, "unlikelihood_tokens": 8,
+                                                   "on_policy_prompt": 8}}])
+    out = tmp_path / "run"
+    build(from_dict(raw), out, progress=False)
+    losses = {m: json.loads((out / m / "distill_result.json").read_text())["losses"] for m in ("small", "smaller")}
+    assert losses["smaller"]["unlikelihood"] == 1.0 and losses["small"]["unlikelihood"] == 0.0
+    history = json.loads((out / "smaller" / "distill_result.json").read_text())["log_history"]
+    assert any("repeat_share" in h for h in history)  # the member's steps ran the unlikelihood loss
+
+
 def test_teacher_cache_auto_feeds_the_search_and_the_distillation_and_counts_the_teacher_once(files, tmp_path,
                                                                                               monkeypatch):
     from hf_minitron import cached_distill, distill
