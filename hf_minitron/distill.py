@@ -83,9 +83,9 @@ class DistillConfig(TextTrainingConfig):
                 "and the losses score the sampled tokens: the contexts the student's own decoding leads to. Each "
                 "such step costs a generation (3.5x an off-policy step on the quickstart's 70m, where 0.5 neither "
                 "lowered perplexity nor stopped greedy loops: bench/RESULTS.md). Needs the live teacher"})
-    on_policy_prompt: int = field(default=32, metadata={
+    on_policy_prompt: int | None = field(default=None, metadata={
         "help": "tokens of each window kept as the prompt of an on-policy step (the rest is sampled) and of an "
-                "unlikelihood step (the rest is decoded greedily)"})
+                "unlikelihood step (the rest is decoded greedily); None: 32, or half the window if that is less"})
     unlikelihood: float = field(default=0.0, metadata={
         "help": "fraction of optimizer steps that also train against greedy repetition loops (sequence-level "
                 "unlikelihood, Welleck et al. 2019): each window's first on_policy_prompt tokens are continued "
@@ -147,6 +147,8 @@ class DistillConfig(TextTrainingConfig):
         if self.unlikelihood and self.unlikelihood_tokens < UNLIKELIHOOD_NGRAM:
             raise ValueError(f"unlikelihood_tokens must be >= {UNLIKELIHOOD_NGRAM} (one n-gram), got "
                              f"{self.unlikelihood_tokens}")
+        if self.on_policy_prompt is None:
+            self.on_policy_prompt = min(32, (self.max_length or 64) // 2)
         if (self.on_policy or self.unlikelihood) and not 1 <= self.on_policy_prompt < (self.max_length or 0):
             raise ValueError(f"on_policy_prompt must be in 1..max_length-1 ({(self.max_length or 0) - 1}), got "
                              f"{self.on_policy_prompt}")

@@ -43,6 +43,15 @@ def test_a_short_run_gets_the_short_run_settings_and_a_long_one_the_papers(smoll
     assert (long.distill["learning_rate"], long.distill["min_lr"], long.search.adapter) == (1e-4, 1e-5, "discard")
 
 
+def test_a_short_runs_smallest_member_trains_against_loops_on_a_third_more_tokens(smollm2_path):
+    short = derive_recipe(TeacherArgs(source=SMOLLM2), data="pydoc-topics", sizes="100M,70M", tokens="48K")
+    big, small = short.members
+    assert short.distill_setting("unlikelihood", small) == 1.0 and short.distill_tokens(small) == 64_000
+    assert short.distill_setting("unlikelihood", big) == 0.0 and short.distill_tokens(big) == 48_000
+    long = derive_recipe(TeacherArgs(source=SMOLLM2), data="pydoc-topics", sizes="100M,70M", tokens="2B")
+    assert not any(long.distill_setting("unlikelihood", m) for m in long.members)
+
+
 def test_default_sizes_are_a_chain_at_half_and_a_quarter_with_tokens_scaled_to_each(files, tmp_path):
     # a config alone (no weights, no tokenizer): all a derivation reads
     (tmp_path / "config.json").write_text(json.dumps(tiny_config(
@@ -131,7 +140,8 @@ def test_cli_builds_a_derived_family_then_the_written_recipe_redoes_nothing(file
                  "2.95M", "--tokens", "256", "--out", str(out), "--quiet", *small]) == 0
     printed = capsys.readouterr().out
     assert f"derived recipe written to {out / 'recipe.yaml'}" in printed
-    assert "2.95M parameters from the teacher, 256 distillation tokens" in printed
+    assert "2.95M parameters from the teacher, 342 distillation tokens (a third more for its steps against greedy " \
+           "repetition loops" in printed  # the one member is the smallest
     name = yaml.safe_load((out / "recipe.yaml").read_text())["members"][0]["name"]
     assert (out / name / "config.json").is_file()
     assert main(["build", "--recipe", str(out / "recipe.yaml"), "--out", str(out), "--quiet"]) == 0
