@@ -35,6 +35,12 @@ class Row:
     work: dict[str, int] | None  # FLOPs by kind of work (WORK), each timed at its own measured rate
     disk: int = 0  # bytes its outputs leave in the run folder
     low_work: dict[str, int] | None = None  # the search: when the ranking settles at the earliest evaluation it can
+    slowdown: float = 1.0  # time its FLOPs do not show: steps that decode token by token (on-policy, unlikelihood)
+
+    def seconds(self, calibration, low: bool = False) -> float | None:
+        """Its estimated wall time: its FLOPs (the search's fewest with `low`) at the calibrated rates."""
+        t = calibration.seconds(self.low_work if low and self.low_work is not None else self.work)
+        return None if t is None else t * self.slowdown
 
     @property
     def flops(self) -> int | None:
@@ -146,7 +152,7 @@ def plan_rows(recipe, teacher_config=None) -> list[Row]:
         t = recipe.distill_tokens(m)
         rows.append(Row(m.name, "distill", model, n[m.name], t,
                         _work("train" if cached else "distill", train_flops(n[m.name], t, 0 if cached else n[kd])),
-                        weights))
+                        weights, slowdown=decoding_slowdown(recipe, m)))
         evaluated = [m.name]
         if m.instruct:
             steps = recipe.sft.get("max_steps", -1)
@@ -260,7 +266,7 @@ def format_plan(recipe, rows: list[Row], calibration: Calibration | None) -> str
              f"{'model':<{w}}{'stage':<{sw}}{'shape (hidden/ffn/heads/kv/layers)':<36}{'params':>8}{'tokens':>9}"
              f"{'FLOPs':>9}{'disk':>9}{'time':>9}"]
     for r in rows:
-        t = calibration.seconds(r.work) if calibration else None
+        t = r.seconds(calibration) if calibration else None
         lines.append(f"{r.member:<{w}}{r.stage:<{sw}}{r.model:<36}{si(r.params):>8}{si(r.tokens):>9}"
                      f"{_big(r.flops):>9}{_bytes(r.disk):>9}{_duration(t):>9}")
     flops = sum(r.flops or 0 for r in rows)
@@ -277,21 +283,35 @@ def format_plan(recipe, rows: list[Row], calibration: Calibration | None) -> str
         prompt = recipe.distill_setting("on_policy_prompt", on[0])
         lines.append(f"distill.on_policy {_members_values(recipe, on, 'on_policy')}: that share of the distillation "
                      f"steps first samples each window past its first {prompt} tokens with the student, token by "
-                     f"token: not in the totals (such a step took 3.5x an off-policy one on the quickstart's 70m)")
+                     f"token: in the time estimate at {1 + ON_POLICY_EXTRA:g}x an off-policy step (as measured on "
+                     f"the quickstart's 70m)")
     ul = [m for m in distilled if recipe.distill_setting("unlikelihood", m)]
     if ul:
         lines.append(f"distill.unlikelihood {_members_values(recipe, ul, 'unlikelihood')}: that share of the "
                      f"distillation steps also decodes {recipe.distill_setting('unlikelihood_tokens', ul[0])} greedy "
-                     f"tokens per window and runs one more forward: not in the totals (such a step took 1.8x a plain "
-                     f"one on the quickstart's 70m)")
+                     f"tokens per window and runs one more forward: in the time estimate at "
+                     f"{1 + UNLIKELIHOOD_EXTRA:g}x a plain step (as measured on the quickstart's 70m)")
     if calibration:
-        high = sum(calibration.seconds(r.work) or 0 for r in rows)
-        low = sum(calibration.seconds(r.low_work if r.low_work is not None else r.work) or 0 for r in rows)
+        high = sum(r.seconds(calibration) or 0 for r in rows)
+        low = sum(r.seconds(calibration, low=True) or 0 for r in rows)
         lines.append(f"estimated wall time on this machine: ~{_duration((low + high) / 2)} (from {_duration(low)} if "
                      f"every search ranking settles at once to {_duration(high)} for its whole budget)")
         lines.append(f"  an estimate: the FLOPs above at the throughputs measured just now, {calibration.basis}; "
                      "loading, tokenizing and saving are not in it")
     return "\n".join(lines)
+
+
+# what a step that decodes token by token costs beyond a plain distillation step, measured on the quickstart's 70m
+# (bench/RESULTS.md): an on-policy step (224 sampled tokens per window) 3.5x; an unlikelihood step (64 greedy tokens
+# per window, one more forward and backward) 1.9x (the build's 63 steps in 455 s against 47 plain ones in 181 s)
+ON_POLICY_EXTRA = 2.5
+UNLIKELIHOOD_EXTRA = 0.9
+
+
+def decoding_slowdown(recipe, m) -> float:
+    """How much longer member `m`'s distillation takes than its FLOPs say: its share of decoding steps."""
+    return (1 + ON_POLICY_EXTRA * recipe.distill_setting("on_policy", m)
+            + UNLIKELIHOOD_EXTRA * recipe.distill_setting("unlikelihood", m))
 
 
 def _members_values(recipe, members, key: str) -> str:

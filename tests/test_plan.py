@@ -90,6 +90,7 @@ def test_unlikelihood_steps_are_named_as_outside_the_totals(files):
                                "unlikelihood": 0.5, "unlikelihood_tokens": 16, "on_policy_prompt": 8})
     text = format_plan(r, plan_rows(r), None)
     assert "distill.unlikelihood 0.5: that share of the distillation steps also decodes 16 greedy tokens" in text
+    assert "in the time estimate at 1.9x a plain step" in text
     assert "unlikelihood" not in format_plan(recipe(files), plan_rows(recipe(files)), None)
 
 
@@ -155,3 +156,16 @@ def test_a_build_prints_the_plan_before_loading_and_its_flops_are_what_it_record
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stages"]["small/distill"]["flops"] == planned[("small", "distill")]
     assert manifest["stages"]["importance/teacher"]["flops"] == planned[("teacher", "importance")]
+
+
+def test_a_members_unlikelihood_steps_lengthen_its_estimated_distillation(files):
+    from hf_minitron.plan import UNLIKELIHOOD_EXTRA
+
+    r = recipe(files, distill={"tokens": 256, "max_length": 32, "per_device_train_batch_size": 4})
+    calibration = Calibration({"forward": 1e9, "train": 1e9, "distill": 1e9}, "test rates")
+    plain = {row.member: row.seconds(calibration) for row in plan_rows(r) if row.stage == "distill"}
+    r.members[-1].distill = {"unlikelihood": 0.5}
+    slowed = {row.member: row.seconds(calibration) for row in plan_rows(r) if row.stage == "distill"}
+    last, first = r.members[-1].name, r.members[0].name
+    assert slowed[last] == pytest.approx(plain[last] * (1 + 0.5 * UNLIKELIHOOD_EXTRA))
+    assert slowed[first] == plain[first]
