@@ -206,7 +206,7 @@ def test_cli_build_names_a_mistyped_key(capsys):
 
 @pytest.mark.slow
 def test_quickstart_builds_a_real_family(tmp_path, smollm2_path):
-    """recipes/quickstart.yaml as shipped: ~100M and ~70M members from SmolLM2-135M, offline (~11 min on 2 cores)."""
+    """recipes/quickstart.yaml as shipped: ~100M and ~70M members from SmolLM2-135M, offline (~15 min on 2 cores)."""
     from hf_minitron.recipe import load_recipe
 
     recipe = load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml"))
