@@ -90,8 +90,9 @@ class DistillConfig(TextTrainingConfig):
         "help": "fraction of optimizer steps that also train against greedy repetition loops (sequence-level "
                 "unlikelihood, Welleck et al. 2019): each window's first on_policy_prompt tokens are continued "
                 "greedily by the student for unlikelihood_tokens tokens, and every token of a 4-gram repeated in "
-                "that continuation adds -log(1 - p) to the loss. Each such step costs a greedy generation and one "
-                "more forward (bench/RESULTS.md measures it)"})
+                "that continuation adds -log(1 - p) to the loss. On the quickstart's 70m, 1.0 cut the share of "
+                "held-out prompts whose greedy text loops from 80-89% to 0-16%, for 7-30% more perplexity at equal "
+                "tokens and 1.9x the time per step (bench/RESULTS.md)"})
     unlikelihood_weight: float = field(default=1.0, metadata={
         "help": "weight of the unlikelihood loss (mean over the continuation's tokens) beside the KD loss"})
     unlikelihood_tokens: int = field(default=64, metadata={
