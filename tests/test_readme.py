@@ -23,6 +23,7 @@ TINY_QUICKSTART = ["importance.samples=4", "importance.seq_len=64", "members.0.p
                    "members.1.params=31.5M", "search.max_candidates=1", "distill.tokens=256",
                    "search.tokens=128", "search.seq_len=32", "search.batch_size=2", "search.eval_windows=1",
                    "search.eval_seq_len=32", "distill.max_length=32", "distill.per_device_train_batch_size=2",
+                   "members.1.distill_tokens=256", "members.1.distill={unlikelihood: 1.0, unlikelihood_tokens: 8}",
                    "distill.save_steps=2", "evaluate.seq_len=32", "evaluate.windows=1"]
 
 
