@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "paper"))
 import exp_aggregation  # noqa: E402
 import exp_chain  # noqa: E402
+import exp_heads  # noqa: E402
 import exp_kd  # noqa: E402
 import exp_losses  # noqa: E402
 import exp_search  # noqa: E402
@@ -154,6 +155,15 @@ def test_chain_verdict_compares_the_chain_with_one_shot():
     assert exp_chain.verdict({"arms": arms})["verdict"] == "inconclusive"
 
 
+def test_chain_verdict_names_the_start_or_the_tokens_as_the_cause():
+    arms = {exp_chain.ONE_SHOT: {"eval": _eval(0.0, 0.0)}, exp_chain.CHAIN: {"eval": _eval(0.2, 0.2)},
+            exp_chain.CHAIN_START: {"eval": _eval(-0.3, -0.3)}}
+    result = exp_chain.verdict({"arms": arms})
+    assert result["verdict"] == "not reproduced" and "spends" in result["why"]
+    arms[exp_chain.CHAIN_START] = {"eval": _eval(0.3, 0.3)}
+    assert "does not catch up" in exp_chain.verdict({"arms": arms})["why"]
+
+
 def test_chain_widths_are_two_thirds_and_one_third_of_the_teachers_mlp():
     from transformers import LlamaConfig
 
@@ -167,6 +177,34 @@ def _search_arms(pruned: list[float], searched: list[float], after_kd: list[floa
     arms = {"search (lora)": {"candidates": candidates}}
     arms.update({f"{n} + KD": {"eval": _eval(o, o)} for n, o in zip(names, after_kd)})
     return {"arms": arms}
+
+
+def _heads_arms(kd_offsets: dict | None = None) -> dict:
+    """Prune-only heads arms: every score beats every random choice, the merge level with it; after KD, each arm at
+    `kd_offsets` (default: as before KD)."""
+    arms = {n: {"eval": _eval(0.0, 0.0)} for s in exp_heads.SCORES for n in (s, f"{s} + merge")}
+    arms.update({f"random {seed}": {"eval": _eval(0.5, 0.5)} for seed in exp_heads.RANDOM_SEEDS})
+    if kd_offsets is not None:
+        arms.update({n + exp_heads.KD: {"eval": _eval(*kd_offsets.get(n, (0.3, 0.3)))} for n in list(arms)})
+    return {"arms": arms}
+
+
+def test_heads_verdict_is_reproduced_when_the_paper_score_beats_random_and_the_merge_never_hurts():
+    assert exp_heads.verdict(_heads_arms())["verdict"] == "reproduced"
+    assert exp_heads.verdict(_heads_arms({n: (0.0, 0.0) for s in exp_heads.SCORES
+                                          for n in (s, f"{s} + merge")}))["verdict"] == "reproduced"
+
+
+def test_heads_verdict_counts_a_merge_that_hurts_only_after_kd():
+    result = exp_heads.verdict(_heads_arms({"input": (0.0, 0.0), "input + merge": (0.2, 0.2)}))
+    assert result["verdict"] == "not reproduced" and "after-KD" in result["why"]
+
+
+def test_heads_verdict_without_kd_arms_says_retraining_was_not_measured():
+    arms = _heads_arms()
+    arms["arms"]["input + merge"] = {"eval": _eval(0.4, 0.4)}
+    result = exp_heads.verdict(arms)
+    assert result["verdict"] == "not reproduced" and "not measured here yet" in result["why"]
 
 
 def test_search_verdict_asks_that_retraining_ranks_better_than_pruning():
@@ -184,8 +222,8 @@ def test_one_experiment_runs_resumes_and_renders(tmp_path, smollm2_tokenizer, ca
     from run import main
 
     teacher = teacher_folder(tmp_path / "teacher", smollm2_tokenizer)
-    args = ["--teacher", str(teacher), "--quick", "--eval-windows", "3", "--eval-len", "32", "--out",
-            str(tmp_path / "out"), "--only", "heads"]
+    args = ["--teacher", str(teacher), "--quick", "--kd-tokens", "2048", "--eval-windows", "3", "--eval-len", "32",
+            "--out", str(tmp_path / "out"), "--only", "heads"]
     assert main(args) == 0
     rec = json.loads((tmp_path / "out" / "results.json").read_text())["experiments"]["heads"]
     assert rec["verdict"] in ("reproduced", "not reproduced", "inconclusive") and rec["why"]
@@ -200,8 +238,8 @@ def test_the_reverse_split_renders_beside_the_default(tmp_path, smollm2_tokenize
     from run import main
 
     teacher = teacher_folder(tmp_path / "teacher", smollm2_tokenizer)
-    args = ["--teacher", str(teacher), "--quick", "--eval-windows", "3", "--eval-len", "32", "--out",
-            str(tmp_path / "out"), "--only", "heads"]
+    args = ["--teacher", str(teacher), "--quick", "--kd-tokens", "2048", "--eval-windows", "3", "--eval-len", "32",
+            "--out", str(tmp_path / "out"), "--only", "heads"]
     assert main(args) == 0 and main([*args, "--train-on", "pydoc"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())["experiments"]
     assert results["heads@pydoc"]["settings"]["train_on"] == "pydoc" and "train_on" not in results["heads"]["settings"]

@@ -4,7 +4,9 @@ One shot: the teacher's MLPs cut to a third, then KD from the teacher for N toke
 two thirds and distilled from the teacher for N/2 tokens; importance re-estimated on that distilled model, its MLPs
 cut to the same third, then distilled from it (its parent, hf-minitron's default `kd_teacher` for a chained member)
 for the other N/2 tokens. A third arm distils the chain's second step from the original teacher instead, to tell
-the chain's pruning from its teacher. Same windows, order, schedule and seed in every trained arm.
+the chain's pruning from its teacher, and a fourth gives the chain's final shape the one shot's whole budget from
+the teacher (1.5x the total tokens: not an equal-budget arm), to tell a worse start from fewer tokens on the final
+shape. Same windows, order, schedule and seed in every trained arm.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ TITLE = "Iterative chain vs one shot at equal total tokens (paper Fig. 2, Table 
 FINDING = ("To build a family, train the largest model, then prune and distill iteratively: each smaller member is "
            "pruned from the previous distilled one (15B -> 8B -> 4B beats 15B -> 4B in Table 11).")
 CHAIN, ONE_SHOT, CHAIN_FROM_TEACHER = "chain + KD", "one shot + KD", "chain + KD from the teacher"
+CHAIN_START = "chain start + one shot's KD"  # the chain's final shape, the one shot's tokens and teacher
 
 
 def widths(config) -> tuple[int, int]:
@@ -81,6 +84,7 @@ def run(suite: Suite) -> dict:
                                                 teacher=middle(suite, tokens)[0]))
     suite.arm(rec, CHAIN_FROM_TEACHER, lambda: distilled_arm(suite, "chain-t", chained_student(suite, tokens),
                                                              tokens // 2))
+    suite.arm(rec, CHAIN_START, lambda: distilled_arm(suite, "chain-start", chained_student(suite, tokens), tokens))
     rec.update(verdict(rec))
     suite.save()
     return rec
@@ -97,13 +101,29 @@ def verdict(rec: dict) -> dict:
     if CHAIN_FROM_TEACHER in arms:
         comparisons[f"{CHAIN} - {CHAIN_FROM_TEACHER}"] = compare(arms[CHAIN], arms[CHAIN_FROM_TEACHER])
     why = "; ".join(describe(f"{name} on {t}", d) for name, cmp in comparisons.items() for t, d in cmp.items())
+    if CHAIN_START in arms:
+        why += ". " + _start_or_tokens(compare(arms[CHAIN_START], arms[ONE_SHOT]))
     return decide(comparisons[f"{CHAIN} - {ONE_SHOT}"], why, figures, held_out_text(rec))
+
+
+def _start_or_tokens(cmp: dict) -> str:
+    """Whether the chain's start, given the one shot's tokens on the final shape, beats the one shot's start."""
+    figures = "; ".join(describe(f"{CHAIN_START} - {ONE_SHOT} on {t}", d) for t, d in cmp.items())
+    wins = {d["better"] for d in cmp.values()}
+    if wins == {"a"}:
+        cause = ("the chain's start is better everywhere once its final shape gets the one shot's tokens, so at equal "
+                 "total tokens it loses by the half of the budget its middle member spends")
+    elif "b" in wins:
+        cause = "even with the one shot's tokens on its final shape the chain's start does not catch up"
+    else:
+        cause = "with the one shot's tokens on its final shape the chain's start is level with it"
+    return f"Measured cause: {cause} ({figures})"
 
 
 def plot(rec: dict, path) -> None:
     arms = rec["arms"]
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 3.8))
-    curves(left, arms, ("middle + KD", CHAIN, CHAIN_FROM_TEACHER, ONE_SHOT), "KD loss (forward KL)")
+    curves(left, arms, ("middle + KD", CHAIN, CHAIN_FROM_TEACHER, CHAIN_START, ONE_SHOT), "KD loss (forward KL)")
     text_bars(right, arms, [n for n in arms if n != "teacher"], arms["teacher"])
     right.set_title("held-out perplexity, equal total tokens")
     save(fig, path)
