@@ -65,8 +65,8 @@ class PruneConfig:
                 "perplexity increase when the head is zeroed (needs importance --head-ablation-samples)"})
     merge_heads: bool = field(default=False, metadata={
         "help": "merge pruned query heads into kept ones, head_k <- 2 head_k - head_p on the query rows (paper "
-                "section 2.3); off by default: before retraining it makes a head prune of SmolLM2 ~12x worse "
-                "(docs/fidelity.md)"})
+                "section 2.3); off by default: on SmolLM2 it makes a head prune up to ~12x worse before retraining "
+                "and still ~1.5-2x worse after equal KD (docs/fidelity.md)"})
     mode: Literal["auto", "memory", "stream"] = field(default="auto", metadata={
         "help": "memory = load the whole teacher and build the student in memory; stream = write the student's "
                 "safetensors straight from a safetensors teacher folder one tensor group (the embeddings, a layer, "
