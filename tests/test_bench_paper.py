@@ -197,7 +197,7 @@ def test_heads_verdict_is_reproduced_when_the_paper_score_beats_random_and_the_m
 
 def test_heads_verdict_counts_a_merge_that_hurts_only_after_kd():
     result = exp_heads.verdict(_heads_arms({"input": (0.0, 0.0), "input + merge": (0.2, 0.2)}))
-    assert result["verdict"] == "not reproduced" and "after-KD" in result["why"]
+    assert result["verdict"] == "not reproduced" and "after equal KD (input" in result["why"]
 
 
 def test_heads_verdict_without_kd_arms_says_retraining_was_not_measured():

@@ -130,10 +130,11 @@ def verdict(rec: dict) -> dict:
            f"beyond 2 SE): {before[0]}; with the merge against without: {before[1]}")
     if after[0] or after[1]:
         why += f". After equal KD: against random {after[0]}; with the merge against without: {after[1]}"
-    for (_, merge), suffix, when in ((before, "", "prune-only"), (after, KD, "after-KD")):
-        if "worse" in merge.values():
-            why += (f". Measured cause: the merge as section 2.3 states it (kept query rows <- 2 kept - pruned) "
-                    f"raises the {when} WikiText-2 perplexity ({_ppl_change(arms, merge, suffix)})")
+    hurt = [f"{when} ({_ppl_change(arms, merge, suffix)})" for (_, merge), suffix, when in
+            ((before, "", "prune only"), (after, KD, "after equal KD")) if "worse" in merge.values()]
+    if hurt:
+        why += (f". Measured cause: the merge as section 2.3 states it (kept query rows <- 2 kept - pruned) raises "
+                f"the WikiText-2 perplexity {' and '.join(hurt)}")
     if not after[1] and "worse" in before[1].values():
         why += "; whether it pays back after retraining is not measured here yet"
     vs_random = [before[0].get("input"), after[0].get("input")]  # the paper's score, at both stages
