@@ -110,6 +110,11 @@ class Suite:
     train_on: str = "wikitext2"  # a key of TRAIN_ON: trained on beside tiny-shakespeare
     _cache: dict = field(default_factory=dict)
 
+    @property
+    def train_tokens(self) -> int:
+        """Tokens per trained arm: `kd_tokens`, else 8K with `quick` and 32K otherwise."""
+        return self.kd_tokens or (8 * 1024 if self.quick else 32 * 1024)
+
     # ---- results ------------------------------------------------------------------------------------------------
     @property
     def results_path(self) -> Path:
@@ -317,6 +322,10 @@ def pruned_arm(suite: Suite, student) -> dict:
     if suite.hellaswag:
         arm["hellaswag"] = suite.hellaswag_of(student)
     return arm
+
+
+PER_STEP = "4 x 256 per step"  # distilled_arm's windows, as the protocols describe them
+SCHEDULE = "AdamW 2e-4, 10% warm-up, cosine to 1e-5"  # and its schedule
 
 
 def distilled_arm(suite: Suite, name: str, student, tokens: int, teacher=None, **settings) -> dict:

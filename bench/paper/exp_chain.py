@@ -11,8 +11,8 @@ shape. Same windows, order, schedule and seed in every trained arm.
 
 from __future__ import annotations
 
-from common import (Suite, compare, curves, decide, describe, distilled_arm, held_out_text, importance, pruned_arm,
-                    pyplot, save, teacher_arm, text_bars)
+from common import (PER_STEP, SCHEDULE, Suite, compare, curves, decide, describe, distilled_arm, held_out_text,
+                    importance, pruned_arm, pyplot, save, teacher_arm, text_bars)
 
 NAME = "chain"
 TITLE = "Iterative chain vs one shot at equal total tokens (paper Fig. 2, Table 11; best practice 1)"
@@ -64,7 +64,7 @@ def chained_student(suite: Suite, tokens: int):
 
 def run(suite: Suite) -> dict:
     rec = suite.experiment(NAME)
-    tokens = suite.kd_tokens or (8 * 1024 if suite.quick else 32 * 1024)
+    tokens = suite.train_tokens
     mid_ffn, final_ffn = widths(suite.teacher().config)
     from hf_minitron.archs import intermediate_size
 
@@ -72,7 +72,7 @@ def run(suite: Suite) -> dict:
     rec["protocol"] = {"tokens per trained arm": tokens, "chain": f"MLP {full} -> {mid_ffn} (KD {tokens // 2} "
                        f"tokens from the teacher) -> {final_ffn} (KD {tokens // 2} tokens from the middle model)",
                        "one shot": f"MLP {full} -> {final_ffn} (KD {tokens} tokens from the teacher)",
-                       "window": "4 x 256 per step", "schedule": "AdamW 2e-4, 10% warm-up, cosine to 1e-5"}
+                       "window": PER_STEP, "schedule": SCHEDULE}
     scores = importance(suite, *_calibration_shape(suite))
     suite.arm(rec, "teacher", lambda: teacher_arm(suite))
     suite.arm(rec, "one shot, prune only", lambda: pruned_arm(suite, _cut(suite.teacher(), scores, final_ffn)))

@@ -10,7 +10,8 @@ retraining, not before it.
 
 from __future__ import annotations
 
-from common import Suite, distilled_arm, importance, paired, pruned_arm, pyplot, save, teacher_arm, text_bars
+from common import (PER_STEP, SCHEDULE, Suite, distilled_arm, importance, paired, pruned_arm, pyplot, save, teacher_arm,
+                    text_bars)
 
 NAME = "heads"
 TITLE = "Head importance and the head merge (paper section 2.3)"
@@ -33,7 +34,7 @@ def target(config):
 
 def kd_tokens(suite: Suite) -> int:
     """Half the other experiments' budget: nine trained arms, each as short as a search candidate's retraining."""
-    return (suite.kd_tokens or (8 * 1024 if suite.quick else 32 * 1024)) // 2
+    return suite.train_tokens // 2
 
 
 def students(suite: Suite, samples: int, seq_len: int, abl_samples: int, abl_len: int) -> dict:
@@ -82,8 +83,7 @@ def run(suite: Suite) -> dict:
     teacher = suite.teacher()
     rec["protocol"] = {"calibration": f"{samples} x {seq_len} tokens", "ablation": f"{abl_samples} x {abl_len}",
                        "heads": f"{teacher.config.num_attention_heads} -> {target(teacher.config).num_heads}",
-                       "retraining": f"none, and KD of {tokens} tokens per arm (4 x 256 per step, AdamW 2e-4, "
-                                     f"10% warm-up, cosine to 1e-5)"}
+                       "retraining": f"none, and KD of {tokens} tokens per arm ({PER_STEP}, {SCHEDULE})"}
     suite.arm(rec, "teacher", lambda: teacher_arm(suite))
     make = students(suite, samples, seq_len, abl_samples, abl_len)
     for name, student in make.items():

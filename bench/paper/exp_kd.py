@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 
-from common import (TEXT_NAMES, Suite, compare, curves, describe, distilled_arm, held_out_text, importance,
-                    out_of_domain, pruned_arm, pyplot, save, teacher_arm, text_bars, trained_on)
+from common import (PER_STEP, SCHEDULE, TEXT_NAMES, Suite, compare, curves, describe, distilled_arm, held_out_text,
+                    importance, out_of_domain, pruned_arm, pyplot, save, teacher_arm, text_bars, trained_on)
 
 NAME = "kd_vs_ce"
 TITLE = "Distillation vs cross-entropy vs random init (paper Table 11)"
@@ -35,9 +35,9 @@ def run(suite: Suite) -> dict:
     from transformers import AutoModelForCausalLM
 
     rec = suite.experiment(NAME)
-    tokens = suite.kd_tokens or (8 * 1024 if suite.quick else 32 * 1024)
-    rec["protocol"] = {"tokens per trained arm": tokens, "window": "4 x 256 per step",
-                       "schedule": "AdamW 2e-4, 10% warm-up, cosine to 1e-5", "student": "MLP cut to 2/3"}
+    tokens = suite.train_tokens
+    rec["protocol"] = {"tokens per trained arm": tokens, "window": PER_STEP,
+                       "schedule": SCHEDULE, "student": "MLP cut to 2/3"}
     suite.arm(rec, "teacher", lambda: teacher_arm(suite))
     suite.arm(rec, "pruned", lambda: pruned_arm(suite, student(suite)))
     suite.arm(rec, "pruned + KD", lambda: distilled_arm(suite, "kd", student(suite), tokens))

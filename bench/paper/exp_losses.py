@@ -9,8 +9,8 @@ learned projection, dynamic weight alpha = L_logit / L_is).
 
 from __future__ import annotations
 
-from common import (Suite, compare, curves, describe, distilled_arm, held_out_text, importance, out_of_domain,
-                    pruned_arm, pyplot, save, teacher_arm, text_bars)
+from common import (PER_STEP, SCHEDULE, Suite, compare, curves, describe, distilled_arm, held_out_text, importance,
+                    out_of_domain, pruned_arm, pyplot, save, teacher_arm, text_bars)
 
 NAME = "losses"
 TITLE = "Loss choice: forward KL, reverse KL, MSE, cosine, and L_is on a depth-pruned student (best practices 6-7)"
@@ -47,10 +47,10 @@ def kept_pairs_arm(suite: Suite, tokens: int) -> dict:
 
 def run(suite: Suite) -> dict:
     rec = suite.experiment(NAME)
-    tokens = suite.kd_tokens or (8 * 1024 if suite.quick else 32 * 1024)
+    tokens = suite.train_tokens
     layers = suite.teacher().config.num_hidden_layers
-    rec["protocol"] = {"tokens per trained arm": tokens, "window": "4 x 256 per step",
-                       "schedule": "AdamW 2e-4, 10% warm-up, cosine to 1e-5",
+    rec["protocol"] = {"tokens per trained arm": tokens, "window": PER_STEP,
+                       "schedule": SCHEDULE,
                        "student": f"{layers - max(1, round(layers * DROP_FRACTION))} of {layers} layers kept "
                                   "(lowest Block Importance dropped)"}
     suite.arm(rec, "teacher", lambda: teacher_arm(suite))

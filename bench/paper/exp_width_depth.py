@@ -7,8 +7,8 @@ only and after the same KD tokens (same windows, order, schedule and seed).
 
 from __future__ import annotations
 
-from common import (Suite, compare, curves, decide, describe, distilled_arm, held_out_text, importance, pruned_arm,
-                    pyplot, save, teacher_arm, text_bars)
+from common import (PER_STEP, SCHEDULE, Suite, compare, curves, decide, describe, distilled_arm, held_out_text,
+                    importance, pruned_arm, pyplot, save, teacher_arm, text_bars)
 
 NAME = "width_vs_depth"
 TITLE = "Width vs depth at equal parameters (paper Fig. 8, best practice 2)"
@@ -44,10 +44,10 @@ def students(suite: Suite) -> dict:
 
 def run(suite: Suite) -> dict:
     rec = suite.experiment(NAME)
-    tokens = suite.kd_tokens or (8 * 1024 if suite.quick else 32 * 1024)
+    tokens = suite.train_tokens
     depth, width = targets(suite.teacher().config)
-    rec["protocol"] = {"tokens per trained arm": tokens, "window": "4 x 256 per step",
-                       "schedule": "AdamW 2e-4, 10% warm-up, cosine to 1e-5",
+    rec["protocol"] = {"tokens per trained arm": tokens, "window": PER_STEP,
+                       "schedule": SCHEDULE,
                        "depth": f"{depth.num_layers} layers kept (lowest Block Importance dropped)",
                        "width": f"MLP {width.ffn_size} neurons per layer"}
     make = students(suite)
