@@ -52,14 +52,17 @@ def middle(suite: Suite, tokens: int) -> tuple[object, dict]:
 
 
 def chained_student(suite: Suite, tokens: int):
-    """The final width cut from the distilled middle model, by importance re-estimated on it."""
+    """The final width cut from the distilled middle model, by importance re-estimated on it (once per run: every
+    chain arm cuts the same student)."""
     from hf_minitron.importance import ImportanceConfig, compute_importance
 
     mid, _ = middle(suite, tokens)
     _, final_ffn = widths(suite.teacher().config)
-    scores = compute_importance(mid, suite.calibration(*_calibration_shape(suite)),
-                                ImportanceConfig(depth_ppl_samples=0, seed=suite.seed), progress=False)
-    return _cut(mid, scores, final_ffn)
+    if "chain_scores" not in suite._cache:
+        suite._cache["chain_scores"] = compute_importance(mid, suite.calibration(*_calibration_shape(suite)),
+                                                          ImportanceConfig(depth_ppl_samples=0, seed=suite.seed),
+                                                          progress=False)
+    return _cut(mid, suite._cache["chain_scores"], final_ffn)
 
 
 def run(suite: Suite) -> dict:
