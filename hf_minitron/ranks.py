@@ -135,6 +135,20 @@ def sum_across(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def finish() -> None:
+    """End the launch's process group, every process at the same point once its work is done (a no-op in a plain
+    process). A gloo or NCCL group left to the interpreter's exit is torn down by static destructors while its
+    threads still run: torch warns, and a rank can abort ("terminate called without an active exception") after a
+    run that succeeded."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()  # no process tears down a group another one is still using
+    dist.destroy_process_group()
+    _started.clear()
+
+
 def main_log(log):
     """`log` on the main process, nothing on the others: a line of the build is printed once."""
     return log if is_main() else (lambda *args, **kwargs: None)

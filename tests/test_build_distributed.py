@@ -226,3 +226,15 @@ def test_the_wait_for_the_main_process_is_read_from_the_environment(monkeypatch)
     with pytest.raises(ValueError, match="HF_MINITRON_WAIT_TIMEOUT='soon'"):
         ranks.wait_timeout()
 
+
+
+def test_the_end_of_a_launch_destroys_its_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ranks.finish()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -179,6 +179,7 @@ scores = compute_importance(tiny_model("llama"), ids, ImportanceConfig(batch_siz
                             progress=False)
 if PartialState().is_main_process:
     scores.save(sys.argv[1])
+PartialState().destroy_process_group()  # before exit: a group left to the interpreter's teardown can abort a rank
 """
 
 

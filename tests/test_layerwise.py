@@ -143,6 +143,7 @@ config = ImportanceConfig(batch_size=1, depth_ppl_samples=3, head_ablation_sampl
 scores = compute_importance_layerwise(resolve_source(sys.argv[1]), ids, config, progress=False)
 if PartialState().is_main_process:
     scores.save(sys.argv[2])
+PartialState().destroy_process_group()  # before exit: a group left to the interpreter's teardown can abort a rank
 """
 
 

@@ -49,6 +49,8 @@ SCRIPT = textwrap.dedent("""
     d.MinitronDistillTrainer.__init__ = init
     r = d.distill(**json.loads(sys.argv[1]))
     emit("LOSSES", [h["loss"] for h in r["log_history"] if "loss" in h])
+    from accelerate import PartialState
+    PartialState().destroy_process_group()  # before exit: a group left to the interpreter's teardown can abort a rank
 """)
 
 

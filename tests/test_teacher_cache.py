@@ -165,6 +165,8 @@ from hf_minitron.teacher_cache import TeacherCacheConfig, write_teacher_cache
 config = TeacherCacheConfig(max_tokens=6 * 32, seq_len=32, top_k=8, batch_size=2, shard_windows=2)
 write_teacher_cache(tiny_llama(512, layers=2, seed=0).eval(), tiny_tokenizer(), text_dataset(), sys.argv[1], config,
                     progress=False)
+from accelerate import PartialState
+PartialState().destroy_process_group()  # before exit: a group left to the interpreter's teardown can abort a rank
 """
 
 

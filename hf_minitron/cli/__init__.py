@@ -57,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from ..publish import PublishError
-    from ..ranks import MainProcessError
+    from ..ranks import MainProcessError, finish
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        finish()  # every process got here: end an `accelerate launch`'s process group before the interpreter exits
+        return code
     except PublishError as e:  # what was and was not pushed, one line per repo
         print(f"hf-minitron {args.command}: publishing did not complete:\n{e}", file=sys.stderr)
         return 1
