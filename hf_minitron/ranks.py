@@ -144,8 +144,8 @@ def finish() -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    dist.barrier()  # no process tears down a group another one is still using
-    dist.destroy_process_group()
+    dist.barrier(group=_started.get("group"))  # the waits' group when started (its long timeout): no process tears
+    dist.destroy_process_group()  # down a group another one still uses; this ends every group, the waits' too
     _started.clear()
 
 

@@ -227,7 +227,6 @@ def test_the_wait_for_the_main_process_is_read_from_the_environment(monkeypatch)
         ranks.wait_timeout()
 
 
-
 def test_the_end_of_a_launch_destroys_its_process_group(tmp_path):
     import torch.distributed as dist
 
